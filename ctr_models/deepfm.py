@@ -1,0 +1,82 @@
+"""DeepFM (Guo et al., 2017, "DeepFM: A Factorization-Machine based Neural Network for CTR Prediction").
+
+    logit = first order (linear)  +  FM second order (pairwise dot products)  +  deep MLP
+
+Every per-id parameter lives in the embedding module, so a memory budget counts all of them: the first
+order term is a linear map of the pooled vectors (for a feature with vector ``e_i`` it is ``<w_f, e_i>``,
+a per-id weight of rank one over the table) rather than a second, uncompressed table of scalars. The
+dense features enter the FM as one more field, a linear projection to ``D``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctr_models.blocks import MLP, FMInteraction
+from ctr_models.layout import PooledLayout
+
+__all__ = ["DeepFM"]
+
+
+class DeepFM(nn.Module):
+    """DeepFM over any ``EmbeddingBagCollectionInterface`` whose features all have one dim ``D``.
+
+    Args:
+        embedding: the embedding module.
+        num_dense: number of dense input features.
+        hidden_sizes: hidden layer widths of the deep part (a last layer of width 1 is added).
+        device: where the dense parameters live.
+
+    Shape:
+        ``dense_features [B, num_dense]``, ``sparse_features`` a KJT of batch size ``B`` -> logits ``[B]``.
+
+    Raises:
+        ValueError: at construction, when the features do not share one dim (naming those that differ).
+
+    Example:
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+        >>> ebc = EmbeddingBagCollection(tables=[
+        ...     EmbeddingBagConfig(name=f"t_{f}", num_embeddings=10, embedding_dim=4, feature_names=[f])
+        ...     for f in ("a", "b")])
+        >>> model = DeepFM(ebc, num_dense=3, hidden_sizes=[8])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["a", "b"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([1, 1, 1, 1]))
+        >>> model(torch.zeros(2, 3), kjt).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        embedding: EmbeddingBagCollectionInterface,
+        num_dense: int,
+        hidden_sizes: Sequence[int] = (64, 32),
+        *,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.layout = PooledLayout.of(embedding)
+        dim = self.layout.common_dim("DeepFM")
+        flat = num_dense + self.layout.total_dim
+        self.embedding = embedding
+        self.embedding_dim = dim
+        self.dense_field = nn.Linear(num_dense, dim, bias=False, device=device)
+        self.first_order = nn.Linear(flat, 1, device=device)
+        self.fm = FMInteraction()
+        self.deep = MLP(flat, [*hidden_sizes, 1], activate_last=False, device=device)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.embedding(sparse_features)
+        self.layout.check(pooled)
+        sparse_flat = pooled.values()  # [B, F * D]
+        batch = sparse_flat.shape[0]
+        fields = torch.cat(
+            [self.dense_field(dense_features).unsqueeze(1), sparse_flat.view(batch, -1, self.embedding_dim)],
+            dim=1,
+        )  # [B, F + 1, D]
+        flat = torch.cat([dense_features, sparse_flat], dim=1)  # [B, num_dense + F * D]
+        return self.first_order(flat).squeeze(1) + self.fm(fields) + self.deep(flat).squeeze(1)  # [B]
