@@ -1,0 +1,78 @@
+"""embtable: compressed embedding tables for recommender systems, sized to a memory budget.
+
+The public API::
+
+    FeatureSpec                      what a feature is (name, num_embeddings, embedding_dim, counts)
+    build(features, method, budget)  -> a drop-in for torchrec's EmbeddingBagCollection
+    plan(features, method, budget)   -> Plan: the sized config and its exact bytes (pure, allocates nothing)
+    EmbeddingBag / Embedding         single-feature stand-ins for nn.EmbeddingBag / nn.Embedding
+    memory_report / training_bytes   exact bytes at inference / with an optimizer's state
+    sparse_parameters / dense_parameters / RowWiseAdagrad   sparse table updates for training
+    FullConfig, HashConfig, ...      method configs; registered_methods() lists them all
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the methods)
+from .budget import Budget, BudgetError, FeaturePlan, Plan, as_budget, largest_feasible, plan
+from .build import build
+from .config import (
+    MethodConfig,
+    OutOfRange,
+    Pooling,
+    config_class,
+    method_class,
+    method_config_from_dict,
+    register_method,
+    registered_methods,
+)
+from .features import FeatureSpec
+from .memory import (
+    MemoryReport,
+    dense_parameters,
+    memory_report,
+    optimizer_state_bytes,
+    sparse_parameters,
+    table_parameters,
+    training_bytes,
+)
+from .methods.full import FullConfig, FullEmbeddingBagCollection
+from .methods.hash import HashConfig, HashEmbeddingBagCollection
+from .module import EmbeddingModule
+from .optim import RowWiseAdagrad
+from .single import Embedding, EmbeddingBag
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "BudgetError",
+    "Embedding",
+    "EmbeddingBag",
+    "EmbeddingModule",
+    "FeaturePlan",
+    "FeatureSpec",
+    "FullConfig",
+    "FullEmbeddingBagCollection",
+    "HashConfig",
+    "HashEmbeddingBagCollection",
+    "MemoryReport",
+    "MethodConfig",
+    "OutOfRange",
+    "Plan",
+    "Pooling",
+    "RowWiseAdagrad",
+    "as_budget",
+    "build",
+    "config_class",
+    "dense_parameters",
+    "largest_feasible",
+    "memory_report",
+    "method_class",
+    "method_config_from_dict",
+    "optimizer_state_bytes",
+    "plan",
+    "register_method",
+    "registered_methods",
+    "sparse_parameters",
+    "table_parameters",
+    "training_bytes",
+]

@@ -1,0 +1,273 @@
+"""The contract every embtable module obeys, and the machinery the methods share.
+
+Every method is three steps around ordinary TorchRec storage (see DESIGN.md)::
+
+    KJT (logical ids) ──► id mapping ──► storage lookup + pooling ──► combine ──► KeyedTensor
+                          (a leaf module)  (child EmbeddingBagCollection  (per method)
+                                            / EmbeddingCollection)
+
+:class:`EmbeddingModule` implements TorchRec's ``EmbeddingBagCollectionInterface``: it takes the
+``KeyedJaggedTensor`` an ``EmbeddingBagCollection`` takes and returns the ``KeyedTensor`` it returns (same
+keys, order and per-key dims), and ``embedding_bag_configs()`` describes the logical, uncompressed tables.
+Before a method sees the ids, the base class selects and orders the module's features and applies the
+out-of-range policy, so each method only implements :meth:`EmbeddingModule.pooled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from .budget import FeaturePlan
+from .config import MethodConfig, OutOfRange, Pooling
+from .features import FeatureSpec
+from .memory import MemoryReport, memory_report
+
+__all__ = ["EmbeddingModule", "IdRangePolicy", "with_values", "storage_collection", "torchrec_pooling"]
+
+
+def torchrec_pooling(pooling: Pooling) -> PoolingType:
+    return PoolingType.SUM if Pooling(pooling) is Pooling.SUM else PoolingType.MEAN
+
+
+def with_values(kjt: KeyedJaggedTensor, values: torch.Tensor, keys: list[str] | None = None) -> KeyedJaggedTensor:
+    """The same jagged layout (keys, lengths, weights) with new ``values`` (and optionally renamed keys)."""
+    return KeyedJaggedTensor(
+        keys=kjt.keys() if keys is None else keys,
+        values=values,
+        weights=kjt.weights_or_none(),
+        lengths=kjt.lengths(),
+        offsets=kjt.offsets(),
+        stride=kjt.stride(),
+        length_per_key=kjt.length_per_key(),
+        offset_per_key=kjt.offset_per_key(),
+    )
+
+
+def storage_collection(
+    tables: Sequence[tuple[str, int, int, list[str]]],
+    pooling: Pooling,
+    is_weighted: bool,
+    device: torch.device | None,
+) -> EmbeddingBagCollection:
+    """A plain TorchRec ``EmbeddingBagCollection`` holding a method's storage.
+
+    Args:
+        tables: ``(table name, rows, dim, feature names)`` per table.
+    """
+    configs = [
+        EmbeddingBagConfig(
+            name=name,
+            num_embeddings=rows,
+            embedding_dim=dim,
+            feature_names=list(feature_names),
+            pooling=torchrec_pooling(pooling),
+        )
+        for name, rows, dim, feature_names in tables
+    ]
+    return EmbeddingBagCollection(tables=configs, is_weighted=is_weighted, device=device)
+
+
+class IdRangePolicy(nn.Module):
+    """Checks or maps ids outside ``[0, num_embeddings)`` per feature (see :class:`OutOfRange`).
+
+    Holds no tensors: the bounds are rebuilt per call from Python ints (a few dozen elements).
+    """
+
+    def __init__(self, feature_names: list[str], num_embeddings: list[int], policy: OutOfRange) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.num_embeddings = list(num_embeddings)
+        self.policy = OutOfRange(policy)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        values = kjt.values()
+        if values.dtype != torch.int64:
+            if values.is_floating_point():
+                raise TypeError(f"ids must be integers, got a {values.dtype} tensor of values")
+            values = values.to(torch.int64)
+        if values.numel() == 0:
+            return with_values(kjt, values)
+        counts = torch.tensor(kjt.length_per_key(), device=values.device)
+        bounds = torch.repeat_interleave(
+            torch.tensor(self.num_embeddings, dtype=torch.int64, device=values.device), counts,
+            output_size=values.numel(),
+        )
+        bad = (values < 0) | (values >= bounds)
+        if not bool(bad.any()):
+            return with_values(kjt, values)
+        if self.policy is OutOfRange.ERROR:
+            first = int(bad.nonzero()[0, 0])
+            ends = torch.cumsum(counts, 0)
+            feature = int((ends <= first).sum())
+            name, size = self.feature_names[feature], self.num_embeddings[feature]
+            raise ValueError(
+                f"feature {name!r}: id {int(values[first])} is outside the table's range [0, {size}) "
+                f"({int(bad.sum())} out-of-range id(s) in this batch); fix the ids, or build the module with "
+                "out_of_range='wrap' (id mod num_embeddings) or 'reserved' (one shared extra row)"
+            )
+        if self.policy is OutOfRange.WRAP:
+            return with_values(kjt, torch.remainder(values, bounds))
+        return with_values(kjt, torch.where(bad, bounds, values))
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy.value}"
+
+
+class EmbeddingModule(EmbeddingBagCollectionInterface):
+    """Base class of every embtable module: a drop-in for ``torchrec.EmbeddingBagCollection``.
+
+    Subclasses register with :func:`embtable.register_method`, build their id mapping and storage in
+    ``__init__``, and implement:
+
+    - :meth:`pooled`: ``KeyedJaggedTensor`` (validated, in this module's feature order) -> ``[B, sum(dims)]``;
+    - :meth:`size_config` (pure): fill the config's size fields for a byte budget;
+    - :meth:`describe` (pure): exact per-feature bytes of a sized config, equal to the built module's.
+
+    Args:
+        features: the logical features, in output order.
+        config: the method's config, sized (see :func:`embtable.plan`).
+        pooling: ``"sum"`` or ``"mean"``.
+        is_weighted: bags carry per-id weights (``KeyedJaggedTensor.weights()``); sum pooling only.
+        out_of_range: policy for ids outside ``[0, num_embeddings)``.
+        device: where to allocate the tensors (``"meta"`` allocates nothing).
+    """
+
+    config_cls: ClassVar[type[MethodConfig]]
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        config: MethodConfig,
+        *,
+        pooling: Pooling | str = Pooling.SUM,
+        is_weighted: bool = False,
+        out_of_range: OutOfRange | str = OutOfRange.ERROR,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.pooling = Pooling(pooling)
+        self.out_of_range = OutOfRange(out_of_range)
+        if is_weighted and self.pooling is Pooling.MEAN:
+            raise ValueError(
+                "weighted bags need pooling='sum' (as in nn.EmbeddingBag, per-sample weights are only defined "
+                "for sum); use pooling='sum', or normalise the weights yourself to get a weighted mean"
+            )
+        self._is_weighted = bool(is_weighted)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # the features as stored: OutOfRange.RESERVED adds one row (id = num_embeddings) per feature
+        self.logical_features = list(features)
+        self.features = _with_reserved_row(self.logical_features, self.out_of_range)
+        self.feature_names = [f.name for f in self.features]
+        self.embedding_dims = [f.embedding_dim for f in self.features]
+        self.id_policy = IdRangePolicy(
+            self.feature_names, [f.num_embeddings for f in self.logical_features], self.out_of_range
+        )
+        self._embedding_bag_configs = [
+            EmbeddingBagConfig(
+                name=f.name,
+                num_embeddings=f.num_embeddings,
+                embedding_dim=f.embedding_dim,
+                feature_names=[f.name],
+                pooling=torchrec_pooling(self.pooling),
+            )
+            for f in self.features
+        ]
+
+    # ----- the TorchRec contract -----
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        kjt = self.id_policy(self._select(features))
+        if self._is_weighted and kjt.weights_or_none() is None:
+            raise ValueError("this module was built with is_weighted=True but the KeyedJaggedTensor has no weights")
+        values = self.pooled(kjt)  # [B, sum(D_f)]
+        return KeyedTensor(keys=self.feature_names, length_per_key=self.embedding_dims, values=values)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    # ----- what a method implements -----
+    def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def size_config(cls, features: Sequence[FeatureSpec], config: MethodConfig, budget_bytes: int | None) -> MethodConfig:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(
+        cls, features: Sequence[FeatureSpec], config: MethodConfig
+    ) -> tuple[list[FeaturePlan], dict[str, int]]:
+        raise NotImplementedError
+
+    # ----- shared services -----
+    def memory(self) -> MemoryReport:
+        """Exact bytes of every tensor this module needs at inference."""
+        return memory_report(self)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A regulariser the trainer adds to the loss (methods that learn their own size); default none."""
+        return None
+
+    def _select(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = features.keys()
+        if keys == self.feature_names:
+            return features
+        index = {k: i for i, k in enumerate(keys)}
+        missing = [k for k in self.feature_names if k not in index]
+        if missing:
+            raise KeyError(
+                f"the KeyedJaggedTensor lacks feature(s) {missing} that this {type(self).__name__} embeds; "
+                f"it has {keys}"
+            )
+        return features.permute([index[k] for k in self.feature_names])
+
+    def extra_repr(self) -> str:
+        parts = [f"features={len(self.features)}", f"config={self.config}"]
+        if self.pooling is not Pooling.SUM:
+            parts.append(f"pooling={self.pooling.value}")
+        if self._is_weighted:
+            parts.append("is_weighted=True")
+        if self.out_of_range is not OutOfRange.ERROR:
+            parts.append(f"out_of_range={self.out_of_range.value}")
+        return ", ".join(parts)
+
+
+def _with_reserved_row(features: list[FeatureSpec], policy: OutOfRange) -> list[FeatureSpec]:
+    from .budget import effective_features
+
+    return effective_features(features, policy)
+
+
+def config_field_per_feature(
+    value: Any, features: Sequence[FeatureSpec], field: str, method: str
+) -> dict[str, Any] | None:
+    """Read a config field that is one value for all features, a mapping per feature name, or None."""
+    if value is None:
+        return None
+    names = [f.name for f in features]
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(names))
+        missing = [n for n in names if n not in value]
+        if unknown or missing:
+            raise ValueError(
+                f"{method}: {field} must give a value for every feature; unknown {unknown}, missing {missing}"
+            )
+        return dict(value)
+    return {n: value for n in names}
+
+
+def replace_config(config: MethodConfig, **changes: Any) -> MethodConfig:
+    return dataclasses.replace(config, **changes)
