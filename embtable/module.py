@@ -187,6 +187,9 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
     # ----- the TorchRec contract -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         kjt = self.id_policy(self._select(features))
+        if kjt.stride() == 0:  # an empty batch: TorchRec's storage cannot split zero-length lengths
+            values = torch.zeros(0, sum(self.embedding_dims), device=kjt.values().device)
+            return KeyedTensor(keys=self.feature_names, length_per_key=self.embedding_dims, values=values)
         if self._is_weighted and kjt.weights_or_none() is None:
             raise ValueError("this module was built with is_weighted=True but the KeyedJaggedTensor has no weights")
         values = self.pooled(kjt)  # [B, sum(D_f)]
