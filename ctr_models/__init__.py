@@ -10,7 +10,7 @@ from ctr_models.dcn import DCNv2
 from ctr_models.deepfm import DeepFM
 from ctr_models.dlrm import DLRM
 from ctr_models.layout import PooledLayout
-from ctr_models.registry import MODELS, build_model, model_names
+from ctr_models.registry import MODELS, build_model, model_names, model_options
 from ctr_models.wide_deep import WideDeep
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "MODELS",
     "build_model",
     "model_names",
+    "model_options",
 ]

@@ -13,7 +13,7 @@ from ctr_models.deepfm import DeepFM
 from ctr_models.dlrm import DLRM
 from ctr_models.wide_deep import WideDeep
 
-__all__ = ["MODELS", "build_model", "model_names"]
+__all__ = ["MODELS", "build_model", "model_names", "model_options"]
 
 #: name -> constructor ``(embedding, num_dense, **kwargs) -> nn.Module`` returning logits ``[B]``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -27,6 +27,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def model_names() -> list[str]:
     """Names ``build_model`` accepts."""
     return sorted(MODELS)
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword arguments model ``name`` takes besides the embedding module and ``num_dense``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
+    skip = {"self", "embedding", "num_dense", "device"}
+    return [p for p in inspect.signature(MODELS[name]).parameters if p not in skip]
 
 
 def build_model(
@@ -48,13 +56,8 @@ def build_model(
         >>> type(build_model("dlrm", ebc, num_dense=3, over_hidden_sizes=[8])).__name__
         'DLRM'
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
-    factory = MODELS[name]
-    accepted = [
-        p for p in inspect.signature(factory).parameters if p not in ("self", "embedding", "num_dense")
-    ]
+    accepted = model_options(name) + ["device"]
     unknown = sorted(set(model_kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"model {name!r} does not take {unknown}; it takes {accepted}")
-    return factory(embedding, num_dense, **model_kwargs)
+    return MODELS[name](embedding, num_dense, **model_kwargs)
