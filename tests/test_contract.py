@@ -7,13 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from method_cases import CASES
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.models.dlrm import DLRM
 
 import embtable
 from embtable import FeatureSpec
-
-from method_cases import CASES
 
 METHODS = sorted(embtable.registered_methods())
 DIM = 8
