@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests embtable
+	$(PY) -m pytest -q tests embtable README.md
 
 demo: install
 	$(PY) -m experiments.cli demo
