@@ -120,8 +120,9 @@ class TrainConfig:
         eval_every: also evaluate on the validation split every this many steps (for pruning by
             intermediate AUC); ``None``: at epoch ends only.
         max_loss: the run has diverged, and is marked failed, when the smoothed training loss exceeds
-            this. A constant prediction at the base rate costs at most ln 2 = 0.69, so 3.0 is far above
-            anything a learning model reaches.
+            this. A constant guess at the base rate costs at most ln 2 = 0.69, a fresh model 1 to 3 (DeepFM
+            reads raw log-counts linearly); a smoothed loss of 10 means confident logits of about 10 that
+            are wrong: the updates blew up.
         log_every: steps between updates of the progress bar's loss.
     """
 
@@ -136,7 +137,7 @@ class TrainConfig:
     num_threads: int = 1
     checkpoint_every: int | None = 500
     eval_every: int | None = None
-    max_loss: float = 3.0
+    max_loss: float = 10.0
     log_every: int = 20
 
 

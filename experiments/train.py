@@ -1,0 +1,573 @@
+"""Train and evaluate one configuration: ``run(config) -> RunResult``.
+
+The loop is split into pieces a multi-stage method can reuse (train a supernet, search, retrain):
+:func:`make_optimizers`, :func:`train_steps` (a number of steps over any batch iterable) and
+:func:`evaluate` (AUC / logloss on a split). :func:`run` strings them together with checkpoints,
+divergence checks, progress and the result record.
+
+Embedding rows get sparse gradients and a sparse-capable optimizer (SGD, Adagrad or row-wise Adagrad,
+DLRM practice); every other parameter (the model's layers and any dense part of the embedding module)
+is trained with Adam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchrec
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+import ctr_models
+import data_prep
+import embtable
+from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiments.config import RunConfig
+
+__all__ = [
+    "RESULT_NAME",
+    "RunFailed",
+    "RunHooks",
+    "RunResult",
+    "TrainState",
+    "Optimizers",
+    "make_optimizers",
+    "train_steps",
+    "evaluate",
+    "run",
+]
+
+RESULT_NAME = "result.json"
+
+#: Config fields that do not change what is computed; a checkpoint made under other values still resumes.
+_RESUME_IGNORES = {("name",), ("train", "checkpoint_every"), ("train", "log_every"), ("data", "data_dir")}
+
+
+class RunFailed(Exception):
+    """Training or evaluation produced nothing usable (NaN, divergence, constant predictions)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint.
+
+    Args:
+        step: optimizer steps done.
+        epoch: current epoch (0-based).
+        batch_in_epoch: batches of ``epoch`` already trained on.
+        samples: training examples seen.
+        train_seconds: time spent in training steps (not evaluation or checkpointing).
+        loss_sum / loss_weight: exponential moving average of the loss, without its bias correction.
+        last_loss: the loss of the last step.
+        history: one record per evaluation during training (step, epoch, valid_auc, valid_logloss, loss).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_weight: float = 0.0
+    last_loss: float = math.nan
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    #: weight of the past in the smoothed loss (about the last 50 steps count)
+    SMOOTHING = 0.98
+
+    def record_loss(self, loss: float) -> None:
+        self.last_loss = loss
+        self.loss_sum = self.SMOOTHING * self.loss_sum + (1 - self.SMOOTHING) * loss
+        self.loss_weight = self.SMOOTHING * self.loss_weight + (1 - self.SMOOTHING)
+
+    @property
+    def smoothed_loss(self) -> float:
+        """Bias-corrected moving average of the training loss (``nan`` before the first step)."""
+        return self.loss_sum / self.loss_weight if self.loss_weight else math.nan
+
+
+@dataclasses.dataclass
+class Optimizers:
+    """Adam for the dense parameters, a sparse-capable optimizer for the embedding rows.
+
+    Args:
+        dense: Adam over every trainable parameter that is not an embedding table weight.
+        sparse: SGD / Adagrad / row-wise Adagrad over the embedding tables (sparse gradients).
+        embedding_optimizer: the name of ``sparse``'s kind ("sgd", "adagrad", "rowwise_adagrad").
+    """
+
+    dense: torch.optim.Optimizer | None
+    sparse: torch.optim.Optimizer
+    embedding_optimizer: str
+
+    def zero_grad(self) -> None:
+        for opt in self._all():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self._all():
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.state_dict() if self.dense else None, "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
+
+    def _all(self) -> list[torch.optim.Optimizer]:
+        return [self.sparse] if self.dense is None else [self.dense, self.sparse]
+
+
+@dataclasses.dataclass
+class RunHooks:
+    """Optional callbacks into a running training (a sweep's pruning, a test's interruption).
+
+    Args:
+        on_step: called after every optimizer step with the training state.
+        on_eval: called after every validation during training with the record added to the history;
+            it may raise (e.g. ``optuna.TrialPruned``) to stop the run.
+    """
+
+    on_step: Callable[[TrainState], None] | None = None
+    on_eval: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The structured record of one run (what sweeps store and reports read).
+
+    Bytes: ``inference_bytes`` is every tensor of the embedding module (``embtable.memory_report``).
+    ``training_bytes`` is the embedding module while training with the optimizers actually used: its
+    inference bytes, plus the state of ``embedding_optimizer`` for its tables, plus Adam's state for any
+    dense parameters inside it (projections etc.). The CTR model's own layers are not embedding bytes;
+    they are in ``dense_bytes`` (parameters) and ``dense_training_bytes`` (parameters + Adam state).
+    ``full_table_bytes`` is the fp32 size of uncompressed tables for the same features and dim.
+
+    Metrics are ``None`` unless ``status == "ok"``: a failed run never reports an AUC.
+    """
+
+    name: str
+    config: dict[str, Any]
+    versions: dict[str, str]
+    seed: int
+    status: str
+    failure_reason: str | None
+    dataset: str
+    embedding_optimizer: str
+    inference_bytes: int | None
+    training_bytes: int | None
+    full_table_bytes: int | None
+    dense_bytes: int | None
+    dense_training_bytes: int | None
+    valid_auc: float | None
+    valid_logloss: float | None
+    test_auc: float | None
+    test_logloss: float | None
+    bayes_auc: dict[str, float] | None
+    train_samples_per_s: float | None
+    train_seconds: float
+    wall_seconds: float
+    steps: int
+    epochs: float
+    resumed_from_step: int | None
+    history: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+
+def make_optimizers(model: nn.Module, embedding: nn.Module, embedding_optimizer: str, embedding_lr: float,
+                    dense_lr: float) -> Optimizers:
+    """Switch ``embedding``'s tables to sparse gradients and build the two optimizers over ``model``.
+
+    Args:
+        model: the whole model (its parameters not in the tables go to Adam).
+        embedding: the embedding module inside ``model``.
+        embedding_optimizer: "sgd", "adagrad" or "rowwise_adagrad".
+        embedding_lr: learning rate of the table optimizer.
+        dense_lr: Adam's learning rate.
+    """
+    tables = embtable.sparse_parameters(embedding)
+    if not tables:
+        raise ValueError(f"{type(embedding).__name__} holds no embedding tables to train")
+    table_ids = {id(p) for p in tables}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
+    if embedding_optimizer == "sgd":
+        sparse: torch.optim.Optimizer = torch.optim.SGD(tables, lr=embedding_lr)
+    elif embedding_optimizer == "adagrad":
+        sparse = torch.optim.Adagrad(tables, lr=embedding_lr)
+    elif embedding_optimizer == "rowwise_adagrad":
+        sparse = embtable.RowWiseAdagrad(tables, lr=embedding_lr)
+    else:
+        raise ValueError(
+            f"unknown embedding_optimizer {embedding_optimizer!r}; choose sgd, adagrad or rowwise_adagrad"
+        )
+    return Optimizers(torch.optim.Adam(dense, lr=dense_lr) if dense else None, sparse, embedding_optimizer)
+
+
+def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    logits = model(batch.dense_features, batch.sparse_features)  # [B]
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
+    aux = getattr(getattr(model, "embedding", None), "auxiliary_loss", None)
+    extra = aux() if callable(aux) else None
+    return loss if extra is None else loss + extra
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizers: Optimizers,
+    state: TrainState,
+    *,
+    num_steps: int | None = None,
+    max_loss: float = math.inf,
+    on_step: Callable[[TrainState], None] | None = None,
+) -> int:
+    """Train on ``batches`` (until exhausted or ``num_steps`` steps), updating ``state`` in place.
+
+    Args:
+        model: returns logits ``[B]`` from ``(dense_features, sparse_features)``; if it has an
+            ``embedding`` with ``auxiliary_loss()``, that regulariser is added to the loss.
+        batches: ``torchrec.datasets.utils.Batch`` items.
+        optimizers: from :func:`make_optimizers`.
+        state: advanced by one step, one batch and ``B`` samples per batch.
+        num_steps: stop after this many steps.
+        max_loss: raise :class:`RunFailed` when the smoothed loss exceeds it.
+        on_step: called after each step (checkpoints, evaluation, progress).
+
+    Returns:
+        Steps done.
+
+    Raises:
+        RunFailed: the loss became NaN / infinite, or diverged above ``max_loss``.
+    """
+    model.train()
+    done = 0
+    if num_steps is not None and num_steps <= 0:
+        return 0
+    for batch in batches:
+        start = time.perf_counter()
+        optimizers.zero_grad()
+        loss = _loss(model, batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RunFailed(f"training loss is {value} at step {state.step + 1}")
+        loss.backward()
+        optimizers.step()
+        state.train_seconds += time.perf_counter() - start
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.samples += int(batch.labels.shape[0])
+        state.record_loss(value)
+        done += 1
+        if state.smoothed_loss > max_loss:
+            raise RunFailed(
+                f"training diverged: smoothed loss {state.smoothed_loss:.4g} > max_loss {max_loss} "
+                f"at step {state.step}"
+            )
+        if on_step is not None:
+            on_step(state)
+        if num_steps is not None and done >= num_steps:
+            break
+    return done
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") -> dict[str, float]:
+    """AUC and logloss (scikit-learn) of ``model`` on ``batches``.
+
+    Returns:
+        ``{"auc": ..., "logloss": ..., "num_examples": ...}``.
+
+    Raises:
+        RunFailed: predictions are NaN / infinite, or constant (a collapsed model has no AUC to report).
+    """
+    was_training = model.training
+    model.eval()
+    probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    try:
+        for batch in batches:
+            logits = model(batch.dense_features, batch.sparse_features)
+            probs.append(torch.sigmoid(logits.double()).numpy())
+            labels.append(batch.labels.numpy())
+    finally:
+        model.train(was_training)
+    if not probs:
+        raise ValueError(f"the {split} split has no examples")
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    if not np.all(np.isfinite(p)):
+        raise RunFailed(f"{np.count_nonzero(~np.isfinite(p))} of {p.size} predictions on {split} are NaN/inf")
+    if float(np.ptp(p)) < 1e-9:
+        raise RunFailed(f"predictions on {split} are constant ({p[0]:.6g} for all {p.size} examples)")
+    if np.unique(y).size < 2:
+        raise ValueError(f"the {split} split has only label {y[0]}; AUC needs both classes")
+    return {
+        "auc": float(roc_auc_score(y, p)),
+        "logloss": float(log_loss(y, p, labels=[0, 1])),
+        "num_examples": int(p.size),
+    }
+
+
+@contextlib.contextmanager
+def _deterministic(num_threads: int) -> Iterator[None]:
+    """Fix the thread count and deterministic kernels for the run; restore the caller's settings after."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
+def dataset_path(data: Any) -> Path:
+    """The dataset directory of a ``DataConfig``, generating the preset on first use."""
+    if data.path is not None:
+        return Path(data.path)
+    path = Path(data.data_dir) / data.preset
+    if not (path / "meta.json").is_file():
+        data_prep.generate_dataset(data.preset, path)
+    return path
+
+
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "torchrec": torchrec.__version__, "embtable": embtable.__version__}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(config))
+    for path in _RESUME_IGNORES:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _adam_bytes(params: Iterable[nn.Parameter]) -> int:
+    # torch.optim.Adam keeps exp_avg and exp_avg_sq (each like the parameter) and a 4-byte step tensor
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+
+
+def run(
+    config: RunConfig,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    *,
+    hooks: RunHooks | None = None,
+) -> RunResult:
+    """Train ``config`` and evaluate it on the validation and test splits.
+
+    Args:
+        config: the run (see ``experiments.config``).
+        out_dir: where checkpoints and ``result.json`` go; ``None`` keeps nothing on disk.
+        resume: continue from ``out_dir``'s checkpoint if there is one (the result is identical to an
+            uninterrupted run); ``False`` starts afresh and overwrites it.
+        progress: show a progress bar (batches/s and the smoothed loss).
+        hooks: optional callbacks (pruning, tests).
+
+    Returns:
+        The run's :class:`RunResult`; ``status`` is ``"failed"`` with a reason when the loss diverged
+        or became NaN, when predictions were constant, or when the budget was infeasible.
+
+    Raises:
+        ValueError: ``out_dir`` holds a checkpoint of a different config.
+    """
+    wall_start = time.perf_counter()
+    hooks = hooks or RunHooks()
+    train_cfg = config.train
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    config_dict = config.to_dict()
+
+    with _deterministic(train_cfg.num_threads), torch.random.fork_rng(devices=[]):
+        path = dataset_path(config.data)
+        meta = data_prep.load_meta(path)
+        features = meta.feature_specs(config.model.embedding_dim)
+        full_table_bytes = sum(f.full_table_bytes for f in features)
+        torch.manual_seed(train_cfg.seed)
+        record = dict(
+            name=config.name, config=config_dict, versions=_versions(), seed=train_cfg.seed,
+            dataset=str(path), embedding_optimizer=train_cfg.embedding_optimizer,
+            full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc,
+        )
+        method = embtable.method_config_from_dict(config.embedding.method, source=f"{config.name}: embedding.method")
+        try:
+            embedding = embtable.build(
+                features, method, config.embedding.budget, pooling=config.embedding.pooling, seed=train_cfg.seed
+            )
+        except embtable.BudgetError as err:
+            return _finish(out, wall_start, TrainState(), None, f"infeasible budget: {err}", record)
+        model = ctr_models.build_model(config.model.name, embedding, meta.num_dense, **config.model.options)
+        optimizers = make_optimizers(
+            model, embedding, train_cfg.embedding_optimizer, train_cfg.embedding_lr, train_cfg.dense_lr
+        )
+        record.update(_byte_counts(model, embedding, train_cfg.embedding_optimizer))
+
+        train_loader = data_prep.BatchLoader(path, "train", train_cfg.batch_size, shuffle=True, seed=train_cfg.seed)
+        steps_per_epoch = len(train_loader)
+        total_steps = steps_per_epoch * train_cfg.epochs
+        if train_cfg.max_steps is not None:
+            total_steps = min(total_steps, train_cfg.max_steps)
+
+        state = TrainState()
+        resumed_from = None
+        saved = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
+        if saved is not None:
+            if _comparable(saved["config"]) != _comparable(config_dict):
+                raise ValueError(
+                    f"{ckpt_path} is a checkpoint of a different config; pass resume=False to overwrite it "
+                    "or use another out_dir"
+                )
+            model.load_state_dict(saved["model"])
+            optimizers.load_state_dict(saved["optimizers"])
+            state = TrainState(**saved["state"])
+            set_rng_state(saved["rng"])
+            resumed_from = state.step
+        record["resumed_from_step"] = resumed_from
+
+        def checkpoint() -> None:
+            if ckpt_path is not None:
+                save_checkpoint(ckpt_path, {
+                    "config": config_dict, "model": model.state_dict(), "optimizers": optimizers.state_dict(),
+                    "state": dataclasses.asdict(state), "rng": rng_state(),
+                })
+
+        def validate() -> None:
+            metrics = evaluate(model, data_prep.BatchLoader(path, "valid", train_cfg.eval_batch_size, shuffle=False))
+            entry = {"step": state.step, "epoch": state.epoch, "loss": state.smoothed_loss,
+                     "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"]}
+            state.history.append(entry)
+            if hooks.on_eval is not None:
+                hooks.on_eval(entry)
+
+        bar = tqdm(total=total_steps, initial=state.step, unit="batch", desc=config.name, disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5)
+
+        def after_step(s: TrainState) -> None:
+            bar.update(1)
+            if s.step % train_cfg.log_every == 0:
+                bar.set_postfix(loss=f"{s.smoothed_loss:.4f}", refresh=False)
+            if train_cfg.eval_every is not None and s.step % train_cfg.eval_every == 0:
+                validate()
+            if train_cfg.checkpoint_every is not None and s.step % train_cfg.checkpoint_every == 0:
+                checkpoint()
+            if hooks.on_step is not None:
+                hooks.on_step(s)
+
+        try:
+            while state.step < total_steps:
+                train_loader.set_epoch(state.epoch)
+                batches = islice(iter(train_loader), state.batch_in_epoch, None)
+                train_steps(model, batches, optimizers, state, num_steps=total_steps - state.step,
+                            max_loss=train_cfg.max_loss, on_step=after_step)
+                if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    validate()
+                    checkpoint()
+                elif state.step < total_steps:
+                    raise RuntimeError(
+                        f"train loader yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
+                        f"but len() said {steps_per_epoch}"
+                    )
+            checkpoint()
+            valid = evaluate(model, data_prep.BatchLoader(path, "valid", train_cfg.eval_batch_size, shuffle=False))
+            test = evaluate(model, data_prep.BatchLoader(path, "test", train_cfg.eval_batch_size, shuffle=False),
+                            split="test")
+        except RunFailed as failure:
+            bar.close()
+            record["epochs"] = state.epoch + state.batch_in_epoch / steps_per_epoch
+            return _finish(out, wall_start, state, None, failure.reason, record)
+        bar.close()
+        record["epochs"] = state.epoch + state.batch_in_epoch / steps_per_epoch
+        metrics = {"valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
+                   "test_auc": test["auc"], "test_logloss": test["logloss"]}
+        return _finish(out, wall_start, state, metrics, None, record)
+
+
+def _byte_counts(model: nn.Module, embedding: nn.Module, embedding_optimizer: str) -> dict[str, int]:
+    inference = embtable.memory_report(embedding).inference_bytes
+    table_state = embtable.optimizer_state_bytes(embedding, embedding_optimizer, tables_only=True)
+    embedding_ids = {id(p) for p in embedding.parameters()}
+    dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
+    return {
+        "inference_bytes": inference,
+        "training_bytes": inference + table_state + _adam_bytes(embtable.dense_parameters(embedding)),
+        "dense_bytes": sum(p.numel() * p.element_size() for p in dense_params),
+        "dense_training_bytes": sum(p.numel() * p.element_size() for p in dense_params) + _adam_bytes(dense_params),
+    }
+
+
+def _finish(
+    out: Path | None,
+    wall_start: float,
+    state: TrainState,
+    metrics: dict[str, float] | None,
+    failure: str | None,
+    record: dict[str, Any],
+) -> RunResult:
+    metrics = metrics or {}
+    result = RunResult(
+        status="ok" if failure is None else "failed",
+        failure_reason=failure,
+        inference_bytes=record.pop("inference_bytes", None),
+        training_bytes=record.pop("training_bytes", None),
+        dense_bytes=record.pop("dense_bytes", None),
+        dense_training_bytes=record.pop("dense_training_bytes", None),
+        valid_auc=metrics.get("valid_auc"),
+        valid_logloss=metrics.get("valid_logloss"),
+        test_auc=metrics.get("test_auc"),
+        test_logloss=metrics.get("test_logloss"),
+        train_samples_per_s=state.samples / state.train_seconds if state.train_seconds > 0 else None,
+        train_seconds=state.train_seconds,
+        wall_seconds=time.perf_counter() - wall_start,
+        steps=state.step,
+        epochs=record.pop("epochs", 0.0),
+        resumed_from_step=record.pop("resumed_from_step", None),
+        history=state.history,
+        **record,
+    )
+    if out is not None:
+        _write_json(out / RESULT_NAME, result.to_dict())
+    return result
