@@ -36,6 +36,7 @@ from .memory import (
 )
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
+from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
 from .single import Embedding, EmbeddingBag
@@ -56,6 +57,8 @@ __all__ = [
     "HashEmbeddingBagCollection",
     "MemoryReport",
     "MethodConfig",
+    "OptEmbedConfig",
+    "OptEmbedEmbeddingBagCollection",
     "OutOfRange",
     "Plan",
     "Pooling",

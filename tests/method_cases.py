@@ -49,6 +49,15 @@ def _hash_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _optembed_degenerate(features, ebc, build_kwargs):
+    # every id kept, every field at its base dim: identity remap, a plain table
+    config = embtable.OptEmbedConfig(num_kept={f.name: f.num_embeddings for f in features},
+                                     dims={f.name: f.embedding_dim for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -64,6 +73,19 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.HashConfig(hash_fn="md5"),
             lambda: embtable.HashConfig(num_buckets=0),
             lambda: embtable.method_config_from_dict({"method": "hash", "buckets": 10}),
+        ],
+    ),
+    "optembed": MethodCase(
+        # pruned ids hash into 16 OOV rows here, so that distinct pruned ids (the huge-id check) differ;
+        # oov_buckets=0 (zero vectors, the paper's choice) is covered in tests/test_optembed.py
+        config=embtable.OptEmbedConfig(oov_buckets=16),
+        budget="1/4",
+        degenerate=_optembed_degenerate,
+        invalid=[
+            lambda: embtable.OptEmbedConfig(num_kept=0),
+            lambda: embtable.OptEmbedConfig(oov_buckets=-1),
+            lambda: embtable.OptEmbedConfig(remap="hashmap"),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.OptEmbedConfig(dims=8)),
         ],
     ),
 }

@@ -1,3 +1,4 @@
 """One file per method. Importing this package registers every method."""
 
 from . import full, hash  # noqa: F401  (registration side effect is the point of this package)
+from . import optembed  # noqa: F401
