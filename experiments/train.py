@@ -410,6 +410,13 @@ def run(
 
     Raises:
         ValueError: ``out_dir`` holds a checkpoint of a different config.
+
+    ``train_seconds`` and ``steps`` cover the whole run, resumed parts included; ``wall_seconds`` is
+    this call's time only.
+
+    Example:
+        >>> # result = run(load_config("hash"), out_dir="runs/hash")
+        >>> # result.status, result.test_auc, result.inference_bytes
     """
     wall_start = time.perf_counter()
     hooks = hooks or RunHooks()
@@ -516,10 +523,10 @@ def run(
             test = evaluate(model, data_prep.BatchLoader(path, "test", train_cfg.eval_batch_size, shuffle=False),
                             split="test")
         except RunFailed as failure:
-            bar.close()
             record["epochs"] = state.epoch + state.batch_in_epoch / steps_per_epoch
             return _finish(out, wall_start, state, None, failure.reason, record)
-        bar.close()
+        finally:
+            bar.close()
         record["epochs"] = state.epoch + state.batch_in_epoch / steps_per_epoch
         metrics = {"valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
                    "test_auc": test["auc"], "test_logloss": test["logloss"]}
