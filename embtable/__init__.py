@@ -37,6 +37,7 @@ from .memory import (
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
+from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
 from .single import Embedding, EmbeddingBag
@@ -63,6 +64,8 @@ __all__ = [
     "Plan",
     "Pooling",
     "RowWiseAdagrad",
+    "UnifiedConfig",
+    "UnifiedEmbeddingBagCollection",
     "as_budget",
     "build",
     "config_class",

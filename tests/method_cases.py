@@ -49,6 +49,55 @@ def _hash_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+class _UnifiedFeatureRows:
+    """One feature's rows in a unified module's logical table, laid out like its plain table [n, d].
+
+    In the unshared identity layout, probe p of feature f owns logical rows [offset, offset + n) and holds
+    columns [p*c, (p+1)*c); logical row r lives in table r % T at local row r // T. ``grad`` gathers the
+    feature's gradient back from the round-robin tables, so it compares with the plain table's.
+    """
+
+    def __init__(self, module, offsets: list[int], n: int) -> None:
+        self.tables = [module.storage.embedding_bags[k].weight for k in module.mapper.storage_keys]
+        self.offsets, self.n = offsets, n
+
+    def _logical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        T = len(tensors)
+        out = torch.empty(sum(t.shape[0] for t in tensors), tensors[0].shape[1])
+        for t, rows in enumerate(tensors):
+            out[t::T] = rows
+        return out
+
+    def load(self, weight: torch.Tensor) -> None:
+        T, c = len(self.tables), weight.shape[1] // len(self.offsets)
+        logical = self._logical([w.detach() for w in self.tables])
+        for p, start in enumerate(self.offsets):
+            logical[start:start + self.n] = weight.detach()[:, p * c:(p + 1) * c]
+        with torch.no_grad():
+            for t, w in enumerate(self.tables):
+                w.copy_(logical[t::T])
+
+    @property
+    def grad(self) -> torch.Tensor:
+        logical = self._logical([w.grad.to_dense() if w.grad.is_sparse else w.grad for w in self.tables])
+        return torch.cat([logical[start:start + self.n] for start in self.offsets], dim=1)
+
+
+def _unified_degenerate(features, ebc, build_kwargs):
+    # num_rows = sum n_f * k_f: every (feature, probe) gets its own identity-mapped rows (the unshared
+    # reference layout), here with 2 probes of half the dim and 2 round-robin tables
+    k = 2
+    config = embtable.UnifiedConfig(num_rows=sum(f.num_embeddings * k for f in features), num_probes=k, num_tables=2)
+    module = embtable.build(features, config, **build_kwargs)
+    pairs, offset = [], 0
+    for f in features:
+        rows = _UnifiedFeatureRows(module, [offset + p * f.num_embeddings for p in range(k)], f.num_embeddings)
+        offset += k * f.num_embeddings
+        rows.load(ebc.embedding_bags[f.name].weight)
+        pairs.append((rows, ebc.embedding_bags[f.name].weight))
+    return module, pairs
+
+
 def _optembed_degenerate(features, ebc, build_kwargs):
     # every id kept, every field at its base dim: identity remap, a plain table
     config = embtable.OptEmbedConfig(num_kept={f.name: f.num_embeddings for f in features},
@@ -73,6 +122,18 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.HashConfig(hash_fn="md5"),
             lambda: embtable.HashConfig(num_buckets=0),
             lambda: embtable.method_config_from_dict({"method": "hash", "buckets": 10}),
+        ],
+    ),
+    "unified": MethodCase(
+        config=embtable.UnifiedConfig(num_probes=2, num_tables=2),
+        budget="1/4",
+        degenerate=_unified_degenerate,
+        invalid=[
+            lambda: embtable.UnifiedConfig(num_probes=0),
+            lambda: embtable.UnifiedConfig(num_rows=-5),
+            lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_probes=3), budget=100),
+            lambda: embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)], embtable.UnifiedConfig()),
+            lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_rows=11)),
         ],
     ),
     "optembed": MethodCase(
