@@ -37,6 +37,7 @@ from .memory import (
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
+from .methods.qr import QRConfig, QREmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
@@ -63,6 +64,8 @@ __all__ = [
     "OutOfRange",
     "Plan",
     "Pooling",
+    "QRConfig",
+    "QREmbeddingBagCollection",
     "RowWiseAdagrad",
     "UnifiedConfig",
     "UnifiedEmbeddingBagCollection",

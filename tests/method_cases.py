@@ -107,6 +107,15 @@ def _optembed_degenerate(features, ebc, build_kwargs):
     pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
     return module, pairs
 
+
+def _qr_degenerate(features, ebc, build_kwargs):
+    # one partition: every feature keeps its plain table under its own name, identity mapping
+    module = embtable.build(features, embtable.QRConfig(num_partitions=1), **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -147,6 +156,22 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.OptEmbedConfig(oov_buckets=-1),
             lambda: embtable.OptEmbedConfig(remap="hashmap"),
             lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.OptEmbedConfig(dims=8)),
+        ],
+    ),
+    "qr": MethodCase(
+        # 3 partitions so the 2**33-id feature fits the 1 MiB budget of test_large_ids (3 tables of about
+        # 2**11 rows; 2 partitions need 2 * 2**16.5 rows = 5.9 MB); k = 2 is covered in tests/test_qr.py
+        config=embtable.QRConfig(num_partitions=3),
+        budget="1/4",
+        degenerate=_qr_degenerate,
+        invalid=[
+            lambda: embtable.QRConfig(combiner="max"),
+            lambda: embtable.QRConfig(num_collisions=1),
+            lambda: embtable.QRConfig(num_partitions=0),
+            lambda: embtable.QRConfig(bag_mode="exact"),
+            lambda: embtable.build([FeatureSpec("a", 100, 2)], embtable.QRConfig(num_partitions=3, combiner="concat",
+                                                                                num_collisions=10)),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.QRConfig()),
         ],
     ),
 }
