@@ -1,6 +1,7 @@
 """Training throughput of every model with full tables, beside TorchRec's own DLRM (not a test).
 
-Every model gets a fresh ``torchrec.EmbeddingBagCollection`` over the same features, the same batches
+Every model gets a fresh ``torchrec.EmbeddingBagCollection`` over the same features (and DLRM once more
+over ``embtable.build(..., FullConfig())``, our drop-in full table), the same batches
 (held in memory, so the data loader is not timed) and the optimizers ``run`` uses (row-wise Adagrad on
 sparse table gradients, Adam on the rest). A step is forward, backward and both optimizer steps.
 
@@ -79,6 +80,11 @@ def _builders(num_dense: int, dim: int) -> dict[str, Callable[[EmbeddingBagColle
     return out
 
 
+def _embtable_full(features: list[embtable.FeatureSpec], seed: int) -> nn.Module:
+    """``embtable.build(..., FullConfig())``: our drop-in full table, to show what the wrapper costs."""
+    return embtable.build(features, embtable.FullConfig(), seed=seed)
+
+
 def _time_steps(model: nn.Module, batches: list, lr: float = 0.05) -> tuple[float, float]:
     """Seconds per training step, and seconds per step of the embedding part alone."""
     opts = make_optimizers(model, model.embedding, "rowwise_adagrad", lr, 1e-3)
@@ -116,10 +122,12 @@ def bench(path: Path, batch_size: int, steps: int, rounds: int, dim: int, thread
     if len(batches) < 5:
         raise ValueError(f"only {len(batches)} full batches of {batch_size} in {path}; lower --batch-size")
     builders = _builders(meta.num_dense, dim)
+    builders["dlrm, embtable full"] = builders["dlrm"]
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
     for r in range(rounds):
         for name, make in builders.items():
-            model = make(_ebc(features, seed=r))
+            table = _embtable_full(features, r) if name.endswith("embtable full") else _ebc(features, seed=r)
+            model = make(table)
             model.embedding_width = sum(f.embedding_dim for f in features)
             times[name].append(_time_steps(model, batches))
             print(f"round {r + 1}/{rounds} {name:<14} {batch_size / times[name][-1][0]:>10,.0f} samples/s", flush=True)
