@@ -1,0 +1,274 @@
+"""OptEmbed: the compact table, the supernet, the budget-constrained search and the three-stage runner."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_contract import make_features, make_kjt, storage_bytes
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+import embtable
+from embtable import FeatureSpec, OptEmbedConfig
+from embtable.methods.optembed import remap_layout
+from embtable.methods.optembed_search import (
+    OptEmbedSupernet,
+    OptEmbedSupernetConfig,
+    SearchConfig,
+    SearchState,
+    _field_cost,
+    compact_config,
+    compact_from_supernet,
+    evolutionary_search,
+    fit_rows,
+)
+
+# ----- the compact table -----
+
+def test_remap_is_the_smaller_of_dense_and_sorted_and_the_narrowest_int():
+    assert remap_layout(1000, 1000, 8, 0).kind == "identity"
+    small = remap_layout(1000, 10, 8, 0)
+    assert (small.kind, small.remap_dtype, small.remap_bytes) == ("sorted", torch.int32, 40)
+    forced = remap_layout(1000, 10, 8, 0, remap="dense")
+    assert (forced.kind, forced.remap_bytes) == ("dense", 4000)
+    huge = remap_layout(2**33, 1000, 8, 1)
+    assert (huge.kind, huge.remap_dtype, huge.remap_bytes, huge.rows) == ("sorted", torch.int64, 8000, 1001)
+    # a dense remap wins when ids need int64 but rows fit int32 and most ids are kept
+    dense = remap_layout(2**31 + 10, 2**31 - 5, 1, 0)
+    assert (dense.kind, dense.remap_dtype) == ("dense", torch.int32)
+
+
+@pytest.mark.parametrize("config", [
+    OptEmbedConfig(num_kept=40, dims={"a": 3, "b": 8, "c": 5}),
+    OptEmbedConfig(num_kept=40, dims=4, oov_buckets=1, remap="dense"),
+    OptEmbedConfig(num_kept={"a": 1000, "b": 7, "c": 300}, oov_buckets=5),
+])
+def test_bytes_equal_storage_and_plan(config):
+    features = make_features()
+    module = embtable.build(features, config, seed=0)
+    report = embtable.memory_report(module)
+    assert report.inference_bytes == storage_bytes(module) == embtable.plan(features, config).total_bytes
+
+
+def test_planner_keeps_the_most_frequent_ids_and_uses_the_budget():
+    features = make_features()
+    plan = embtable.plan(features, OptEmbedConfig(), "1/8")
+    assert 0.95 * plan.budget_bytes <= plan.total_bytes <= plan.budget_bytes
+    kept = plan.config.num_kept
+    assert kept["b"] == 50  # 50 rows fit whole: not worth a remap
+    module = embtable.build(features, OptEmbedConfig(), "1/8")
+    for f in features:
+        ids = module.kept_ids()[f.name].numpy()
+        assert len(ids) == kept[f.name]
+        if len(ids) < f.num_embeddings:  # every kept id is at least as frequent as every pruned one
+            pruned = np.setdiff1d(np.arange(f.num_embeddings), ids)
+            assert f.counts[ids].min() >= f.counts[pruned].max()
+
+
+def _reference(module, kjt, pooling):
+    """Pooled output computed by hand from the compact table: kept ids read their row, pruned ids zero."""
+    out = []
+    batch = kjt.stride()
+    kept = module.kept_ids()
+    for f, d in zip(module.features, module.dims):
+        jt = kjt[f.name]
+        weight = module.storage.embedding_bags[f.name].weight.detach()
+        rows = torch.zeros(batch, f.embedding_dim)
+        ws = jt.weights() if module.is_weighted() else torch.ones(jt.values().numel())
+        for b, (start, length) in enumerate(zip(jt.offsets()[:-1].tolist(), jt.lengths().tolist())):
+            for j in range(start, start + length):
+                pos = torch.searchsorted(kept[f.name], jt.values()[j])
+                if pos < len(kept[f.name]) and kept[f.name][pos] == jt.values()[j]:
+                    rows[b, :d] += ws[j] * weight[pos]
+            if pooling == "mean" and length:
+                rows[b] /= length
+        out.append(rows)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("pooling,weighted,remap", [("sum", False, "auto"), ("mean", False, "dense"),
+                                                     ("sum", True, "sorted")])
+def test_pruned_ids_read_zero_and_count_in_the_mean(pooling, weighted, remap):
+    features = make_features()
+    config = OptEmbedConfig(num_kept={"a": 100, "b": 10, "c": 200}, dims={"a": 3, "b": 8, "c": 6}, remap=remap)
+    module = embtable.build(features, config, pooling=pooling, is_weighted=weighted, seed=0)
+    kjt = make_kjt(features, batch=16, weighted=weighted, max_len=5)
+    torch.testing.assert_close(module(kjt).values(), _reference(module, kjt, pooling))
+
+
+def test_oov_rows_and_searched_kept_ids():
+    features = [FeatureSpec("a", 100, 4)]
+    module = embtable.build(features, OptEmbedConfig(num_kept=3, oov_buckets=1), seed=0)
+    module.set_kept_ids({"a": np.array([5, 17, 90])})
+    weight = module.storage.embedding_bags["a"].weight
+    kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([17, 4, 99]), torch.tensor([1, 1, 1]))
+    out = module(kjt).values()
+    torch.testing.assert_close(out, torch.stack([weight[1], weight[3], weight[3]]))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        module.set_kept_ids({"a": np.array([17, 5, 90])})
+    with pytest.raises(ValueError, match="2 kept ids given"):
+        module.set_kept_ids({"a": np.array([5, 17])})
+
+
+def test_huge_feature_keeps_a_sorted_int64_id_list():
+    features = [FeatureSpec("big", 2**33 + 7, 8), FeatureSpec("small", 100, 8)]
+    module = embtable.build(features, OptEmbedConfig(), budget=2**20, seed=0)
+    assert module.mapper.remap_0.dtype == torch.int64
+    assert embtable.memory_report(module).inference_bytes <= 2**20
+    kept = module.kept_ids()["big"]
+    module.set_kept_ids({"big": torch.cat([kept[:-1], torch.tensor([2**33 + 5])])})
+    weight = module.storage.embedding_bags["big"].weight
+    kjt = KeyedJaggedTensor(keys=["big", "small"], values=torch.tensor([2**33 + 5, 2**33 + 6, 3, 0]),
+                            lengths=torch.tensor([1, 1, 1, 1, 0, 0]))
+    out = module(kjt)["big"]
+    torch.testing.assert_close(out[0], weight[len(kept) - 1])
+    assert torch.count_nonzero(out[1]) == 0  # pruned
+    torch.testing.assert_close(out[2], weight[3])
+
+
+def test_state_dict_carries_the_kept_ids():
+    features = make_features()
+    config = OptEmbedConfig(num_kept=20, dims=5)
+    a, b = embtable.build(features, config, seed=0), embtable.build(features, config, seed=1)
+    a.set_kept_ids({f.name: np.arange(0, 40, 2) for f in features})
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer))
+    kjt = make_kjt(features)
+    assert torch.equal(a(kjt).values(), b(kjt).values())
+
+
+# ----- the supernet -----
+
+def _ebc(features, pooling, weighted):
+    return EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name=f.name, num_embeddings=f.num_embeddings, embedding_dim=f.embedding_dim,
+                                   feature_names=[f.name], pooling=PoolingType[pooling.upper()]) for f in features],
+        is_weighted=weighted,
+    )
+
+
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
+def test_supernet_degenerates_to_a_plain_table(pooling, weighted):
+    """Thresholds far below every norm and full dims: output and gradients of an EmbeddingBagCollection."""
+    features = make_features()
+    torch.manual_seed(0)
+    ebc = _ebc(features, pooling, weighted)
+    net = OptEmbedSupernet(features, OptEmbedSupernetConfig(threshold_init=-10.0, sample_dims=False),
+                           pooling=pooling, is_weighted=weighted)
+    tables = net.tables()
+    with torch.no_grad():
+        for name, bag in ebc.embedding_bags.items():
+            tables[name].copy_(bag.weight)
+    kjt = make_kjt(features, batch=32, weighted=weighted)
+    out, ref = net(kjt), ebc(kjt)
+    assert out.keys() == ref.keys() and out.length_per_key() == ref.length_per_key()
+    torch.testing.assert_close(out.values(), ref.values(), rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(ref.values())
+    (out.values() * upstream).sum().backward()
+    (ref.values() * upstream).sum().backward()
+    for name, bag in ebc.embedding_bags.items():
+        torch.testing.assert_close(tables[name].grad.to_dense() if tables[name].grad.is_sparse else tables[name].grad,
+                                   bag.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_supernet_contract_basics():
+    features = make_features()
+    net = OptEmbedSupernet(features, OptEmbedSupernetConfig(threshold_init=0.05))
+    # bytes: full tables + one threshold per field, equal to the pure description
+    plans, shared = OptEmbedSupernet.describe(features, net.config)
+    assert embtable.memory_report(net).inference_bytes == storage_bytes(net) == sum(p.bytes for p in plans)
+    # gradients reach the tables (sparse rows) and the thresholds (surrogate gradient + regulariser)
+    tables = embtable.sparse_parameters(net)
+    kjt = make_kjt(features, batch=64, max_len=4)
+    out = net(kjt).values()
+    ((out * torch.randn_like(out)).sum() + net.auxiliary_loss()).backward()
+    assert all(t.grad is not None and t.grad.is_sparse for t in tables)
+    assert torch.count_nonzero(net.thresholds.grad) == len(features)
+    # the regulariser alone pushes every threshold up
+    net.zero_grad()
+    net.auxiliary_loss().backward()
+    assert (net.thresholds.grad < 0).all()
+    # empty batch
+    empty = KeyedJaggedTensor(keys=[f.name for f in features], values=torch.empty(0, dtype=torch.int64),
+                              lengths=torch.zeros(3 * len(features), dtype=torch.int64))
+    assert torch.count_nonzero(net(empty).values()) == 0
+    # training samples a dim prefix per field: trailing dims are zero, and vary across batches
+    nonzero_dims = set()
+    for _ in range(10):
+        pooled = net(make_kjt(features, batch=64, max_len=4, empty_bags=False)).values().view(64, 3, 8)
+        nonzero_dims.add(tuple(int((pooled[:, i].abs().sum(0) > 0).sum()) for i in range(3)))
+    assert len(nonzero_dims) > 1
+
+
+def test_compact_from_supernet_equals_the_supernet_it_was_searched_on():
+    features = make_features()
+    torch.manual_seed(0)
+    for pooling, weighted in [("sum", False), ("mean", False), ("sum", True)]:
+        net = OptEmbedSupernet(features, OptEmbedSupernetConfig(threshold_init=0.02), pooling=pooling,
+                               is_weighted=weighted)
+        dims = [3, 8, 5]
+        margins = net.row_margins()
+        budget = 4000
+        fit = fit_rows(features, margins, dims, budget)
+        assert fit is not None and fit.cut > 0 and fit.total_bytes <= budget
+        # the smallest cut: one margin level lower would not fit
+        levels = np.unique(np.concatenate([m[m > 0] for m in margins.values()] + [np.zeros(1)]))
+        lower = levels[np.searchsorted(levels, fit.cut) - 1]
+        assert sum(_field_cost(f, max(1, int((margins[f.name] > lower).sum())), d, 0, "auto")[1]
+                   for f, d in zip(features, dims)) > budget
+        config = compact_config(features, fit, dims)
+        compact = compact_from_supernet(net, config, fit.kept_ids, pooling=pooling, is_weighted=weighted)
+        assert embtable.memory_report(compact).inference_bytes == fit.total_bytes
+        keep = [torch.from_numpy(np.isin(np.arange(f.num_embeddings), fit.kept_ids[f.name])) for f in features]
+        net.eval()
+        net.set_eval(dims, keep)
+        kjt = make_kjt(features, batch=32, weighted=weighted, max_len=5)
+        torch.testing.assert_close(compact(kjt).values(), net(kjt).values(), rtol=1e-6, atol=1e-6)
+
+
+def test_fit_rows_gives_up_when_one_row_per_field_does_not_fit():
+    features = make_features()
+    net = OptEmbedSupernet(features, OptEmbedSupernetConfig())
+    assert fit_rows(features, net.row_margins(), [8, 8, 8], budget_bytes=50) is None
+
+
+# ----- the search -----
+
+def test_search_resumes_to_the_same_result():
+    target = [5, 2, 7, 1]
+
+    def fitness(d):
+        return -float(sum((a - b) ** 2 for a, b in zip(d, target)))
+
+    def feasible(d):
+        return sum(d) <= 14
+
+    config = SearchConfig(population=8, generations=5, parents=4, mutation_prob=0.3, seed=3)
+    full = evolutionary_search(fitness, feasible, [8] * 4, config)
+    assert feasible(full.best[0]) and len(full.history) == 5
+
+    class Killed(Exception):
+        pass
+
+    saved = {}
+
+    def kill_after(n):
+        def on_progress(state):
+            saved["state"] = json.dumps(state.to_dict())
+            if len(state.fitness) >= n:
+                raise Killed
+        return on_progress
+
+    with pytest.raises(Killed):
+        evolutionary_search(fitness, feasible, [8] * 4, config, on_progress=kill_after(11))
+    with pytest.raises(Killed):  # killed again, later, from the resumed state
+        evolutionary_search(fitness, feasible, [8] * 4, config, on_progress=kill_after(23),
+                            state=SearchState.from_dict(json.loads(saved["state"])))
+    resumed = evolutionary_search(fitness, feasible, [8] * 4, config,
+                                  state=SearchState.from_dict(json.loads(saved["state"])))
+    assert resumed.to_dict() == full.to_dict()
