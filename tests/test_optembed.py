@@ -272,3 +272,119 @@ def test_search_resumes_to_the_same_result():
     resumed = evolutionary_search(fitness, feasible, [8] * 4, config,
                                   state=SearchState.from_dict(json.loads(saved["state"])))
     assert resumed.to_dict() == full.to_dict()
+
+
+# ----- the three stages through the trainer -----
+
+def synthetic_source(seed: int = 0, rows: int = 3072, batch: int = 256):
+    """Ids with zipf popularity; clicks from per-id effects, so that frequent rows matter most."""
+    from torchrec.datasets.utils import Batch
+
+    from experiments.optembed import DataSource
+
+    rng = np.random.default_rng(seed)
+    sizes = {"u": 300, "i": 120, "c": 30, "s": 8}
+    effects = {k: rng.normal(0, 1.0, n) for k, n in sizes.items()}
+
+    def split(n: int, split_seed: int):
+        r = np.random.default_rng([seed, split_seed])
+        ids = {k: np.minimum(r.zipf(1.4, n) - 1, sizes[k] - 1) for k in sizes}
+        dense = r.normal(size=(n, 3)).astype(np.float32)
+        logit = sum(effects[k][ids[k]] for k in sizes) + dense[:, 0] - 1.0
+        labels = (r.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+        return ids, dense, labels
+
+    def batches(data, size):
+        ids, dense, labels = data
+        out = []
+        for s in range(0, len(labels), size):
+            e = min(s + size, len(labels))
+            values = torch.from_numpy(np.concatenate([ids[k][s:e] for k in sizes]))
+            kjt = KeyedJaggedTensor(keys=list(sizes), values=values, lengths=torch.ones(len(sizes) * (e - s),
+                                                                                         dtype=torch.int64))
+            out.append(Batch(dense_features=torch.from_numpy(dense[s:e]), sparse_features=kjt,
+                             labels=torch.from_numpy(labels[s:e])))
+        return out
+
+    train = split(rows, 1)
+    counts = {k: np.bincount(train[0][k], minlength=n) for k, n in sizes.items()}
+    train_epochs = {}
+
+    def train_batches(epoch):
+        if epoch not in train_epochs:
+            order = np.random.default_rng([seed, 100 + epoch]).permutation(rows)
+            train_epochs[epoch] = batches(tuple(({k: v[order] for k, v in train[0].items()}, train[1][order],
+                                                 train[2][order])), batch)
+        return iter(train_epochs[epoch])
+
+    valid, test = batches(split(1024, 2), 512), batches(split(1024, 3), 512)
+    return DataSource(
+        name="synthetic", features=[FeatureSpec(k, n, 8, counts=counts[k]) for k, n in sizes.items()], num_dense=3,
+        train_batches=train_batches, steps_per_epoch=rows // batch, valid_batches=lambda: iter(valid),
+        test_batches=lambda: iter(test),
+    )
+
+
+def _run_config(budget="1/4"):
+    from experiments.config import load_config
+
+    return load_config(overrides={
+        "model": {"name": "dlrm", "embedding_dim": 8, "options": {"dense_hidden_sizes": [16], "over_hidden_sizes": [16]}},
+        "embedding": {"budget": budget},
+        "train": {"batch_size": 256, "embedding_lr": 0.1, "dense_lr": 0.01, "seed": 7},
+    })
+
+
+STAGES = dict(supernet_epochs=2, retrain_epochs=2, population=6, generations=3, parents=3, mutation_prob=0.3,
+              checkpoint_every=5, threshold_reg=1e-3)
+
+
+def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_path):
+    from experiments.optembed import RESULT_NAME, OptEmbedStages, StageHooks, run_optembed
+
+    config, stages = _run_config(), OptEmbedStages(**STAGES)
+    source = synthetic_source()
+    full = run_optembed(config, stages, tmp_path / "full", source=source, progress=False)
+    assert full["status"] == "ok", full["failure_reason"]
+    assert full["inference_bytes"] <= full["budget_bytes"] == sum(f.full_table_bytes for f in source.features) // 4
+    assert set(full["stage_seconds"]) == {"supernet", "search", "retrain"}
+    assert full["candidates_evaluated"] > stages.population and len(full["history"]) == stages.generations
+    assert full["valid_auc"] > 0.6 and full["search_valid_auc"] > 0.6
+    assert json.loads((tmp_path / "full" / RESULT_NAME).read_text())["dims"] == full["dims"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_supernet(stage, state):
+        if stage == "supernet" and state.step == 8:
+            raise Killed
+
+    def kill_search(state):
+        if len(state.fitness) == 9:
+            raise Killed
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_optembed(config, stages, out, source=source, progress=False, hooks=StageHooks(on_step=kill_supernet))
+    with pytest.raises(Killed):
+        run_optembed(config, stages, out, source=source, progress=False, hooks=StageHooks(on_search=kill_search))
+    resumed = run_optembed(config, stages, out, source=source, progress=False)
+    for key in ("dims", "num_kept", "history", "threshold_cut", "supernet_valid_auc", "valid_auc", "test_auc",
+                "test_logloss", "inference_bytes"):
+        assert resumed[key] == full[key], key
+    a = torch.load(tmp_path / "full" / "compact.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "compact.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another OptEmbed run"):
+        run_optembed(config, OptEmbedStages(**{**STAGES, "generations": 4}), out, source=source, progress=False)
+
+
+def test_retrain_from_the_supernet_starts_where_the_search_left_off():
+    from experiments.optembed import OptEmbedStages, run_optembed
+
+    stages = OptEmbedStages(**{**STAGES, "retrain_init": "supernet", "retrain_max_steps": 1, "generations": 1})
+    result = run_optembed(_run_config(budget="1/2"), stages, source=synthetic_source(), progress=False)
+    assert result["status"] == "ok"
+    assert result["inference_bytes"] <= result["budget_bytes"]
+    # one retraining step from the searched supernet keeps (about) the searched candidate's AUC
+    assert abs(result["valid_auc"] - result["search_valid_auc"]) < 0.03
