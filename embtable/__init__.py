@@ -36,6 +36,7 @@ from .memory import (
 )
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
+from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
@@ -59,6 +60,8 @@ __all__ = [
     "HashEmbeddingBagCollection",
     "MemoryReport",
     "MethodConfig",
+    "MixedDimConfig",
+    "MixedDimEmbeddingBagCollection",
     "OptEmbedConfig",
     "OptEmbedEmbeddingBagCollection",
     "OutOfRange",

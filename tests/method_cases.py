@@ -108,6 +108,16 @@ def _optembed_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _mixed_dim_degenerate(features, ebc, build_kwargs):
+    # one block per feature at its base dim: plain tables, no projection, identity mapping
+    config = embtable.MixedDimConfig(block_dims={f.name: (f.embedding_dim,) for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    assert not module.projections
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 def _qr_degenerate(features, ebc, build_kwargs):
     # one partition: every feature keeps its plain table under its own name, identity mapping
     module = embtable.build(features, embtable.QRConfig(num_partitions=1), **build_kwargs)
@@ -144,6 +154,26 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)], embtable.UnifiedConfig()),
             lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_rows=11)),
         ],
+    ),
+    "mixed_dim": MethodCase(
+        # 3 popularity blocks per feature: the zipf counts are not in id order, so the id -> rank remap
+        # buffers (4 bytes per id) are part of the budget; num_blocks=1 is tested in tests/test_mixed_dim.py
+        config=embtable.MixedDimConfig(num_blocks=3),
+        budget="1/2",
+        degenerate=_mixed_dim_degenerate,
+        invalid=[
+            lambda: embtable.MixedDimConfig(alpha=-0.1),
+            lambda: embtable.MixedDimConfig(num_blocks=0),
+            lambda: embtable.MixedDimConfig(dim_multiple=0),
+            lambda: embtable.MixedDimConfig(block_dims={"a": (0,)}),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.MixedDimConfig(block_dims={"a": (8,)})),
+            lambda: embtable.build([FeatureSpec("a", 1000, 4)], embtable.MixedDimConfig(num_blocks=2,
+                                                                                          block_dims={"a": (4, 2, 1)})),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.MixedDimConfig()),
+        ],
+        # every row is stored (at >= 1 dim): 2**33 rows cannot fit a 1 MiB budget; the 2**33-id planning
+        # and integer block mapping are tested in tests/test_mixed_dim.py
+        huge_ids=False,
     ),
     "optembed": MethodCase(
         # pruned ids hash into 16 OOV rows here, so that distinct pruned ids (the huge-id check) differ;

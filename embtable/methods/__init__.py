@@ -4,3 +4,4 @@ from . import full, hash  # noqa: F401  (registration side effect is the point o
 from . import optembed  # noqa: F401
 from . import unified  # noqa: F401
 from . import qr  # noqa: F401
+from . import mixed_dim  # noqa: F401

@@ -1,0 +1,621 @@
+"""Mixed-dimension embeddings: popular ids get more dims, rare ids fewer, all projected to the base dim.
+
+Ginart et al., 2021, "Mixed Dimension Embeddings with Application to Memory-Efficient Recommendation
+Systems" (ISIT). The rows of a feature are split into popularity blocks; block ``b`` of feature ``f``
+holds its rows at dim ``d_{f,b} <= D_f`` and, when ``d_{f,b} < D_f``, a learned projection
+``P_{f,b}`` (``d_{f,b} x D_f``, no bias) lifts them to the feature's base dim ``D_f``::
+
+    ids of f ──► rank r = popularity rank of the id ──► block b: bounds[b] <= r < bounds[b+1]
+                 (remap buffer, or r = id when the        row   = r - bounds[b]
+                  ids are already in frequency order)
+    pooled_f = sum_b  (sum of the bag's rows in block b) @ P_{f,b}     (/ bag size for mean pooling)
+
+**Popularity** ``p_{f,b}`` is the probability that one lookup of feature ``f`` hits a given row of
+block ``b``: ``p_{f,b} = share_{f,b} / n_{f,b}``, where ``share_{f,b}`` is the block's share of the
+feature's lookups and ``n_{f,b}`` its rows. As in the paper's reference solver, every feature is
+assumed to be looked up once per sample, so with one block ``p_f = 1 / n_f`` (the paper's table-level
+rule). Within a table (``num_blocks > 1``) ids are ranked by ``FeatureSpec.counts`` (descending,
+ties by id) and cut into blocks of equal lookup mass, ``share = count of the block / count of the
+feature``. Without counts (or with all-zero counts), id order is taken as popularity order with a
+Zipf(1) rank-frequency law (lookup share of rank ``r`` proportional to ``1 / (r + 1)``); equal-mass
+blocks are then log-uniform in rank (``bounds[b] = round(n ** (b / B))``).
+
+**Power rule** (the paper's ``d = lambda * p ** alpha``, temperature ``alpha >= 0``)::
+
+    d_{f,b} = D_f * scale * p_{f,b} ** alpha, floored to a multiple of dim_multiple, within [1, D_f]
+
+``alpha = 0`` gives every block the same dim; larger ``alpha`` shrinks the rare blocks more. A block
+whose compressed storage would not be smaller than its full rows, ``(n_{f,b} + D_f) * d >= n_{f,b} * D_f``,
+stays full (no projection); a feature whose blocks are all full is one plain table (no remap).
+
+**Budget planning** (pure, a few hundred power-rule evaluations over the blocks, never over ids
+unless counts are given): with ``alpha`` fixed the scale is solved by bisection; with ``alpha=None``
+the most popular block is anchored at the base dim (``scale = p_max ** -alpha``, the reference
+solver's ``d0`` mode) and ``alpha`` is solved. The floored dims are then rounded up, largest
+remainder first, while they fit; only if that uses less than 95% of the budget do the most popular
+blocks get further steps. Without a budget, a given ``alpha`` uses the ``d0`` anchoring.
+
+Memory (fp32 weights, int64 bounds)::
+
+    sum_f [ sum_b ( n_{f,b} * d_{f,b} * 4  +  [d_{f,b} < D_f] * d_{f,b} * D_f * 4 )
+            + [B_f > 1] * ( (B_f + 1) * 8  +  [remap_f] * n_f * s_f ) ]
+
+where ``B_f`` is the number of blocks of feature ``f`` (1 for a plain or single-dim table), the
+``(B_f + 1) * 8`` bytes are its block bounds, ``remap_f`` says whether its ids need the rank remap
+(counts given and ids not already sorted by decreasing count) and ``s_f`` is 4 bytes (int32 ranks) for
+``n_f <= 2**31 - 1``, else 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ..budget import FP32, BudgetError, FeaturePlan
+from ..config import MethodConfig, Pooling, register_method
+from ..features import FeatureSpec
+from ..module import EmbeddingModule, storage_collection, with_values
+
+__all__ = [
+    "MixedDimConfig",
+    "MixedDimEmbeddingBagCollection",
+    "MixedDimIdMapper",
+    "PopularityBlocks",
+    "popularity_blocks",
+    "power_rule_dims",
+    "solve_block_dims",
+    "mixed_dim_bytes",
+]
+
+BOUND_BYTES = 8  # block bounds are int64
+INT32_MAX = 2**31 - 1
+_BISECTION_STEPS = 100  # halves the search interval to far below one dim step
+_EULER_GAMMA = 0.5772156649015329
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedDimConfig(MethodConfig):
+    """Mixed-dimension embeddings (power-rule dims per feature and per popularity block).
+
+    Args:
+        alpha: temperature of the power rule ``d ~ p ** alpha`` (``>= 0``; the paper finds 0.1-0.4
+            good). ``None`` (default): solved from the budget, with the most popular block kept at the
+            base dim.
+        num_blocks: popularity blocks per feature (``1``: one dim per feature, as in the paper's
+            reference; ``> 1``: blocks of equal lookup mass, see the module docstring). A feature
+            has at most ``num_embeddings`` blocks.
+        dim_multiple: block dims are multiples of this (below the base dim), e.g. 4 or 8 for
+            vectorised kernels.
+        block_dims: the sized field: ``{feature: (d_block0, d_block1, ...)}``, hottest block first, one
+            dim per block, or a 1-tuple ``(d,)`` for one plain table of dim ``d``. ``None``: planned
+            from the budget (or from ``alpha`` without one).
+    """
+
+    method = "mixed_dim"
+    alpha: float | None = None
+    num_blocks: int = 1
+    dim_multiple: int = 1
+    block_dims: Mapping[str, tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and (not isinstance(self.alpha, int | float) or not self.alpha >= 0
+                                       or math.isinf(self.alpha)):
+            raise ValueError(
+                f"MixedDimConfig.alpha must be a finite number >= 0 (e.g. 0.3), or None to solve it from the "
+                f"budget; got {self.alpha!r}"
+            )
+        for name in ("num_blocks", "dim_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MixedDimConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.block_dims is not None:
+            if not isinstance(self.block_dims, Mapping):
+                raise ValueError(
+                    "MixedDimConfig.block_dims must map each feature name to its block dims, e.g. "
+                    f"{{'C1': (16, 4)}}; got {self.block_dims!r}"
+                )
+            clean = {}
+            for name, dims in self.block_dims.items():
+                dims = (dims,) if isinstance(dims, int) else tuple(dims)
+                if not dims or any(isinstance(d, bool) or int(d) != d or d < 1 for d in dims):
+                    raise ValueError(
+                        f"MixedDimConfig.block_dims[{name!r}] must be positive integer dims, got {dims!r}"
+                    )
+                clean[name] = tuple(int(d) for d in dims)
+            object.__setattr__(self, "block_dims", clean)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Popularity blocks (pure)
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PopularityBlocks:
+    """How one feature's ids split into popularity blocks.
+
+    Attributes:
+        bounds: rank boundaries, ``bounds[0] = 0 < ... < bounds[-1] = num_embeddings``; block ``b``
+            holds the ids of popularity rank ``bounds[b] <= r < bounds[b + 1]``.
+        shares: each block's share of the feature's lookups (sums to 1).
+        remap: ids must be remapped to ranks (counts given, ids not already in decreasing-count order).
+    """
+
+    bounds: tuple[int, ...]
+    shares: tuple[float, ...]
+    remap: bool
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return tuple(e - s for s, e in zip(self.bounds[:-1], self.bounds[1:]))
+
+    @property
+    def popularity(self) -> tuple[float, ...]:
+        """Per-row lookup probability of each block: ``share / rows``."""
+        return tuple(s / r for s, r in zip(self.shares, self.rows))
+
+
+def _harmonic(k: int) -> float:
+    """``H(k) = sum_{i=1..k} 1/i`` (exact below 64, asymptotic expansion above; ``H(0) = 0``)."""
+    if k < 64:
+        return sum(1.0 / i for i in range(1, k + 1))
+    return math.log(k) + _EULER_GAMMA + 1 / (2 * k) - 1 / (12 * k * k) + 1 / (120 * k**4)
+
+
+def popularity_blocks(feature: FeatureSpec, num_blocks: int) -> PopularityBlocks:
+    """Split ``feature``'s ids into at most ``num_blocks`` blocks of (about) equal lookup mass.
+
+    With counts, ids are ranked by decreasing count and the cuts fall where the cumulative count
+    crosses ``b / num_blocks`` of the total (cost: one sort of the counts). Without counts, id order is
+    the popularity order under a Zipf(1) law and the cuts are ``round(n ** (b / num_blocks))``
+    (integer and float scalars only: no per-id array, whatever ``n`` is). Cuts that coincide merge.
+
+    >>> popularity_blocks(FeatureSpec("a", 1000, 8), 4).bounds
+    (0, 6, 32, 178, 1000)
+    >>> b = popularity_blocks(FeatureSpec("a", 5, 8, counts=[1, 5, 0, 3, 1]), 2)
+    >>> b.bounds, b.shares, b.remap
+    ((0, 1, 5), (0.5, 0.5), True)
+    """
+    n = feature.num_embeddings
+    blocks = min(int(num_blocks), n)
+    if blocks == 1:
+        return PopularityBlocks((0, n), (1.0,), False)
+    counts = feature.counts
+    if counts is not None and int(counts.sum()) > 0:
+        ordered = bool(np.all(counts[:-1] >= counts[1:]))
+        ranked = counts if ordered else np.sort(counts)[::-1]
+        cum = np.cumsum(ranked)
+        total = int(cum[-1])
+        # smallest k with cum[k - 1] >= ceil(b * total / blocks): the top k ids hold b/blocks of the mass
+        targets = np.array([-(-b * total // blocks) for b in range(1, blocks)], dtype=np.int64)
+        cuts = (np.searchsorted(cum, targets, side="left") + 1).tolist()
+        bounds = sorted({0, n, *(c for c in cuts if 0 < c < n)})
+        mass = [int(cum[e - 1]) - (int(cum[s - 1]) if s else 0) for s, e in zip(bounds[:-1], bounds[1:])]
+        return PopularityBlocks(tuple(bounds), tuple(m / total for m in mass), not ordered)
+    cuts = (round(n ** (b / blocks)) for b in range(1, blocks))
+    bounds = sorted({0, n, *(c for c in cuts if 0 < c < n)})
+    h_n = _harmonic(n)
+    shares = [(_harmonic(e) - _harmonic(s)) / h_n for s, e in zip(bounds[:-1], bounds[1:])]
+    return PopularityBlocks(tuple(bounds), tuple(shares), False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bytes and the power rule (pure)
+# ---------------------------------------------------------------------------------------------------
+def _remap_bytes(n: int) -> int:
+    return n * (4 if n <= INT32_MAX else 8)
+
+
+def _effective_dims(dim: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Blocks that are all at the base dim are one plain table (no bounds, no remap)."""
+    return (dim,) if len(dims) > 1 and all(d == dim for d in dims) else dims
+
+
+def mixed_dim_bytes(feature: FeatureSpec, blocks: PopularityBlocks | None, dims: tuple[int, ...]) -> int:
+    """Exact inference bytes of one feature stored with ``dims`` (see the memory formula).
+
+    ``blocks`` may be ``None`` when ``dims`` has one entry (one table over all ids).
+
+    >>> mixed_dim_bytes(FeatureSpec("a", 1000, 16), None, (4,))  # 1000*4*4 + 4*16*4
+    16256
+    """
+    D = feature.embedding_dim
+    dims = _effective_dims(D, tuple(dims))
+    if len(dims) == 1:
+        d = dims[0]
+        return feature.num_embeddings * d * FP32 + (d * D * FP32 if d < D else 0)
+    total = sum(r * d * FP32 + (d * D * FP32 if d < D else 0) for r, d in zip(blocks.rows, dims))
+    total += (len(dims) + 1) * BOUND_BYTES
+    if blocks.remap:
+        total += _remap_bytes(feature.num_embeddings)
+    return total
+
+
+def _quantize(target: float, D: int, rows: int, multiple: int) -> int:
+    """The block dim for a power-rule target: floored to ``multiple``, at least ``multiple``, and the
+    base dim ``D`` when reaching it or when compression would not save bytes."""
+    if not target + 1e-9 < D:  # also catches inf / nan
+        return D
+    d = max(multiple, int(target / multiple + 1e-9) * multiple)  # 1e-9: 64 * 0.25 ** 0.5 may be 15.99..
+    if d >= D or (rows + D) * d >= rows * D:
+        return D
+    return d
+
+
+class _Layout:
+    """The blocks of every feature, flattened, with O(1) byte deltas for the planner's fill step."""
+
+    def __init__(self, features: Sequence[FeatureSpec], num_blocks: int) -> None:
+        self.features = list(features)
+        self.blocks = [popularity_blocks(f, num_blocks) for f in self.features]
+        self.popularity = [b.popularity for b in self.blocks]
+
+    def targets(self, alpha: float, scale: float) -> list[list[float]]:
+        """The power rule's real-valued dims ``D_f * scale * p ** alpha`` (``0.0 ** 0 == 1``)."""
+        return [[scale * f.embedding_dim * p**alpha for p in pops] for f, pops in zip(self.features, self.popularity)]
+
+    def dims_for(self, alpha: float, scale: float, multiple: int) -> list[list[int]]:
+        return [
+            [_quantize(t, f.embedding_dim, r, multiple) for t, r in zip(ts, blocks.rows)]
+            for f, blocks, ts in zip(self.features, self.blocks, self.targets(alpha, scale))
+        ]
+
+    def total(self, dims: list[list[int]]) -> int:
+        return sum(mixed_dim_bytes(f, b, tuple(d)) for f, b, d in zip(self.features, self.blocks, dims))
+
+    def fill(self, dims: list[list[int]], targets: list[list[float]], budget: int, multiple: int) -> list[list[int]]:
+        """Spend what the floored power rule left of ``budget``, one dim step at a time.
+
+        First the rounding: blocks are rounded up in order of the largest fractional remainder of their
+        target (at most one step each), so the dims stay the power rule's. Then, only while less than 95%
+        of the budget is used, the most popular blocks that still fit get further steps.
+        """
+        per_feature = [mixed_dim_bytes(f, b, tuple(d)) for f, b, d in zip(self.features, self.blocks, dims)]
+        left = budget - sum(per_feature)
+        blocks = [(i, j) for i, ds in enumerate(dims) for j in range(len(ds))]
+        by_popularity = sorted(blocks, key=lambda ij: (-self.popularity[ij[0]][ij[1]], ij))
+        remainder = {(i, j): (targets[i][j] - dims[i][j]) / multiple for i, j in blocks}
+        by_remainder = sorted(by_popularity, key=lambda ij: -remainder[ij])  # stable: ties by popularity
+
+        def bump(i: int, j: int) -> bool:
+            nonlocal left
+            f, d = self.features[i], dims[i][j]
+            if d >= f.embedding_dim:
+                return False
+            step = _quantize(float(d + multiple), f.embedding_dim, self.blocks[i].rows[j], multiple)
+            trial = dims[i][:j] + [step] + dims[i][j + 1:]
+            new = mixed_dim_bytes(f, self.blocks[i], tuple(trial))
+            if new - per_feature[i] > left:
+                return False
+            left -= new - per_feature[i]
+            per_feature[i], dims[i] = new, trial
+            return True
+
+        for i, j in by_remainder:
+            if remainder[(i, j)] > 0:
+                bump(i, j)
+        changed = True
+        while changed and 20 * left > budget:  # below 95% used
+            changed = False
+            for i, j in by_popularity:
+                changed |= bump(i, j)
+                if 20 * left <= budget:
+                    break
+        return dims
+
+    def as_config_dims(self, dims: list[list[int]]) -> dict[str, tuple[int, ...]]:
+        return {f.name: _effective_dims(f.embedding_dim, tuple(d)) for f, d in zip(self.features, dims)}
+
+
+def power_rule_dims(
+    features: Sequence[FeatureSpec], alpha: float, scale: float | None = None, *, num_blocks: int = 1,
+    dim_multiple: int = 1,
+) -> dict[str, tuple[int, ...]]:
+    """The power rule without a budget: ``d_{f,b} = D_f * scale * p_{f,b} ** alpha`` (quantized).
+
+    ``scale=None`` anchors the most popular block of all at the base dim (``scale = p_max ** -alpha``).
+
+    >>> feats = [FeatureSpec("small", 10, 16), FeatureSpec("big", 10_000, 16)]
+    >>> power_rule_dims(feats, alpha=0.25)  # (10 / 10_000) ** 0.25 * 16 = 2.8
+    {'small': (16,), 'big': (2,)}
+    """
+    layout = _Layout(features, num_blocks)
+    if scale is None:
+        scale = _anchor_scale(layout, alpha)
+    return layout.as_config_dims(layout.dims_for(float(alpha), float(scale), dim_multiple))
+
+
+def _anchor_scale(layout: _Layout, alpha: float) -> float:
+    p_max = max(max(p) for p in layout.popularity)
+    return p_max ** -alpha
+
+
+def solve_block_dims(
+    features: Sequence[FeatureSpec], budget_bytes: int, *, alpha: float | None = None, num_blocks: int = 1,
+    dim_multiple: int = 1,
+) -> tuple[dict[str, tuple[int, ...]], float]:
+    """The budget planner: block dims whose exact bytes fit ``budget_bytes`` (pure; no tensors).
+
+    Returns ``(block_dims, alpha)``: ``alpha`` is the given one, or the solved one when ``alpha=None``.
+    Raises :class:`BudgetError` when even the smallest dims do not fit.
+
+    >>> feats = [FeatureSpec("small", 10, 16), FeatureSpec("big", 100_000, 16)]
+    >>> dims, alpha = solve_block_dims(feats, budget_bytes=1_000_000, alpha=0.3)
+    >>> dims, sum(mixed_dim_bytes(f, None, dims[f.name]) for f in feats)
+    ({'small': (16,), 'big': (2,)}, 800768)
+    """
+    layout = _Layout(features, num_blocks)
+    full = [[f.embedding_dim] * len(b.rows) for f, b in zip(layout.features, layout.blocks)]
+    if layout.total(full) <= budget_bytes:
+        return layout.as_config_dims(full), 0.0 if alpha is None else float(alpha)
+    if alpha is not None:
+        alpha = float(alpha)
+        smallest = layout.dims_for(alpha, 0.0, dim_multiple)
+        if layout.total(smallest) > budget_bytes:
+            remaps = any(b.remap for b in layout.blocks)
+            raise BudgetError(
+                f"mixed_dim: even the smallest dims (every compressible block at dim {dim_multiple}, "
+                f"projections{' and id remaps' if remaps else ''} included) need {layout.total(smallest):,} "
+                f"bytes, over the budget of {budget_bytes:,}; raise the budget, "
+                + ("use a smaller dim_multiple, " if dim_multiple > 1 else "")
+                + ("use num_blocks=1 or ids in frequency order (no remap), " if remaps else "")
+                + "or choose a method that also shrinks rows (hash, qr)"
+            )
+        # bisection on log(scale): at scale_hi every block reaches its base dim
+        log_lo = math.log(1e-300)
+        pops = [p for ps in layout.popularity for p in ps if p > 0]
+        log_hi = max(-alpha * math.log(p) for p in pops) + math.log(2.0) if pops else 0.0
+        for _ in range(_BISECTION_STEPS):
+            mid = (log_lo + log_hi) / 2
+            if layout.total(layout.dims_for(alpha, math.exp(mid), dim_multiple)) <= budget_bytes:
+                log_lo = mid
+            else:
+                log_hi = mid
+        scale = 0.0 if log_lo == math.log(1e-300) else math.exp(log_lo)
+        best = layout.dims_for(alpha, scale, dim_multiple)
+        return layout.as_config_dims(layout.fill(best, layout.targets(alpha, scale), budget_bytes, dim_multiple)), alpha
+    # alpha solved: the most popular block keeps the base dim, alpha grows until the rest fits
+    p_max = max(max(p) for p in layout.popularity)
+    ratios = [p_max / p for ps in layout.popularity for p in ps if 0 < p < p_max]
+    d_max = max(f.embedding_dim for f in layout.features)
+    alpha_hi = max((math.log(2.0 * d_max) / math.log(r) for r in ratios), default=1.0)
+
+    def dims_at(a: float) -> list[list[int]]:
+        return layout.dims_for(a, p_max ** -a, dim_multiple)
+
+    if layout.total(dims_at(alpha_hi)) > budget_bytes:
+        raise BudgetError(
+            f"mixed_dim: with alpha solved, the most popular block keeps the base dim; even the steepest "
+            f"power rule (all other blocks at dim {dim_multiple}) needs {layout.total(dims_at(alpha_hi)):,} "
+            f"bytes, over the budget of {budget_bytes:,}; give alpha (e.g. MixedDimConfig(alpha=0.3)) so the "
+            "scale is solved instead, or raise the budget"
+        )
+    lo, hi = 0.0, alpha_hi
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if layout.total(dims_at(mid)) <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid
+    best = layout.fill(dims_at(hi), layout.targets(hi, p_max**-hi), budget_bytes, dim_multiple)
+    return layout.as_config_dims(best), hi
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+def _block_dims(features: Sequence[FeatureSpec], config: MixedDimConfig) -> list[tuple[int, ...]]:
+    """Validated per-feature dims (all-full blocks collapsed to one plain table)."""
+    dims = config.block_dims
+    names = [f.name for f in features]
+    unknown, missing = sorted(set(dims) - set(names)), [n for n in names if n not in dims]
+    if unknown or missing:
+        raise ValueError(f"mixed_dim: block_dims must give dims for every feature; unknown {unknown}, "
+                         f"missing {missing}")
+    out = []
+    for f in features:
+        d = dims[f.name]
+        if max(d) > f.embedding_dim:
+            raise ValueError(f"mixed_dim: feature {f.name!r}: block dims {d} exceed its embedding_dim "
+                             f"{f.embedding_dim}; dims must be in [1, {f.embedding_dim}]")
+        if len(d) > 1:
+            expected = len(popularity_blocks(f, config.num_blocks).rows)
+            if len(d) != expected:
+                raise ValueError(
+                    f"mixed_dim: feature {f.name!r} has {expected} popularity block(s) with "
+                    f"num_blocks={config.num_blocks}, but block_dims gives {len(d)} dims {d}; give {expected} "
+                    "dims (hottest block first) or one dim for a single table"
+                )
+        out.append(_effective_dims(f.embedding_dim, d))
+    return out
+
+
+class MixedDimIdMapper(nn.Module):
+    """Maps logical ids to ``(block table, row in block)``: a KJT over the features in, a KJT over the
+    storage's ``(feature, block)`` keys out (bags keep their sample; ids move to their block's bag).
+
+    Buffers: ``bounds_{i}`` (int64 ``[B_i + 1]``) per feature ``i`` with blocks, and ``rank_{i}``
+    (int32, or int64 above 2**31 - 1 ids; ``[n_i]``: id -> popularity rank) where ids need a remap.
+    """
+
+    def __init__(self, features: Sequence[FeatureSpec], blocks: Sequence[PopularityBlocks | None],
+                 storage_keys: list[str], device: torch.device | None = None) -> None:
+        super().__init__()
+        self.storage_keys = list(storage_keys)
+        self.blocked: list[bool] = []
+        self.remapped: list[bool] = []
+        self.key_offsets: list[int] = []
+        offset = 0
+        for i, (f, b) in enumerate(zip(features, blocks)):
+            self.key_offsets.append(offset)
+            blocked = b is not None
+            self.blocked.append(blocked)
+            self.remapped.append(blocked and b.remap)
+            offset += len(b.rows) if blocked else 1
+            if not blocked:
+                continue
+            self.register_buffer(f"bounds_{i}", torch.tensor(b.bounds, dtype=torch.int64, device=device))
+            if b.remap:
+                order = np.argsort(-f.counts, kind="stable")  # rank -> id (ties keep id order)
+                rank = np.empty(f.num_embeddings, dtype=np.int32 if f.num_embeddings <= INT32_MAX else np.int64)
+                rank[order] = np.arange(f.num_embeddings, dtype=rank.dtype)
+                self.register_buffer(f"rank_{i}", torch.from_numpy(rank).to(device))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not any(self.blocked):
+            return with_values(kjt, kjt.values(), self.storage_keys)
+        values, weights = kjt.values(), kjt.weights_or_none()
+        stride, num_features = kjt.stride(), len(self.blocked)
+        offsets = kjt.offset_per_key()
+        keys, rows = [], []
+        for i in range(num_features):
+            ids = values[offsets[i]:offsets[i + 1]]
+            if not self.blocked[i]:
+                keys.append(torch.full_like(ids, self.key_offsets[i]))
+                rows.append(ids)
+                continue
+            bounds = getattr(self, f"bounds_{i}")
+            rank = getattr(self, f"rank_{i}")[ids].to(torch.int64) if self.remapped[i] else ids
+            block = torch.searchsorted(bounds, rank, right=True) - 1
+            keys.append(block + self.key_offsets[i])
+            rows.append(rank - bounds[block])
+        # every id's bag is (storage key, sample); a stable sort groups them as the storage KJT wants
+        sample = torch.repeat_interleave(
+            torch.arange(num_features * stride, device=values.device) % stride, kjt.lengths(),
+            output_size=values.numel(),
+        )
+        bag = torch.cat(keys) * stride + sample
+        bag_sorted, perm = torch.sort(bag, stable=True)
+        lengths = torch.bincount(bag_sorted, minlength=len(self.storage_keys) * stride)
+        return KeyedJaggedTensor(
+            keys=self.storage_keys,
+            values=torch.cat(rows)[perm],
+            weights=None if weights is None else weights[perm],
+            lengths=lengths,
+            stride=stride,
+        )
+
+    def extra_repr(self) -> str:
+        return f"blocked={sum(self.blocked)}/{len(self.blocked)}, remapped={sum(self.remapped)}"
+
+
+@register_method(MixedDimConfig)
+class MixedDimEmbeddingBagCollection(EmbeddingModule):
+    """Mixed-dimension embedding tables with learned projections (Ginart et al., 2021).
+
+    Storage is one TorchRec ``EmbeddingBagCollection`` with a table per (feature, block), sum-pooled;
+    the projections ``projections[key]`` (``d x D``, trained by the dense optimizer) are applied to the
+    pooled block sums (pooling is linear, so this equals projecting each row first). Mean pooling
+    divides the sum over all blocks by the bag's total id count.
+
+    Args:
+        features, config: the features and a sized :class:`MixedDimConfig`.
+        **kwargs: ``pooling``, ``is_weighted``, ``out_of_range``, ``device`` (see
+            :class:`embtable.EmbeddingModule`).
+
+    Example:
+        >>> import embtable
+        >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
+        >>> m = embtable.build(feats, MixedDimConfig(alpha=0.3, num_blocks=3), budget="1/4", seed=0)
+        >>> m.config.block_dims
+        {'user': (16, 16, 3), 'country': (16,)}
+        >>> embtable.memory_report(m).inference_bytes <= embtable.Budget(fraction=1 / 4).resolve(feats)
+        True
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([5, 99_999, 42]),
+        ...                                           torch.tensor([2, 0, 1, 0]))
+        >>> m(kjt).values().shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, features: Sequence[FeatureSpec], config: MixedDimConfig, **kwargs) -> None:
+        super().__init__(features, config, **kwargs)
+        if config.block_dims is None:
+            config = self.size_config(self.features, config, None)
+            self.config = config
+        dims = _block_dims(self.features, config)
+        blocks = [popularity_blocks(f, config.num_blocks) if len(d) > 1 else None
+                  for f, d in zip(self.features, dims)]
+        tables: list[tuple[str, int, int, list[str]]] = []
+        self.feature_keys: list[list[str]] = []
+        self.projections = nn.ParameterDict()
+        for f, d, b in zip(self.features, dims, blocks):
+            keys = [f.name] if b is None else [f"{f.name}__block{j}" for j in range(len(d))]
+            rows = [f.num_embeddings] if b is None else list(b.rows)
+            for key, n, dim in zip(keys, rows, d):
+                tables.append((key, n, dim, [key]))
+                if dim < f.embedding_dim:
+                    self.projections[key] = nn.Parameter(torch.empty(dim, f.embedding_dim, device=self.device))
+            self.feature_keys.append(keys)
+        storage_keys = [t[0] for t in tables]
+        clash = sorted(set(storage_keys) & (set(self.feature_names) - {f.name for f, b in zip(self.features, blocks)
+                                                                       if b is None}))
+        if len(set(storage_keys)) != len(storage_keys) or clash:
+            raise ValueError(f"mixed_dim: block table names collide with feature names {clash}; rename the "
+                             "features so none ends in '__block<k>'")
+        self.block_dims = [tuple(d) for d in dims]
+        self.mapper = MixedDimIdMapper(self.features, blocks, storage_keys, self.device)
+        # per-block sums: the blocks of one bag are added (and divided by the bag size for mean) in pooled
+        self.storage = storage_collection(tables, Pooling.SUM, self._is_weighted, self.device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Projections start at ``U(-sqrt(3/d), sqrt(3/d))`` (variance ``1/d``), so a projected row keeps
+        the scale its stored row was initialised with."""
+        for p in self.projections.values():
+            bound = math.sqrt(3.0 / p.shape[0])
+            nn.init.uniform_(p, -bound, bound)
+
+    def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        pieces = self.storage(self.mapper(kjt)).to_dict()  # key -> [B, d_{f,b}]
+        out = []
+        for keys in self.feature_keys:
+            acc = None
+            for key in keys:
+                x = pieces[key] @ self.projections[key] if key in self.projections else pieces[key]  # [B, D]
+                acc = x if acc is None else acc + x
+            out.append(acc)
+        values = torch.cat(out, dim=1)  # [B, sum(D_f)]
+        if self.pooling is Pooling.MEAN:
+            sizes = kjt.lengths().view(len(self.features), -1).clamp(min=1).to(values.dtype)  # [F, B]
+            divisor = torch.repeat_interleave(sizes.t(), torch.tensor(self.embedding_dims, device=values.device),
+                                              dim=1, output_size=values.shape[1])
+            values = values / divisor
+        return values
+
+    @classmethod
+    def size_config(cls, features, config, budget_bytes):
+        if config.block_dims is not None:
+            return config
+        if budget_bytes is None:
+            if config.alpha is None:
+                raise ValueError(
+                    "mixed_dim: give a byte budget (build(features, MixedDimConfig(), budget=...)), or alpha "
+                    "(MixedDimConfig(alpha=0.3): the most popular block keeps the base dim), or block_dims"
+                )
+            dims = power_rule_dims(features, config.alpha, num_blocks=config.num_blocks,
+                                   dim_multiple=config.dim_multiple)
+            return dataclasses.replace(config, block_dims=dims)
+        dims, alpha = solve_block_dims(features, budget_bytes, alpha=config.alpha, num_blocks=config.num_blocks,
+                                       dim_multiple=config.dim_multiple)
+        return dataclasses.replace(config, alpha=alpha, block_dims=dims)
+
+    @classmethod
+    def describe(cls, features, config):
+        if config.block_dims is None:
+            config = cls.size_config(features, config, None)
+        plans = []
+        for f, d in zip(features, _block_dims(features, config)):
+            blocks = popularity_blocks(f, config.num_blocks) if len(d) > 1 else None
+            nbytes = mixed_dim_bytes(f, blocks, d)
+            if blocks is None:
+                detail = "full" if d[0] == f.embedding_dim else f"dim {d[0]} -> {f.embedding_dim}"
+            else:
+                detail = (f"dims {'/'.join(map(str, d))} over rows {'/'.join(f'{r:,}' for r in blocks.rows)}"
+                          + (" + id remap" if blocks.remap else ""))
+            plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, max(d), nbytes,
+                                     d != (f.embedding_dim,), detail))
+        return plans, {}
