@@ -214,6 +214,40 @@ def test_hash_rows_start_as_the_mean_of_their_ids():
     assert random.tables[0].init == "random"
 
 
+def _table_model(weight: torch.Tensor) -> nn.Module:
+    model = nn.Sequential(nn.Embedding(*weight.shape))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    return model
+
+
+@pytest.mark.parametrize("combiner", ["multiply", "add", "concat"])
+def test_qr_partitions_fit_a_trained_table_of_their_form(combiner):
+    """A trained table that IS a QR table (rows a[id % m] (op) b[id // m]) is recovered exactly."""
+    gen = torch.Generator().manual_seed(0)
+    m, n = 50, 1000
+    a, b = torch.rand(m, 4, generator=gen) + 0.5, torch.rand(n // m, 4, generator=gen) + 0.5
+    ids = torch.arange(n)
+    r, q = a[ids % m], b[ids // m]
+    weight = {"multiply": r * q, "add": r + q, "concat": torch.cat([r[:, :2], q[:, 2:]], 1)}[combiner]
+    config = embtable.QRConfig(num_collisions=m, combiner=combiner)
+    fitted, report = compress(_table_model(weight), None, config, seed=0)
+    assert "fitted to the trained rows" in report.tables[0].init
+    assert torch.allclose(fitted[0](ids), weight, atol=1e-4)
+    random, _ = compress(_table_model(weight), None, config, seed=0, init_from_weights=False)
+    assert not torch.allclose(random[0](ids), weight, atol=1e-1)
+
+
+def test_low_rank_starts_from_the_svd_of_the_trained_table():
+    if "low_rank" not in embtable.registered_methods():
+        pytest.skip("low_rank is not registered")
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 2, generator=gen) @ torch.randn(2, 8, generator=gen)  # rank 2
+    fitted, report = compress(_table_model(weight), None, embtable.config_class("low_rank")(rank=2))
+    assert report.tables[0].init.startswith("truncated SVD")
+    assert torch.allclose(fitted[0](torch.arange(500)), weight, atol=1e-4)
+
+
 # ----- planning: dry run, exclude, budget errors -----
 def test_dry_run_plans_without_touching_the_model():
     model = DeepFMStyle()
