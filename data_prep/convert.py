@@ -1,0 +1,415 @@
+"""Raw Criteo (Kaggle ``train.txt`` or 1TB ``day_*``) and Avazu files -> a dataset directory.
+
+Passes, each resumable (a killed run continues where it stopped, and ends with the same manifest):
+
+0. plan: cut every input into newline-aligned chunks and count lines (kept in ``_work/plan.json``);
+1. parse the chunks on both cores: malformed lines are skipped and recorded with their line numbers,
+   dense values transformed, categorical values turned into keys, each row assigned to its split;
+   training-split key counts are recorded per chunk;
+2. vocabularies from the training counts (``min_count``; id 0 is the out-of-vocabulary id);
+3. map keys to ids on both cores and write the parquet shards;
+4. ``counts.npz`` and ``meta.json`` (manifest: shards with row counts and sha256, malformed rows).
+
+Protocols (never mixed; recorded in ``meta.json``):
+
+- ``"dlrm"``: Kaggle: rows cut into 7 equal consecutive days, days 1-6 train, day 7 halved into
+  validation and test. 1TB (several day files): all files but the last train, the last halved.
+  All training ids are kept (``min_count=1``) unless told otherwise.
+- ``"random"``: rows assigned 8:1:1 by a seeded hash of their position; ``min_count=10``.
+
+Dense features (Criteo): missing -> 0, negatives -> 0, ``log(x + 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+from .jobs import Workers, check_or_claim
+from .meta import SPLITS, atomic_write_json
+from .schema import DENSE_TRANSFORM, FORMAT_VERSION, LABEL
+from .shards import (
+    arrays_to_entries,
+    entries_to_arrays,
+    read_record,
+    write_counts,
+    write_record,
+    write_split_shards,
+)
+from .splits import SPLIT_CODES, dlrm_split, random_split
+from .textparse import (
+    AVAZU,
+    CRITEO,
+    MALFORMED_KINDS,
+    TextFormat,
+    count_lines,
+    is_gzip,
+    iter_chunks,
+    parse_chunk,
+    read_header,
+)
+from .vocab import KeyCounter, build_vocab, map_keys
+
+__all__ = ["convert_criteo", "convert_avazu", "MAX_LISTED_MALFORMED"]
+
+#: At most this many malformed rows are listed one by one in ``meta.json`` (all are counted by kind).
+MAX_LISTED_MALFORMED = 10_000
+_FORMATS = {"criteo": CRITEO, "avazu": AVAZU}
+_DEFAULT_MIN_COUNT = {"dlrm": 1, "random": 10}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything that determines a conversion's output (hashed into the fingerprint)."""
+
+    fmt: str
+    inputs: tuple[str, ...]
+    sizes: tuple[int, ...]
+    layout: str  # "kaggle" (one stream of consecutive days) or "1tb" (one file per day)
+    protocol: str
+    min_count: int
+    seed: int
+    days: int
+    chunk_bytes: int
+    strict: bool
+
+    def fingerprint(self) -> str:
+        blob = json.dumps([dataclasses.asdict(self), FORMAT_VERSION], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def convert_criteo(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    protocol: str = "dlrm",
+    min_count: int | None = None,
+    strict: bool = False,
+    layout: str = "auto",
+    seed: int = 0,
+    days: int = 7,
+    workers: int = 2,
+    chunk_bytes: int = 32 << 20,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Convert Criteo text files (Kaggle ``train.txt`` or 1TB ``day_0 .. day_23``, gzip or plain).
+
+    Args:
+        inputs: one file (Kaggle) or the day files in order (1TB).
+        out_dir: the dataset directory to write (resumes an interrupted run of the same job).
+        protocol: ``"dlrm"`` (consecutive days) or ``"random"`` (8:1:1 by seeded hash).
+        min_count: ids seen fewer times in training become the OOV id 0 (default 1 for dlrm, 10 for random).
+        strict: stop at the first malformed row with a :class:`MalformedRowError` naming file and line.
+        layout: ``"kaggle"`` (the inputs are one stream, cut into ``days`` days), ``"1tb"`` (one file per
+            day) or ``"auto"`` (1tb when several files are given).
+        seed: seed of the random split.
+        days: days of the Kaggle layout under the dlrm protocol.
+        workers: processes parsing in parallel (1 = in this process).
+        chunk_bytes: text bytes per chunk (one parquet shard per chunk and split).
+        progress: tqdm progress bars.
+
+    Example:
+        >>> # convert_criteo("train.txt", "data/criteo_kaggle")          # DLRM protocol
+        >>> # convert_criteo("train.txt", "data/criteo_x1", protocol="random")
+    """
+    paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    if not paths:
+        raise ValueError("convert_criteo needs at least one input file")
+    if layout == "auto":
+        layout = "1tb" if len(paths) > 1 else "kaggle"
+    if layout not in ("kaggle", "1tb"):
+        raise ValueError(f"layout must be 'auto', 'kaggle' or '1tb', got {layout!r}")
+    if layout == "1tb" and len(paths) < 2 and protocol == "dlrm":
+        raise ValueError("the 1TB dlrm protocol needs several day files (all but the last train); "
+                         "pass them all, or use layout='kaggle'")
+    source = "criteo-1tb" if layout == "1tb" else "criteo-kaggle"
+    return _convert("criteo", paths, out_dir, layout=layout, protocol=protocol, min_count=min_count,
+                    strict=strict, seed=seed, days=days, workers=workers, chunk_bytes=chunk_bytes,
+                    progress=progress, source=source)
+
+
+def convert_avazu(
+    input: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    protocol: str = "random",
+    min_count: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    days: int = 7,
+    workers: int = 2,
+    chunk_bytes: int = 32 << 20,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Convert the Avazu ``train`` CSV (header ``id,click,hour,...``; gzip or plain).
+
+    ``hour`` (YYMMDDHH) becomes the categorical features ``hour_of_day`` and ``weekday``; ``id`` is
+    dropped; the 21 other fields are categorical (any string). No dense features. ``protocol="dlrm"``
+    here means consecutive equal blocks of rows (the file is in time order). Other arguments as in
+    :func:`convert_criteo`.
+    """
+    return _convert("avazu", [input], out_dir, layout="kaggle", protocol=protocol, min_count=min_count,
+                    strict=strict, seed=seed, days=days, workers=workers, chunk_bytes=chunk_bytes,
+                    progress=progress, source="avazu")
+
+
+def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str, min_count: int | None,
+             strict: bool, seed: int, days: int, workers: int, chunk_bytes: int, progress: bool,
+             source: str) -> pathlib.Path:
+
+    if protocol not in _DEFAULT_MIN_COUNT:
+        raise ValueError(f"protocol must be 'dlrm' or 'random', got {protocol!r}")
+    min_count = _DEFAULT_MIN_COUNT[protocol] if min_count is None else int(min_count)
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    files = []
+    for p in paths:
+        p = pathlib.Path(p).resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {p} does not exist")
+        files.append(p)
+    if layout == "1tb":
+        files = _sort_days(files)
+    fmt = _FORMATS[fmt_name]
+    job = _Job(fmt=fmt_name, inputs=tuple(map(str, files)), sizes=tuple(f.stat().st_size for f in files),
+               layout=layout, protocol=protocol, min_count=min_count, seed=seed, days=days,
+               chunk_bytes=chunk_bytes, strict=strict)
+    out = pathlib.Path(out_dir)
+    fp = job.fingerprint()
+    if check_or_claim(out, fp, f"convert-{fmt_name}"):
+        return out
+    work = out / "_work"
+    plan = _plan(job, fmt, work, progress)
+    total_lines = [sum(c["n_lines"] for c in plan if c["file_idx"] == i) for i in range(len(files))]
+    line_offset = np.concatenate([[0], np.cumsum(total_lines)]).astype(np.int64).tolist()
+    split_info = {"protocol": protocol, "layout": layout, "days": days, "seed": seed,
+                  "total_lines": total_lines, "line_offset": line_offset, "num_files": len(files)}
+
+    # ---- pass 1: parse -------------------------------------------------------------------------------
+    todo = [c for c in plan if not (work / f"p1-{c['chunk']:05d}.npz").is_file()]
+
+    def pass1_jobs():
+        by_file: dict[int, list[dict]] = {}
+        for c in todo:
+            by_file.setdefault(c["file_idx"], []).append(c)
+        for i, chunks in sorted(by_file.items()):
+            wanted = {c["offset"]: c for c in chunks}
+            base = {"fmt": fmt_name, "file": str(files[i]), "out": str(out), "strict": strict, "split": split_info}
+            if not is_gzip(files[i]):
+                for c in chunks:
+                    yield {**base, **c, "data": None}
+                continue
+            for offset, data in iter_chunks(files[i], chunk_bytes, skip_header=fmt.header):
+                if offset in wanted:
+                    yield {**base, **wanted[offset], "data": data}
+
+    with Workers(workers) as pool:
+        _run_passes(pool, todo, pass1_jobs(), plan, work, out, fmt, fmt_name, min_count, progress)
+    _finish(out, fp, fmt, job, plan, files, source)
+    return out
+
+
+def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_count, progress) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=sum(c["nbytes"] for c in todo), unit="B", unit_scale=True, desc="parse",
+              disable=not progress) as bar:
+        pool.run(_pass1, pass1_jobs, bar, parallel=len(todo) > 1)
+
+    # ---- pass 2: vocabularies ------------------------------------------------------------------------
+    vocab_file = work / "vocab.npz"
+    if not vocab_file.is_file():
+        counters = [KeyCounter() for _ in fmt.feature_names]
+        for c in tqdm(plan, desc="vocabulary", disable=not progress):
+            rec = read_record(work / f"p1-{c['chunk']:05d}.npz")
+            for f, counter in enumerate(counters):
+                counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
+        arrays = {}
+        for f, counter in enumerate(counters):
+            v = build_vocab(*counter.result(), min_count)
+            for k, a in v.items():
+                arrays[f"{k}_{f}"] = a
+        write_record(vocab_file, **arrays)
+
+    # ---- pass 3: ids and shards ----------------------------------------------------------------------
+    todo3 = [c for c in plan if not (work / f"p2-{c['chunk']:05d}.npz").is_file()]
+    jobs3 = [{"chunk": c["chunk"], "out": str(out), "fmt": fmt_name} for c in todo3]
+    with tqdm(total=len(jobs3), unit="chunk", desc="write", disable=not progress) as bar:
+        pool.run(_pass2, jobs3, bar, parallel=len(jobs3) > 1)
+
+
+def _sort_days(files: list[pathlib.Path]) -> list[pathlib.Path]:
+    nums = [re.search(r"day_(\d+)", f.name) for f in files]
+    if all(nums):
+        return [f for _, f in sorted(zip([int(m.group(1)) for m in nums], files))]
+    return files
+
+
+def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool) -> list[dict]:
+    """Chunks of all inputs: file index, offset, bytes, first line number, number of lines."""
+    from tqdm.auto import tqdm
+
+    plan_file = work / "plan.json"
+    if plan_file.is_file():
+        return json.loads(plan_file.read_text())
+    plan = []
+    for i, path in enumerate(job.inputs):
+        if fmt.header:
+            header = read_header(path)
+            got = [h.strip() for h in header.split(fmt.delimiter)]
+            if got != list(fmt.columns):
+                raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header {list(fmt.columns)[:5]}...")
+        line = 2 if fmt.header else 1
+        with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"scan {pathlib.Path(path).name}",
+                  disable=not progress) as bar:
+            for offset, data in iter_chunks(path, job.chunk_bytes, skip_header=fmt.header):
+                n = count_lines(data)
+                plan.append({"chunk": len(plan), "file_idx": i, "offset": offset, "nbytes": len(data),
+                             "first_line": line, "n_lines": n})
+                line += n
+                bar.update(len(data))
+    atomic_write_json(plan_file, plan)
+    return plan
+
+
+def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: dict) -> np.ndarray:
+    """Split code per row from its file and 1-based line number (see the module docstring)."""
+    pos_in_file = lines - first_data_line
+    if split["protocol"] == "random":
+        return random_split(split["line_offset"][file_idx] + pos_in_file, split["seed"])
+    if split["layout"] == "1tb":
+        if file_idx < split["num_files"] - 1:
+            return np.zeros(len(lines), dtype=np.int8)
+        return np.where(pos_in_file < split["total_lines"][file_idx] // 2, 1, 2).astype(np.int8)
+    total = split["line_offset"][-1]
+    return dlrm_split(split["line_offset"][file_idx] + pos_in_file, total, split["days"])
+
+
+def _pass1(job: dict) -> int:
+    """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns the chunk's bytes."""
+    fmt = _FORMATS[job["fmt"]]
+    out = pathlib.Path(job["out"])
+    data = job["data"]
+    if data is None:
+        with open(job["file"], "rb") as f:
+            f.seek(job["offset"])
+            data = f.read(job["nbytes"])
+    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"])
+    first_data_line = 2 if fmt.header else 1
+    codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
+    chunk = job["chunk"]
+    write_record(out / "_work" / f"raw-{chunk:05d}.npz", labels=parsed.labels, dense=parsed.dense,
+                 keys=parsed.keys, split=codes)
+    rec: dict[str, np.ndarray] = {
+        "bad_lines": parsed.bad_lines, "bad_kinds": parsed.bad_kinds,
+        "rows": np.array([(codes == i).sum() for i in range(3)], dtype=np.int64),
+        "positives": np.array([parsed.labels[codes == i].sum(dtype=np.int64) for i in range(3)], dtype=np.int64),
+    }
+    train = parsed.keys[codes == SPLIT_CODES["train"]]
+    for f in range(train.shape[1]):
+        k, v = np.unique(train[:, f], return_counts=True)
+        rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = k, v.astype(np.int64)
+    write_record(out / "_work" / f"p1-{chunk:05d}.npz", **rec)
+    return job["nbytes"]
+
+
+_VOCAB_CACHE: dict[str, list[dict[str, np.ndarray]]] = {}
+
+
+def _load_vocab(path: pathlib.Path, num_features: int) -> list[dict[str, np.ndarray]]:
+    key = f"{path}:{path.stat().st_mtime_ns}"
+    if key not in _VOCAB_CACHE:
+        _VOCAB_CACHE.clear()
+        rec = read_record(path)
+        _VOCAB_CACHE[key] = [{k: rec[f"{k}_{f}"] for k in ("sorted_keys", "sorted_ids", "counts")}
+                             for f in range(num_features)]
+    return _VOCAB_CACHE[key]
+
+
+def _pass2(job: dict) -> int:
+    """Map one chunk's keys to ids and write its shards; record them; drop the raw rows."""
+    fmt = _FORMATS[job["fmt"]]
+    out = pathlib.Path(job["out"])
+    chunk = job["chunk"]
+    vocab = _load_vocab(out / "_work" / "vocab.npz", len(fmt.feature_names))
+    raw_file = out / "_work" / f"raw-{chunk:05d}.npz"
+    raw = read_record(raw_file)
+    keys = raw["keys"]
+    ids = np.empty_like(keys)
+    for f in range(keys.shape[1]):
+        ids[:, f] = map_keys(vocab[f], keys[:, f])
+    entries = write_split_shards(out, chunk, raw["split"], raw["labels"], raw["dense"], ids,
+                                 fmt.dense, fmt.feature_names)
+    write_record(out / "_work" / f"p2-{chunk:05d}.npz", **entries_to_arrays(entries))
+    raw_file.unlink()
+    return 1
+
+
+def _finish(out: pathlib.Path, fp: str, fmt: TextFormat, job: _Job, plan: list[dict], files: list,
+            source: str) -> None:
+    work = out / "_work"
+    rows = np.zeros(3, dtype=np.int64)
+    positives = np.zeros(3, dtype=np.int64)
+    by_kind = dict.fromkeys(MALFORMED_KINDS, 0)
+    listed: list[dict] = []
+    n_bad = 0
+    entries: list[dict] = []
+    for c in plan:
+        rec = read_record(work / f"p1-{c['chunk']:05d}.npz")
+        rows += rec["rows"]
+        positives += rec["positives"]
+        for line, kind in zip(rec["bad_lines"].tolist(), rec["bad_kinds"].tolist()):
+            by_kind[MALFORMED_KINDS[kind]] += 1
+            n_bad += 1
+            if len(listed) < MAX_LISTED_MALFORMED:
+                listed.append({"file": files[c["file_idx"]].name, "line": line, "kind": MALFORMED_KINDS[kind]})
+        entries += arrays_to_entries(read_record(work / f"p2-{c['chunk']:05d}.npz"))
+    vocab = _load_vocab(work / "vocab.npz", len(fmt.feature_names))
+    counts = {name: vocab[f]["counts"] for f, name in enumerate(fmt.feature_names)}
+    write_counts(out, counts)
+    split_rows = {s: int(rows[i]) for i, s in enumerate(SPLITS)}
+    if job.protocol == "dlrm":
+        desc = (f"{job.layout}: all day files but the last train, the last halved into valid and test"
+                if job.layout == "1tb" else
+                f"lines cut into {job.days} equal consecutive days; first {job.days - 1} train, "
+                "the last halved into valid (first half) and test")
+    else:
+        desc = f"each line assigned 8:1:1 (train/valid/test) by a hash of its position with seed {job.seed}"
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "fingerprint": fp,
+        "label": LABEL,
+        "dense_features": list(fmt.dense),
+        "categorical_features": list(fmt.feature_names),
+        "num_embeddings": {name: int(len(counts[name])) for name in fmt.feature_names},
+        "oov_id": 0,
+        "min_count": job.min_count,
+        "protocol": job.protocol,
+        "split": {"protocol": job.protocol, "layout": job.layout, "days": job.days, "seed": job.seed,
+                  "description": desc},
+        "split_rows": split_rows,
+        "positive_rate": {s: float(positives[i] / rows[i]) if rows[i] else 0.0 for i, s in enumerate(SPLITS)},
+        "bayes_auc": None,
+        "dense_transform": DENSE_TRANSFORM if fmt.dense else None,
+        "counts_file": "counts.npz",
+        "inputs": [{"file": str(f), "bytes": s} for f, s in zip(job.inputs, job.sizes)],
+        "vocabulary": {"min_count": job.min_count, "oov_id": 0, "fitted_on": "train",
+                       "order": "id 0 = out of vocabulary; ids 1.. by decreasing training count",
+                       "missing_value": "an empty field is a value of its own"},
+        "manifest": {
+            "shards": entries,
+            "malformed": {"count": n_bad, "by_kind": {k: v for k, v in by_kind.items() if v},
+                          "rows": listed, "truncated": n_bad > len(listed)},
+        },
+    }
+    atomic_write_json(out / "meta.json", meta)
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""Running chunk jobs on both cores, and claiming an output directory for one job (resume safety)."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Iterable
+
+__all__ = ["Workers", "run_ordered", "check_or_claim"]
+
+
+class Workers:
+    """A lazily started pool of ``workers`` spawned processes, reused by several :meth:`run` calls.
+
+    With ``workers <= 1`` jobs run in this process. Use as a context manager.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = int(workers)
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            self._pool = None
+
+    def run(self, fn: Callable, jobs: Iterable, bar=None, parallel: bool = True) -> None:
+        """Run ``fn(job)`` for every job, ``bar.update(result)`` after each, results taken in job order.
+
+        At most ``2 * workers`` jobs are in flight, so a lazy ``jobs`` iterator carrying data keeps
+        memory bounded; errors surface in job order (in strict mode the first malformed row of the
+        file is the one reported).
+        """
+        if self.workers <= 1 or not parallel:
+            for job in jobs:
+                r = fn(job)
+                if bar is not None:
+                    bar.update(r)
+            return
+        if self._pool is None:
+            ctx = multiprocessing.get_context(_start_method())
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        window: collections.deque = collections.deque()
+        try:
+            for job in jobs:
+                window.append(self._pool.submit(fn, job))
+                if len(window) >= 2 * self.workers:
+                    r = window.popleft().result()
+                    if bar is not None:
+                        bar.update(r)
+            while window:
+                r = window.popleft().result()
+                if bar is not None:
+                    bar.update(r)
+        except BaseException:
+            for fut in window:
+                fut.cancel()
+            raise
+
+
+def run_ordered(fn: Callable, jobs: Iterable, workers: int, bar=None) -> None:
+    """``Workers(workers).run(fn, jobs, bar)`` with a pool of its own."""
+    with Workers(workers) as pool:
+        pool.run(fn, jobs, bar)
+
+
+def _start_method() -> str:
+    """``spawn`` (safe beside threads) unless ``__main__`` cannot be re-imported (REPL, stdin): ``fork``."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return "spawn" if path and os.path.exists(path) else "fork"
+
+
+def check_or_claim(out_dir: pathlib.Path, fingerprint: str, what: str) -> bool:
+    """True if ``out_dir`` already holds this finished dataset; raise if it holds another one.
+
+    Otherwise marks ``out_dir/_work`` as belonging to ``fingerprint`` (a rerun of the same job resumes,
+    a different job in the same directory is refused) and returns False.
+    """
+    meta = out_dir / "meta.json"
+    if meta.is_file():
+        got = json.loads(meta.read_text()).get("fingerprint")
+        if got == fingerprint:
+            return True
+        raise FileExistsError(
+            f"{out_dir} already holds a different dataset (fingerprint {got}, this {what} job is {fingerprint}); "
+            "choose another output directory or delete it"
+        )
+    work = out_dir / "_work" / "fingerprint.txt"
+    if work.is_file() and work.read_text().strip() != fingerprint:
+        raise FileExistsError(
+            f"{out_dir} holds an unfinished run of a different job ({work.read_text().strip()}, this {what} "
+            f"job is {fingerprint}); delete the directory or choose another"
+        )
+    work.parent.mkdir(parents=True, exist_ok=True)
+    if not work.is_file():
+        work.write_text(fingerprint + "\n")
+    return False

@@ -1,0 +1,157 @@
+"""The metadata of a dataset directory, and small file helpers (atomic writes, checksums).
+
+A dataset directory looks like::
+
+    out_dir/
+      meta.json              schema, cardinalities, split, transform, manifest (shards + malformed rows)
+      counts.npz             training-split id frequencies, one int64 array per categorical feature
+      train/part-00000.parquet ...   label (int8), dense (float32), categorical ids (int64, 0..n-1)
+      valid/part-00000.parquet ...
+      test/part-00000.parquet ...
+
+Everything is readable with plain pandas / pyarrow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from embtable.features import FeatureSpec
+
+__all__ = ["DatasetMeta", "load_meta", "atomic_write_bytes", "atomic_write_json", "sha256_file", "SPLITS"]
+
+#: The splits every dataset has, in this order.
+SPLITS = ("train", "valid", "test")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+    """What a dataset directory holds (parsed ``meta.json``).
+
+    Args:
+        path: the dataset directory.
+        num_dense: number of dense (float) features, columns ``dense_features``.
+        dense_features: dense column names in order.
+        categorical_features: categorical column names in order (the KJT keys).
+        num_embeddings: per categorical feature, the number of ids (valid ids ``0 .. n-1``).
+        protocol: ``"dlrm"`` (consecutive days) or ``"random"`` (8:1:1), see ``split``.
+        split_rows: rows per split (``"train"``, ``"valid"``, ``"test"``).
+        positive_rate: fraction of positive labels per split.
+        bayes_auc: per split, the AUC of the generator's true click probabilities (``None`` for real data).
+        source: where the data came from (``"generator:demo"``, ``"criteo-kaggle"``, ``"avazu"`` ...).
+        oov_id: the id unknown / rare values map to (``None`` when the data has no vocabulary, e.g.
+            generated data written directly).
+        raw: the whole ``meta.json`` dict (split definition, dense transform, manifest, config).
+    """
+
+    path: pathlib.Path
+    num_dense: int
+    dense_features: list[str]
+    categorical_features: list[str]
+    num_embeddings: dict[str, int]
+    protocol: str
+    split_rows: dict[str, int]
+    positive_rate: dict[str, float]
+    bayes_auc: dict[str, float] | None
+    source: str
+    oov_id: int | None
+    raw: dict = dataclasses.field(repr=False)
+
+    @property
+    def label(self) -> str:
+        """Name of the label column."""
+        return self.raw["label"]
+
+    def shards(self, split: str) -> list[pathlib.Path]:
+        """Parquet files of ``split``, in manifest order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return [self.path / s["path"] for s in self.raw["manifest"]["shards"] if s["split"] == split]
+
+    def shard_rows(self, split: str) -> list[int]:
+        """Row counts of :meth:`shards` (same order)."""
+        return [s["rows"] for s in self.raw["manifest"]["shards"] if s["split"] == split]
+
+    def counts(self) -> dict[str, np.ndarray]:
+        """Training-split id frequencies: ``counts[name][i]`` = occurrences of id ``i`` (int64, shape ``[n]``)."""
+        with np.load(self.path / self.raw["counts_file"]) as z:
+            return {name: z[name].astype(np.int64, copy=False) for name in self.categorical_features}
+
+    def feature_specs(self, embedding_dim: int, with_counts: bool = True) -> list[FeatureSpec]:
+        """One :class:`FeatureSpec` per categorical feature, in order, optionally with training counts.
+
+        Example:
+            >>> # specs = load_meta("data/demo").feature_specs(16)
+            >>> # specs[2].name, specs[2].num_embeddings, specs[2].counts.sum()
+        """
+        from embtable.features import FeatureSpec  # lazy: embtable imports torch, workers need not
+
+        counts = self.counts() if with_counts else {}
+        return [
+            FeatureSpec(name, self.num_embeddings[name], embedding_dim, counts.get(name))
+            for name in self.categorical_features
+        ]
+
+
+def load_meta(path: str | os.PathLike) -> DatasetMeta:
+    """Read ``meta.json`` of a dataset directory written by ``generate_dataset`` / ``convert_*``."""
+    path = pathlib.Path(path)
+    file = path / "meta.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found: {path} is not a finished dataset directory "
+            "(create one with `python -m data_prep generate --preset demo --out DIR` or convert-criteo)"
+        )
+    raw = json.loads(file.read_text())
+    return DatasetMeta(
+        path=path,
+        num_dense=len(raw["dense_features"]),
+        dense_features=list(raw["dense_features"]),
+        categorical_features=list(raw["categorical_features"]),
+        num_embeddings={k: int(v) for k, v in raw["num_embeddings"].items()},
+        protocol=raw["protocol"],
+        split_rows={k: int(v) for k, v in raw["split_rows"].items()},
+        positive_rate={k: float(v) for k, v in raw["positive_rate"].items()},
+        bayes_auc=None if raw.get("bayes_auc") is None else {k: float(v) for k, v in raw["bayes_auc"].items()},
+        source=raw["source"],
+        oov_id=raw.get("oov_id"),
+        raw=raw,
+    )

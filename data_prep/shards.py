@@ -1,0 +1,128 @@
+"""Writing parquet shards atomically, and the per-chunk "done" records that make runs resumable.
+
+A long job (conversion, generation) is cut into numbered chunks. Chunk ``c`` writes its shards
+(``{split}/part-{c:05d}.parquet``) and then, last, a small record ``_work/chunk-{c:05d}.npz`` with the
+shard row counts and checksums plus whatever statistics the job merges at the end. A rerun skips every
+chunk whose record exists, so a killed run continues where it stopped and ends with the same manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .meta import SPLITS, sha256_file
+from .schema import LABEL
+
+__all__ = ["write_counts", "write_shard", "shard_path", "record_path", "write_record", "read_record", "make_table"]
+
+
+def shard_path(split: str, chunk: int) -> str:
+    """Relative path of chunk ``chunk``'s shard of ``split``."""
+    return f"{split}/part-{chunk:05d}.parquet"
+
+
+def record_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:
+    return out_dir / "_work" / f"chunk-{chunk:05d}.npz"
+
+
+def make_table(
+    labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, dense_names: Sequence[str], cat_names: Sequence[str]
+) -> pa.Table:
+    """Arrow table with columns ``label`` (int8), dense (float32) and categorical ids (int64).
+
+    Shape:
+        labels ``[N]``, dense ``[N, num_dense]``, ids ``[N, num_categorical]``.
+    """
+    cols = [pa.array(np.asarray(labels, dtype=np.int8))]
+    cols += [pa.array(np.ascontiguousarray(dense[:, j], dtype=np.float32)) for j in range(len(dense_names))]
+    cols += [pa.array(np.ascontiguousarray(ids[:, j], dtype=np.int64)) for j in range(len(cat_names))]
+    return pa.Table.from_arrays(cols, names=[LABEL, *dense_names, *cat_names])
+
+
+def write_shard(out_dir: pathlib.Path, rel: str, table: pa.Table) -> dict:
+    """Write ``table`` to ``out_dir/rel`` atomically; return its manifest entry (path, rows, sha256)."""
+    path = out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        # Dictionary pages help the small fields; statistics let readers skip nothing here, keep them off.
+        pq.write_table(table, tmp, compression="snappy", write_statistics=False)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"path": rel, "split": rel.split("/")[0], "rows": table.num_rows, "sha256": digest}
+
+
+def write_split_shards(
+    out_dir: pathlib.Path,
+    chunk: int,
+    split_codes: np.ndarray,
+    labels: np.ndarray,
+    dense: np.ndarray,
+    ids: np.ndarray,
+    dense_names: Sequence[str],
+    cat_names: Sequence[str],
+) -> list[dict]:
+    """Write chunk ``chunk``'s rows into one shard per split present; return the manifest entries."""
+    entries = []
+    for code, split in enumerate(SPLITS):
+        sel = split_codes == code
+        if not sel.any():
+            continue
+        if sel.all():
+            table = make_table(labels, dense, ids, dense_names, cat_names)
+        else:
+            table = make_table(labels[sel], dense[sel], ids[sel], dense_names, cat_names)
+        entries.append(write_shard(out_dir, shard_path(split, chunk), table))
+    return entries
+
+
+def write_record(path: pathlib.Path, **arrays: np.ndarray) -> None:
+    """Atomically write a chunk's done-record (an uncompressed npz)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_record(path: pathlib.Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def entries_to_arrays(entries: list[dict]) -> dict[str, np.ndarray]:
+    """Manifest entries as npz-storable arrays (for the done-record)."""
+    return {
+        "shard_paths": np.array([e["path"] for e in entries], dtype=np.str_),
+        "shard_rows": np.array([e["rows"] for e in entries], dtype=np.int64),
+        "shard_sha256": np.array([e["sha256"] for e in entries], dtype=np.str_),
+    }
+
+
+def arrays_to_entries(rec: dict[str, np.ndarray]) -> list[dict]:
+    return [
+        {"path": str(p), "split": str(p).split("/")[0], "rows": int(r), "sha256": str(h)}
+        for p, r, h in zip(rec["shard_paths"], rec["shard_rows"], rec["shard_sha256"])
+    ]
+
+
+def write_counts(out: pathlib.Path, counts: dict[str, np.ndarray]) -> None:
+    """Atomically write ``counts.npz``: one int64 array of training id frequencies per feature."""
+    write_record(out / "counts.npz", **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()})

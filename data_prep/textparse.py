@@ -1,0 +1,404 @@
+"""Streaming the raw text formats in newline-aligned chunks, and parsing one chunk fast.
+
+A chunk is parsed in three steps, all vectorized:
+
+1. line structure with numpy on the raw bytes: blank lines, CR characters (CRLF line ends) and wrong
+   field counts are found per line and those lines are cut out;
+2. the remaining lines go to ``pyarrow.csv`` (typed read; on a conversion error, a string read and a
+   per-value check finds the offending rows);
+3. categorical values become int64 keys: hexadecimal Criteo values are decoded, arbitrary strings
+   (Avazu) are hashed (FNV-1a + SplitMix64); a missing value is the key :data:`MISSING_KEY`.
+
+Every rejected line keeps its 1-based line number in the file and a reason (:data:`MALFORMED_KINDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from .schema import AVAZU_CATEGORICAL, AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_DENSE
+from .splits import mix64
+
+__all__ = [
+    "TextFormat", "CRITEO", "AVAZU", "MALFORMED_KINDS", "MISSING_KEY", "MalformedRowError",
+    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk",
+]
+
+#: Key of a missing (empty) categorical value: it gets its own vocabulary entry like any value.
+MISSING_KEY = -1
+
+#: Reasons a line is rejected; the code stored per rejected line is the index in this tuple.
+MALFORMED_KINDS = (
+    "blank_line", "crlf", "field_count", "empty_label", "bad_label", "non_integer_dense",
+    "non_hex_category", "bad_hour",
+)
+_K = {k: i for i, k in enumerate(MALFORMED_KINDS)}
+
+
+class MalformedRowError(ValueError):
+    """A malformed row in strict mode: names the file, the 1-based line and what is wrong."""
+
+    def __init__(self, file: str, line: int, kind: str, detail: str = "") -> None:
+        self.file, self.line, self.kind = file, line, kind
+        msg = f"{file}:{line}: malformed row ({kind})"
+        super().__init__(msg + (f": {detail}" if detail else "") +
+                         "; run without strict=True to skip and count such rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFormat:
+    """Layout of a raw text format.
+
+    Args:
+        name: ``"criteo"`` or ``"avazu"``.
+        delimiter: field separator.
+        header: the first line is a header (checked against ``columns``).
+        columns: names of the file's columns in order.
+        label: the label column.
+        dense: integer feature columns (``log1p`` transformed).
+        categorical: categorical columns read as keys.
+        hex_categories: categorical values must be hexadecimal (Criteo); otherwise any string (hashed).
+        hour: Avazu's ``YYMMDDHH`` column, turned into the features hour_of_day and weekday.
+        feature_names: categorical feature names of the dataset, in order.
+    """
+
+    name: str
+    delimiter: str
+    header: bool
+    columns: tuple[str, ...]
+    label: str
+    dense: tuple[str, ...]
+    categorical: tuple[str, ...]
+    hex_categories: bool
+    hour: str | None
+    feature_names: tuple[str, ...]
+
+
+CRITEO = TextFormat(
+    name="criteo", delimiter="\t", header=False, columns=("label", *CRITEO_DENSE, *CRITEO_CATEGORICAL),
+    label="label", dense=tuple(CRITEO_DENSE), categorical=tuple(CRITEO_CATEGORICAL), hex_categories=True,
+    hour=None, feature_names=tuple(CRITEO_CATEGORICAL),
+)
+AVAZU = TextFormat(
+    name="avazu", delimiter=",", header=True, columns=tuple(AVAZU_COLUMNS), label="click", dense=(),
+    categorical=tuple(AVAZU_COLUMNS[3:]), hex_categories=False, hour="hour",
+    feature_names=tuple(AVAZU_CATEGORICAL),
+)
+
+
+def open_text(path: str | os.PathLike):
+    """Open a raw file for binary reading, gzip-decompressing when it starts with the gzip magic."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def iter_chunks(path: str | os.PathLike, chunk_bytes: int, skip_header: bool) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(offset, data)``: newline-aligned pieces of about ``chunk_bytes`` of the (decompressed) text.
+
+    ``offset`` is the position of ``data`` in the decompressed stream. The last piece may lack a final
+    newline. With ``skip_header`` the first line is left out (offsets still count it).
+    """
+    with open_text(path) as f:
+        offset = 0
+        carry = b""
+        if skip_header:
+            header = f.readline()
+            offset = len(header)
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            data = carry + block
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 1:]
+            yield offset, data[: cut + 1]
+            offset += cut + 1
+        if carry:
+            yield offset, carry
+
+
+def read_header(path: str | os.PathLike) -> str:
+    with open_text(path) as f:
+        return f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def count_lines(data: bytes) -> int:
+    """Physical lines in a chunk (a last line without newline counts)."""
+    n = data.count(b"\n")
+    return n + (1 if data and not data.endswith(b"\n") else 0)
+
+
+@dataclasses.dataclass
+class ParsedChunk:
+    """Valid rows of a chunk and the rejected lines.
+
+    Shape:
+        labels ``[N]`` int8, dense ``[N, num_dense]`` float32 (transformed), keys ``[N, F]`` int64,
+        lines ``[N]`` (1-based line numbers), bad_lines / bad_kinds ``[M]``.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    keys: np.ndarray
+    lines: np.ndarray
+    bad_lines: np.ndarray
+    bad_kinds: np.ndarray
+
+
+# ---- categorical keys ------------------------------------------------------------------------------
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_LUT[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_LUT[_c] = 10 + _i
+_NIBBLE_SHIFTS8 = np.arange(28, -1, -4, dtype=np.uint64)
+
+
+def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets ``[n+1]`` (int64) and the data bytes of a string array (nulls have length 0)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type == pa.large_string():
+        odt = np.int64
+    else:
+        arr = arr.cast(pa.string()) if arr.type != pa.string() else arr
+        odt = np.int32
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=odt, count=len(arr) + 1, offset=arr.offset * np.dtype(odt).itemsize)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets.astype(np.int64), data
+
+
+def _char_matrix(offsets: np.ndarray, data: np.ndarray, width: int, pad: int) -> np.ndarray:
+    """Right-aligned ``[n, width]`` byte matrix of the strings (left padding ``pad``)."""
+    lengths = np.diff(offsets)
+    cols = np.arange(width)[None, :]
+    pos = offsets[:-1, None] + cols - (width - lengths)[:, None]
+    valid = cols >= (width - lengths)[:, None]
+    out = np.where(valid, data[np.clip(pos, 0, max(len(data) - 1, 0))] if len(data) else pad, pad)
+    return out.astype(np.uint8)
+
+
+def hex_keys(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of a column of hexadecimal strings; returns ``(keys int64 [n], bad bool [n])``.
+
+    Empty / null values give :data:`MISSING_KEY`; values that are not 1..16 hex digits are ``bad``.
+
+    Example:
+        >>> keys, bad = hex_keys(pa.array(["05db9164", None, "ff", "xyz"]))
+        >>> keys[:3].tolist(), bad.tolist()
+        ([98275684, -1, 255], [False, False, False, True])
+    """
+    offsets, data = _string_parts(arr)
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    missing = lengths == 0
+    keys = np.full(n, MISSING_KEY, dtype=np.int64)
+    bad = np.zeros(n, dtype=bool)
+    present = ~missing
+    if not present.any():
+        return keys, bad
+    if np.all((lengths == 8) | missing):  # fast path: Criteo values are always 8 digits
+        nib = _HEX_LUT[data[offsets[0]: offsets[-1]]].reshape(-1, 8)
+        rows = np.flatnonzero(present)
+        bad_rows = (nib == 255).any(axis=1)
+        vals = (nib.astype(np.uint64) << _NIBBLE_SHIFTS8[None, :]).sum(axis=1, dtype=np.uint64)
+        keys[rows] = vals.view(np.int64)
+        bad[rows[bad_rows]] = True
+        keys[bad] = MISSING_KEY
+        return keys, bad
+    too_long = lengths > 16
+    lens = np.where(too_long, 0, lengths)
+    off2 = np.concatenate([[0], np.cumsum(lens)])
+    src = np.repeat(offsets[:-1], lens) + (np.arange(off2[-1]) - np.repeat(off2[:-1], lens))
+    chars = _char_matrix(off2, data[src], 16, ord("0"))
+    nib = _HEX_LUT[chars]
+    bad = too_long | (nib == 255).any(axis=1)
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    vals = (np.where(nib == 255, 0, nib).astype(np.uint64) << shifts[None, :]).sum(axis=1, dtype=np.uint64)
+    keys = np.where(missing | bad, MISSING_KEY, vals.view(np.int64))
+    return keys, bad
+
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def string_keys(arr: pa.Array) -> np.ndarray:
+    """64-bit keys of arbitrary strings (FNV-1a then SplitMix64); empty / null -> :data:`MISSING_KEY`."""
+    offsets, data = _string_parts(arr)
+    lengths = np.diff(offsets)
+    h = np.full(len(lengths), _FNV_OFFSET, dtype=np.uint64)
+    width = int(lengths.max()) if len(lengths) else 0
+    with np.errstate(over="ignore"):
+        for j in range(width):
+            live = lengths > j
+            c = data[np.minimum(offsets[:-1] + j, max(len(data) - 1, 0))].astype(np.uint64) if len(data) else 0
+            h = np.where(live, (h ^ c) * _FNV_PRIME, h)
+        keys = (mix64(h) >> np.uint64(1)).astype(np.int64)  # non-negative: never the missing key
+    return np.where(lengths == 0, MISSING_KEY, keys)
+
+
+# ---- one chunk -------------------------------------------------------------------------------------
+def _line_structure(data: bytes, fmt: TextFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per physical line: start offset, end offset (at the newline) and malformed code (-1 = fine)."""
+    if not data.endswith(b"\n"):
+        data = data + b"\n"
+    arr = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(arr == 10)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    code = np.full(len(ends), -1, dtype=np.int8)
+    delims = np.add.reduceat(arr == ord(fmt.delimiter), starts, dtype=np.int32)
+    code[delims != len(fmt.columns) - 1] = _K["field_count"]
+    if data.find(b"\r") >= 0:
+        cr_lines = np.searchsorted(ends, np.flatnonzero(arr == 13))
+        code[cr_lines] = _K["crlf"]
+    code[ends == starts] = _K["blank_line"]
+    return starts, ends, code
+
+
+def _read_arrow(buf: bytes | pa.Buffer, fmt: TextFormat, typed: bool) -> pa.Table:
+    types = {c: pa.string() for c in fmt.columns}
+    if typed:
+        types[fmt.label] = pa.int64()
+        types.update({c: pa.int64() for c in fmt.dense})
+    include = [fmt.label, *fmt.dense, *fmt.categorical] + ([fmt.hour] if fmt.hour else [])
+    return pacsv.read_csv(
+        pa.py_buffer(buf) if isinstance(buf, bytes) else buf,
+        read_options=pacsv.ReadOptions(column_names=list(fmt.columns), use_threads=False,
+                                       block_size=max(len(buf) + 1, 1 << 20)),
+        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, escape_char=False,
+                                         double_quote=False, newlines_in_values=False, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
+                                             include_columns=include, null_values=[""]),
+    )
+
+
+_INT_RE = r"^[+-]?[0-9]+$"
+
+
+def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer column as ``(values int64 with 0 for missing/bad, present bool, bad bool)``."""
+    if pa.types.is_integer(col.type):
+        present = col.is_valid().to_numpy(zero_copy_only=False)
+        return col.fill_null(0).to_numpy().astype(np.int64), present, np.zeros(len(col), bool)
+    present = col.is_valid().to_numpy(zero_copy_only=False)
+    ok = pc.match_substring_regex(col, _INT_RE).fill_null(False).to_numpy(zero_copy_only=False)
+    bad = present & ~ok
+    clean = pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string()))
+    vals = pc.cast(clean, pa.int64(), safe=False).fill_null(0).to_numpy().astype(np.int64)
+    return vals, present & ok, bad
+
+
+def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
+                strict: bool = False) -> ParsedChunk:
+    """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
+
+    Example:
+        >>> row = "1\\t" + "5\\t" * 13 + "\\t".join(["0a0b0c0d"] * 26) + "\\n"
+        >>> p = parse_chunk((row + "\\n" + row).encode(), 1, CRITEO)
+        >>> p.labels.tolist(), p.lines.tolist(), p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]
+        ([1, 1], [1, 3], [2], ['blank_line'])
+    """
+    starts, ends, code = _line_structure(data, fmt)
+    line_no = first_line + np.arange(len(ends), dtype=np.int64)
+    good = code < 0
+    if strict and not good.all():
+        i = int(np.flatnonzero(~good)[0])
+        raise MalformedRowError(file, int(line_no[i]), MALFORMED_KINDS[code[i]],
+                                repr(data[starts[i]:ends[i]][:200].decode("utf-8", "replace")))
+    if good.all():
+        buf = data
+    else:
+        arr = np.frombuffer(data if data.endswith(b"\n") else data + b"\n", dtype=np.uint8)
+        keep = np.repeat(good, ends - starts + 1)
+        buf = arr[keep].tobytes()
+    rows_line = line_no[good]
+    n = len(rows_line)
+    if n == 0:
+        table = None
+    else:
+        try:
+            table = _read_arrow(buf, fmt, typed=True)
+        except pa.ArrowInvalid:
+            table = _read_arrow(buf, fmt, typed=False)
+    row_bad = np.full(n, -1, dtype=np.int8)  # first reason per row, in column order
+
+    def flag(mask: np.ndarray, kind: str) -> None:
+        row_bad[(row_bad < 0) & mask] = _K[kind]
+
+    if table is None:
+        labels = np.zeros(0, np.int8)
+        dense = np.zeros((0, len(fmt.dense)), np.float32)
+        keys = np.zeros((0, len(fmt.feature_names)), np.int64)
+    else:
+        lab, lab_present, lab_bad = _int_column(table[fmt.label])
+        flag(~lab_present & ~lab_bad, "empty_label")
+        flag(lab_bad | (lab_present & (lab != 0) & (lab != 1)), "bad_label")
+        labels = lab.astype(np.int8)
+        dense = np.zeros((n, len(fmt.dense)), dtype=np.float32)
+        for j, name in enumerate(fmt.dense):
+            vals, present, bad = _int_column(table[name])
+            flag(bad, "non_integer_dense")
+            dense[:, j] = np.log1p(np.where(present, np.maximum(vals, 0), 0).astype(np.float64))
+        keys = np.empty((n, len(fmt.feature_names)), dtype=np.int64)
+        j0 = 0
+        if fmt.hour:
+            hour_of_day, weekday, bad = _avazu_hour(table[fmt.hour])
+            flag(bad, "bad_hour")
+            keys[:, 0], keys[:, 1] = hour_of_day, weekday
+            j0 = 2
+        for j, name in enumerate(fmt.categorical):
+            if fmt.hex_categories:
+                k, bad = hex_keys(table[name])
+                flag(bad, "non_hex_category")
+            else:
+                k = string_keys(table[name])
+            keys[:, j0 + j] = k
+    bad_rows = row_bad >= 0
+    if strict and bad_rows.any():
+        i = int(np.flatnonzero(bad_rows)[0])
+        raise MalformedRowError(file, int(rows_line[i]), MALFORMED_KINDS[row_bad[i]])
+    bad_lines = np.concatenate([line_no[~good], rows_line[bad_rows]])
+    bad_kinds = np.concatenate([code[~good], row_bad[bad_rows]])
+    order = np.argsort(bad_lines, kind="stable")
+    ok = ~bad_rows
+    return ParsedChunk(labels=labels[ok], dense=dense[ok], keys=keys[ok], lines=rows_line[ok],
+                       bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
+
+
+def _avazu_hour(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``YYMMDDHH`` -> (hour of day, weekday 0=Monday, bad)."""
+    import pandas as pd
+
+    vals, present, _ = _int_column(col)
+    text = pd.Series(np.where(present, vals, 0).astype(np.int64).astype(str))
+    when = pd.to_datetime(text, format="%y%m%d%H", errors="coerce")
+    ok = present & when.notna().to_numpy() & (vals >= 0) & (text.str.len().to_numpy() == 8)
+    hour = when.dt.hour.fillna(0).to_numpy().astype(np.int64)
+    weekday = when.dt.weekday.fillna(0).to_numpy().astype(np.int64)
+    return np.where(ok, hour, 0), np.where(ok, weekday, 0), ~ok
+
+
+def file_label(path: str | os.PathLike) -> str:
+    return str(pathlib.Path(path))
