@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,6 +343,21 @@ STAGES = dict(supernet_epochs=2, retrain_epochs=2, population=6, generations=3, 
               checkpoint_every=5, threshold_reg=1e-3)
 
 
+KILLED_SEARCH = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_optembed import STAGES, _run_config, synthetic_source
+from experiments.optembed import OptEmbedStages, StageHooks, run_optembed
+
+def kill(state):
+    if len(state.fitness) == 9:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_optembed(_run_config(), OptEmbedStages(**STAGES), sys.argv[2], source=synthetic_source(), progress=False,
+             hooks=StageHooks(on_search=kill))
+"""
+
+
 def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_path):
     from experiments.optembed import RESULT_NAME, OptEmbedStages, StageHooks, run_optembed
 
@@ -359,15 +378,14 @@ def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_p
         if stage == "supernet" and state.step == 8:
             raise Killed
 
-    def kill_search(state):
-        if len(state.fitness) == 9:
-            raise Killed
-
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         run_optembed(config, stages, out, source=source, progress=False, hooks=StageHooks(on_step=kill_supernet))
-    with pytest.raises(Killed):
-        run_optembed(config, stages, out, source=source, progress=False, hooks=StageHooks(on_search=kill_search))
+    # resume in another process, which dies by SIGKILL (no cleanup runs) in the middle of the search
+    child = subprocess.run([sys.executable, "-c", KILLED_SEARCH, str(Path(__file__).parent), str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert json.loads(torch.load(out / "search.pt", weights_only=True)["search"])["fitness"]
     resumed = run_optembed(config, stages, out, source=source, progress=False)
     for key in ("dims", "num_kept", "history", "threshold_cut", "supernet_valid_auc", "valid_auc", "test_auc",
                 "test_logloss", "inference_bytes"):
