@@ -39,7 +39,12 @@ def zipf_counts(n: int, seed: int, ordered: bool = False) -> np.ndarray:
 def test_blocks_from_counts_have_equal_mass_and_rank_by_count():
     counts = zipf_counts(5000, seed=1)
     blocks = popularity_blocks(FeatureSpec("a", 5000, 8, counts=counts), 4)
-    assert blocks.bounds[0] == 0 and blocks.bounds[-1] == 5000 and blocks.remap
+    assert blocks.bounds[0] == 0 and blocks.bounds[-1] == 5000
+    # heavy tail: few ids lie outside the coldest block, so their sorted list is cheaper than a rank per id
+    hot = blocks.bounds[-2]
+    assert blocks.remap == "hot" and blocks.remap_bytes == hot * 8 < 5000 * 4
+    mild = popularity_blocks(FeatureSpec("m", 5000, 8, counts=np.random.default_rng(0).integers(1, 4, 5000)), 4)
+    assert mild.remap == "dense" and mild.remap_bytes == 5000 * 4
     assert list(blocks.bounds) == sorted(set(blocks.bounds))
     ranked = np.sort(counts)[::-1]
     mass = [ranked[s:e].sum() / counts.sum() for s, e in zip(blocks.bounds[:-1], blocks.bounds[1:])]
@@ -50,7 +55,7 @@ def test_blocks_from_counts_have_equal_mass_and_rank_by_count():
     pops = blocks.popularity
     assert all(p1 >= p2 for p1, p2 in zip(pops, pops[1:])), "hotter blocks have more lookups per row"
     # ids already in decreasing-count order need no remap
-    assert not popularity_blocks(FeatureSpec("a", 5000, 8, counts=ranked), 4).remap
+    assert popularity_blocks(FeatureSpec("a", 5000, 8, counts=ranked), 4).remap is None
 
 
 def test_blocks_without_counts_are_log_uniform_and_never_per_id():
@@ -59,12 +64,12 @@ def test_blocks_without_counts_are_log_uniform_and_never_per_id():
     blocks = popularity_blocks(FeatureSpec("big", n, 8), 4)
     assert time.perf_counter() - start < 0.01
     assert blocks.bounds == (0, round(n**0.25), round(n**0.5), round(n**0.75), n)
-    assert not blocks.remap
+    assert blocks.remap is None
     assert sum(blocks.shares) == pytest.approx(1.0)
     assert blocks.shares == pytest.approx([0.25] * 4, abs=0.02)  # equal mass under Zipf(1)
     # more blocks than ids: one block per id; all-zero counts carry no popularity (id order is used)
     assert popularity_blocks(FeatureSpec("t", 3, 8), 10).bounds == (0, 1, 2, 3)
-    assert not popularity_blocks(FeatureSpec("z", 50, 8, counts=np.zeros(50)), 3).remap
+    assert popularity_blocks(FeatureSpec("z", 50, 8, counts=np.zeros(50)), 3).remap is None
 
 
 # ----- the power rule and the planner -----------------------------------------------------------------
@@ -139,8 +144,10 @@ def test_dim_multiple_and_counts_with_remap_fit_budget():
     module = embtable.build(feats, plan.config, seed=0)
     assert embtable.memory_report(module).inference_bytes == plan.total_bytes
     buffers = dict(module.mapper.named_buffers())
-    assert buffers["rank_0"].dtype == torch.int32 and buffers["rank_0"].numel() == 20_000
-    assert "rank_1" not in buffers, "ids already in frequency order need no remap"
+    hot = popularity_blocks(feats[0], 4).bounds[-2]
+    assert buffers["hot_ids_0"].dtype == buffers["hot_rank_0"].dtype == torch.int32
+    assert buffers["hot_ids_0"].numel() == hot < 20_000 // 2
+    assert not any(k.endswith("_1") and k != "bounds_1" for k in buffers), "ids in frequency order: no remap"
 
 
 def test_infeasible_budgets_raise_before_allocating():
@@ -213,6 +220,8 @@ def _effective_table(module, i: int, feature: FeatureSpec) -> torch.Tensor:
         order = sorted(range(feature.num_embeddings), key=lambda k: (-int(feature.counts[k]), k))
     else:
         order = list(range(feature.num_embeddings))
+    if popularity_blocks(feature, module.config.num_blocks).remap == "hot":  # cold ids keep id order
+        order = order[:bounds[-2]] + sorted(order[bounds[-2]:])
     table = torch.zeros(feature.num_embeddings, D)
     for j in range(len(dims)):
         key = f"{feature.name}__block{j}"
@@ -224,18 +233,20 @@ def _effective_table(module, i: int, feature: FeatureSpec) -> torch.Tensor:
 
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
 def test_pooling_equals_project_then_pool_reference(pooling, weighted):
-    feats = [FeatureSpec("u", 400, 8, counts=zipf_counts(400, 4)),  # remapped blocks
+    feats = [FeatureSpec("u", 400, 8, counts=zipf_counts(400, 4)),  # "hot" remap
+             FeatureSpec("m", 300, 8, counts=np.random.default_rng(6).integers(1, 4, 300)),  # "dense" remap
              FeatureSpec("i", 300, 8, counts=zipf_counts(300, 5, ordered=True)),  # ordered: no remap
              FeatureSpec("n", 500, 8),  # no counts: id order, log-uniform blocks
              FeatureSpec("p", 200, 8),  # one projected table
              FeatureSpec("s", 20, 8)]  # one plain table
     nb = {f.name: len(popularity_blocks(f, 3).rows) for f in feats}
-    assert nb["u"] == nb["i"] == nb["n"] == 3
-    config = MixedDimConfig(num_blocks=3, block_dims={"u": (8, 4, 2), "i": (6, 8, 1), "n": (8, 3, 3),
-                                                      "p": (5,), "s": (8,)})
+    assert nb["u"] == nb["m"] == nb["i"] == nb["n"] == 3
+    assert [popularity_blocks(f, 3).remap for f in feats[:4]] == ["hot", "dense", None, None]
+    config = MixedDimConfig(num_blocks=3, block_dims={"u": (8, 4, 2), "m": (2, 8, 7), "i": (6, 8, 1),
+                                                      "n": (8, 3, 3), "p": (5,), "s": (8,)})
     module = embtable.build(feats, config, pooling=pooling, is_weighted=weighted, seed=0)
     assert {k: tuple(p.shape) for k, p in module.projections.items()} == {
-        "u__block1": (4, 8), "u__block2": (2, 8), "i__block0": (6, 8), "i__block2": (1, 8),
+        "u__block1": (4, 8), "u__block2": (2, 8), "m__block0": (2, 8), "m__block2": (7, 8), "i__block0": (6, 8), "i__block2": (1, 8),
         "n__block1": (3, 8), "n__block2": (3, 8), "p": (5, 8)}
     g = torch.Generator().manual_seed(0)
     batch = 16
@@ -273,3 +284,28 @@ def test_projections_are_dense_parameters_and_tables_sparse():
     w = module.storage.embedding_bags[key].weight.detach()
     ratio = (w @ module.projections[key].detach()).var() / w.var()
     assert 0.5 < float(ratio) < 2.0
+
+
+@pytest.mark.parametrize("counts", ["hot", "dense", "ordered", "none"])
+def test_mapper_sends_every_id_to_its_block_once(counts):
+    n = 600
+    made = {"hot": zipf_counts(n, 7), "dense": np.random.default_rng(7).integers(1, 4, n),
+            "ordered": zipf_counts(n, 7, ordered=True), "none": None}[counts]
+    f = FeatureSpec("f", n, 8, counts=made)
+    blocks = popularity_blocks(f, 4)
+    assert blocks.remap == {"hot": "hot", "dense": "dense"}.get(counts)
+    keys = [f"f__block{j}" for j in range(len(blocks.rows))]
+    mapper = MixedDimIdMapper([f], [blocks], keys)
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    out = mapper(KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.tensor([n])))
+    ranked = sorted(range(n), key=lambda k: (-int(made[k]), k)) if made is not None else list(range(n))
+    if blocks.remap == "hot":  # the coldest block's ids keep their id order
+        ranked = ranked[:blocks.bounds[-2]] + sorted(ranked[blocks.bounds[-2]:])
+    rank_of = {i: r for r, i in enumerate(ranked)}
+    for j, key in enumerate(keys):
+        rows = out[key].values().tolist()
+        assert sorted(rows) == list(range(blocks.rows[j])), "a block's rows are used exactly once"
+        # block j gets the ids of rank bounds[j] .. bounds[j+1] - 1, in arrival order, at row rank - bounds[j]
+        mine = set(ranked[blocks.bounds[j]:blocks.bounds[j + 1]])
+        assert rows == [rank_of[i] - blocks.bounds[j] for i in ids.tolist() if i in mine]
+    assert embtable.memory_report(mapper).inference_bytes == 8 * len(blocks.bounds) + blocks.remap_bytes

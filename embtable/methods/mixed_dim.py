@@ -5,9 +5,9 @@ Systems" (ISIT). The rows of a feature are split into popularity blocks; block `
 holds its rows at dim ``d_{f,b} <= D_f`` and, when ``d_{f,b} < D_f``, a learned projection
 ``P_{f,b}`` (``d_{f,b} x D_f``, no bias) lifts them to the feature's base dim ``D_f``::
 
-    ids of f ──► rank r = popularity rank of the id ──► block b: bounds[b] <= r < bounds[b+1]
-                 (remap buffer, or r = id when the        row   = r - bounds[b]
-                  ids are already in frequency order)
+    ids of f ──► rank r of the id (remap buffer, ──► block b: bounds[b] <= r < bounds[b+1]
+                 or r = id when the ids are already     row   = r - bounds[b]
+                 in frequency order)
     pooled_f = sum_b  (sum of the bag's rows in block b) @ P_{f,b}     (/ bag size for mean pooling)
 
 **Popularity** ``p_{f,b}`` is the probability that one lookup of feature ``f`` hits a given row of
@@ -38,12 +38,18 @@ blocks get further steps. Without a budget, a given ``alpha`` uses the ``d0`` an
 Memory (fp32 weights, int64 bounds)::
 
     sum_f [ sum_b ( n_{f,b} * d_{f,b} * 4  +  [d_{f,b} < D_f] * d_{f,b} * D_f * 4 )
-            + [B_f > 1] * ( (B_f + 1) * 8  +  [remap_f] * n_f * s_f ) ]
+            + [B_f > 1] * ( (B_f + 1) * 8  +  remap_f ) ]
+
+    remap_f = 0                          ids already in decreasing-count order (or no counts)
+            = n_f * s(n_f)               "dense": the rank of every id
+            = H_f * (s(n_f) + s(H_f))    "hot": the sorted ids of the H_f = bounds[-2] rows outside the
+                                         coldest block and their ranks; the cold ids take the rows
+                                         after them in id order (row = id - number of hot ids below it)
 
 where ``B_f`` is the number of blocks of feature ``f`` (1 for a plain or single-dim table), the
-``(B_f + 1) * 8`` bytes are its block bounds, ``remap_f`` says whether its ids need the rank remap
-(counts given and ids not already sorted by decreasing count) and ``s_f`` is 4 bytes (int32 ranks) for
-``n_f <= 2**31 - 1``, else 8.
+``(B_f + 1) * 8`` bytes are its block bounds, ``s(x)`` is 4 bytes (int32) for ``x <= 2**31 - 1``, else
+8, and the planner takes the cheaper remap (the hot list wins when fewer than about half the ids lie
+outside the coldest block, as with heavy-tailed counts).
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ __all__ = [
 
 BOUND_BYTES = 8  # block bounds are int64
 INT32_MAX = 2**31 - 1
+
+
+def _int_dtype(n: int) -> type:
+    return np.int32 if n <= INT32_MAX else np.int64
 _BISECTION_STEPS = 100  # halves the search interval to far below one dim step
 _EULER_GAMMA = 0.5772156649015329
 
@@ -142,12 +152,19 @@ class PopularityBlocks:
         bounds: rank boundaries, ``bounds[0] = 0 < ... < bounds[-1] = num_embeddings``; block ``b``
             holds the ids of popularity rank ``bounds[b] <= r < bounds[b + 1]``.
         shares: each block's share of the feature's lookups (sums to 1).
-        remap: ids must be remapped to ranks (counts given, ids not already in decreasing-count order).
+        remap: how ids reach their rank: ``None`` (ids already in decreasing-count order, or no
+            counts), ``"dense"`` (a rank per id) or ``"hot"`` (a sorted list of the ids outside the
+            coldest block; cold ids keep their id order), whichever is fewer bytes.
     """
 
     bounds: tuple[int, ...]
     shares: tuple[float, ...]
-    remap: bool
+    remap: str | None
+
+    @property
+    def remap_bytes(self) -> int:
+        n, hot = self.bounds[-1], self.bounds[-2]
+        return {None: 0, "dense": n * _int_bytes(n), "hot": hot * (_int_bytes(n) + _int_bytes(hot))}[self.remap]
 
     @property
     def rows(self) -> tuple[int, ...]:
@@ -177,13 +194,13 @@ def popularity_blocks(feature: FeatureSpec, num_blocks: int) -> PopularityBlocks
     >>> popularity_blocks(FeatureSpec("a", 1000, 8), 4).bounds
     (0, 6, 32, 178, 1000)
     >>> b = popularity_blocks(FeatureSpec("a", 5, 8, counts=[1, 5, 0, 3, 1]), 2)
-    >>> b.bounds, b.shares, b.remap
-    ((0, 1, 5), (0.5, 0.5), True)
+    >>> b.bounds, b.shares, b.remap, b.remap_bytes  # the hot list: id 1 and its rank, 4 bytes each
+    ((0, 1, 5), (0.5, 0.5), 'hot', 8)
     """
     n = feature.num_embeddings
     blocks = min(int(num_blocks), n)
     if blocks == 1:
-        return PopularityBlocks((0, n), (1.0,), False)
+        return PopularityBlocks((0, n), (1.0,), None)
     counts = feature.counts
     if counts is not None and int(counts.sum()) > 0:
         ordered = bool(np.all(counts[:-1] >= counts[1:]))
@@ -195,19 +212,24 @@ def popularity_blocks(feature: FeatureSpec, num_blocks: int) -> PopularityBlocks
         cuts = (np.searchsorted(cum, targets, side="left") + 1).tolist()
         bounds = sorted({0, n, *(c for c in cuts if 0 < c < n)})
         mass = [int(cum[e - 1]) - (int(cum[s - 1]) if s else 0) for s, e in zip(bounds[:-1], bounds[1:])]
-        return PopularityBlocks(tuple(bounds), tuple(m / total for m in mass), not ordered)
+        remap = None
+        if not ordered:
+            hot = bounds[-2]
+            remap = "hot" if hot * (_int_bytes(n) + _int_bytes(hot)) < n * _int_bytes(n) else "dense"
+        return PopularityBlocks(tuple(bounds), tuple(m / total for m in mass), remap)
     cuts = (round(n ** (b / blocks)) for b in range(1, blocks))
     bounds = sorted({0, n, *(c for c in cuts if 0 < c < n)})
     h_n = _harmonic(n)
     shares = [(_harmonic(e) - _harmonic(s)) / h_n for s, e in zip(bounds[:-1], bounds[1:])]
-    return PopularityBlocks(tuple(bounds), tuple(shares), False)
+    return PopularityBlocks(tuple(bounds), tuple(shares), None)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Bytes and the power rule (pure)
 # ---------------------------------------------------------------------------------------------------
-def _remap_bytes(n: int) -> int:
-    return n * (4 if n <= INT32_MAX else 8)
+def _int_bytes(n: int) -> int:
+    """Bytes of an integer type that holds ``0 .. n``: int32 when it fits, else int64."""
+    return 4 if n <= INT32_MAX else 8
 
 
 def _effective_dims(dim: int, dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -230,9 +252,7 @@ def mixed_dim_bytes(feature: FeatureSpec, blocks: PopularityBlocks | None, dims:
         return feature.num_embeddings * d * FP32 + (d * D * FP32 if d < D else 0)
     total = sum(r * d * FP32 + (d * D * FP32 if d < D else 0) for r, d in zip(blocks.rows, dims))
     total += (len(dims) + 1) * BOUND_BYTES
-    if blocks.remap:
-        total += _remap_bytes(feature.num_embeddings)
-    return total
+    return total + blocks.remap_bytes
 
 
 def _quantize(target: float, D: int, rows: int, multiple: int) -> int:
@@ -438,8 +458,10 @@ class MixedDimIdMapper(nn.Module):
     """Maps logical ids to ``(block table, row in block)``: a KJT over the features in, a KJT over the
     storage's ``(feature, block)`` keys out (bags keep their sample; ids move to their block's bag).
 
-    Buffers: ``bounds_{i}`` (int64 ``[B_i + 1]``) per feature ``i`` with blocks, and ``rank_{i}``
-    (int32, or int64 above 2**31 - 1 ids; ``[n_i]``: id -> popularity rank) where ids need a remap.
+    Buffers, for each feature ``i`` with blocks: ``bounds_{i}`` (int64 ``[B_i + 1]``, rank boundaries);
+    with a ``"dense"`` remap ``rank_{i}`` (``[n_i]``: id -> popularity rank); with a ``"hot"`` remap
+    ``hot_ids_{i}`` (the ``H_i`` ids outside the coldest block, sorted) and ``hot_rank_{i}`` (their
+    ranks). Integers are int32 where the values fit, else int64.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], blocks: Sequence[PopularityBlocks | None],
@@ -447,23 +469,44 @@ class MixedDimIdMapper(nn.Module):
         super().__init__()
         self.storage_keys = list(storage_keys)
         self.blocked: list[bool] = []
-        self.remapped: list[bool] = []
+        self.remaps: list[str | None] = []
         self.key_offsets: list[int] = []
         offset = 0
         for i, (f, b) in enumerate(zip(features, blocks)):
             self.key_offsets.append(offset)
-            blocked = b is not None
-            self.blocked.append(blocked)
-            self.remapped.append(blocked and b.remap)
-            offset += len(b.rows) if blocked else 1
-            if not blocked:
+            self.blocked.append(b is not None)
+            self.remaps.append(None if b is None else b.remap)
+            offset += 1 if b is None else len(b.rows)
+            if b is None:
                 continue
             self.register_buffer(f"bounds_{i}", torch.tensor(b.bounds, dtype=torch.int64, device=device))
-            if b.remap:
-                order = np.argsort(-f.counts, kind="stable")  # rank -> id (ties keep id order)
-                rank = np.empty(f.num_embeddings, dtype=np.int32 if f.num_embeddings <= INT32_MAX else np.int64)
-                rank[order] = np.arange(f.num_embeddings, dtype=rank.dtype)
+            if b.remap is None:
+                continue
+            n, hot = f.num_embeddings, b.bounds[-2]
+            order = np.argsort(-f.counts, kind="stable")  # rank -> id, ties keep id order
+            if b.remap == "dense":
+                rank = np.empty(n, dtype=_int_dtype(n))
+                rank[order] = np.arange(n, dtype=rank.dtype)
                 self.register_buffer(f"rank_{i}", torch.from_numpy(rank).to(device))
+            else:
+                by_id = np.argsort(order[:hot], kind="stable")
+                hot_ids = order[:hot][by_id].astype(_int_dtype(n))
+                hot_rank = by_id.astype(_int_dtype(hot))
+                self.register_buffer(f"hot_ids_{i}", torch.from_numpy(hot_ids).to(device))
+                self.register_buffer(f"hot_rank_{i}", torch.from_numpy(hot_rank).to(device))
+
+    def _rank(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        """Popularity rank (row space of the concatenated blocks) of feature ``i``'s ids."""
+        if self.remaps[i] is None:
+            return ids
+        if self.remaps[i] == "dense":
+            return getattr(self, f"rank_{i}")[ids].to(torch.int64)
+        hot_ids, hot_rank = getattr(self, f"hot_ids_{i}"), getattr(self, f"hot_rank_{i}")
+        hot = hot_ids.numel()
+        pos = torch.searchsorted(hot_ids, ids.to(hot_ids.dtype))  # number of hot ids below each id
+        at = pos.clamp(max=hot - 1)
+        found = hot_ids[at] == ids
+        return torch.where(found, hot_rank[at].to(torch.int64), hot + ids - pos)
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not any(self.blocked):
@@ -479,7 +522,7 @@ class MixedDimIdMapper(nn.Module):
                 rows.append(ids)
                 continue
             bounds = getattr(self, f"bounds_{i}")
-            rank = getattr(self, f"rank_{i}")[ids].to(torch.int64) if self.remapped[i] else ids
+            rank = self._rank(i, ids)
             block = torch.searchsorted(bounds, rank, right=True) - 1
             keys.append(block + self.key_offsets[i])
             rows.append(rank - bounds[block])
@@ -500,7 +543,8 @@ class MixedDimIdMapper(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"blocked={sum(self.blocked)}/{len(self.blocked)}, remapped={sum(self.remapped)}"
+        remapped = sum(r is not None for r in self.remaps)
+        return f"blocked={sum(self.blocked)}/{len(self.blocked)}, remapped={remapped}"
 
 
 @register_method(MixedDimConfig)
@@ -615,7 +659,7 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
                 detail = "full" if d[0] == f.embedding_dim else f"dim {d[0]} -> {f.embedding_dim}"
             else:
                 detail = (f"dims {'/'.join(map(str, d))} over rows {'/'.join(f'{r:,}' for r in blocks.rows)}"
-                          + (" + id remap" if blocks.remap else ""))
+                          + (f" + {blocks.remap} id remap" if blocks.remap else ""))
             plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, max(d), nbytes,
                                      d != (f.embedding_dim,), detail))
         return plans, {}
