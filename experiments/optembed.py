@@ -46,6 +46,7 @@ from embtable.methods.optembed_search import (
     OptEmbedSupernetConfig,
     SearchConfig,
     SearchState,
+    SortedMargins,
     compact_config,
     compact_from_supernet,
     evolutionary_search,
@@ -372,11 +373,12 @@ def _search(supernet: OptEmbedSupernet, model: nn.Module, features: Sequence[emb
             return state, seconds
     start = time.perf_counter()
     fits: dict[tuple[int, ...], Any] = {}
+    prepared = SortedMargins(margins)
 
     def fit(dims: list[int]):
         key = tuple(dims)
         if key not in fits:
-            fits[key] = fit_rows(features, margins, dims, budget_bytes, oov_buckets=stages.oov_buckets,
+            fits[key] = fit_rows(features, prepared, dims, budget_bytes, oov_buckets=stages.oov_buckets,
                                  remap=stages.remap)
         return fits[key]
 

@@ -48,6 +48,7 @@ __all__ = [
     "OptEmbedSupernet",
     "step_ste",
     "RowFit",
+    "SortedMargins",
     "fit_rows",
     "SearchConfig",
     "SearchState",
@@ -280,9 +281,23 @@ def _field_cost(f: FeatureSpec, kept: int, dim: int, oov_buckets: int, remap: st
     return (f.num_embeddings, full) if pruned >= full else (kept, pruned)
 
 
+class SortedMargins:
+    """Row margins sorted once, for many :func:`fit_rows` calls (one per search candidate).
+
+    Args:
+        margins: ``||e_i|| - t_f`` per feature (:meth:`OptEmbedSupernet.row_margins`).
+    """
+
+    def __init__(self, margins: Mapping[str, np.ndarray]) -> None:
+        self.raw = {k: np.asarray(v, dtype=np.float64) for k, v in margins.items()}
+        self.ascending = {k: np.sort(v) for k, v in self.raw.items()}
+        positive = [a[a > 0] for a in self.ascending.values()]
+        self.levels = np.unique(np.concatenate(positive + [np.zeros(1)]))  # candidate cuts, 0 first
+
+
 def fit_rows(
     features: Sequence[FeatureSpec],
-    margins: Mapping[str, np.ndarray],
+    margins: Mapping[str, np.ndarray] | SortedMargins,
     dims: Sequence[int],
     budget_bytes: int | None,
     *,
@@ -295,7 +310,8 @@ def fit_rows(
 
     Args:
         features: the features (``num_embeddings`` and order).
-        margins: ``||e_i|| - t_f`` per feature (:meth:`OptEmbedSupernet.row_margins`).
+        margins: ``||e_i|| - t_f`` per feature (:meth:`OptEmbedSupernet.row_margins`), or
+            :class:`SortedMargins` of them (sorted once for many calls).
         dims: the dim of each feature's stored rows.
         budget_bytes: the compact table's byte budget (``None``: the learned thresholds, ``c = 0``).
 
@@ -305,7 +321,8 @@ def fit_rows(
     >>> fit.cut, fit.num_kept, fit.kept_ids["a"].tolist(), fit.total_bytes
     (0.2, {'a': 3}, [0, 3, 5], 60)
     """
-    asc = {f.name: np.sort(np.asarray(margins[f.name], dtype=np.float64)) for f in features}
+    prepared = margins if isinstance(margins, SortedMargins) else SortedMargins(margins)
+    asc = prepared.ascending
 
     def counts(cut: float) -> list[tuple[int, int]]:
         out = []
@@ -319,7 +336,7 @@ def fit_rows(
 
     cut = 0.0
     if budget_bytes is not None and total(0.0) > budget_bytes:
-        levels = np.unique(np.concatenate([a[a > 0] for a in asc.values()] + [np.zeros(1)]))
+        levels = prepared.levels
         if total(float(levels[-1])) > budget_bytes:
             return None
         lo, hi = 0, len(levels) - 1  # total(levels[hi]) fits, total(levels[0] = 0) does not
@@ -332,7 +349,7 @@ def fit_rows(
         cut = float(levels[hi])
     kept_ids, num_kept = {}, {}
     for f, (kept, _) in zip(features, counts(cut)):
-        m = np.asarray(margins[f.name])
+        m = prepared.raw[f.name]
         if kept == f.num_embeddings:
             ids = np.arange(f.num_embeddings, dtype=np.int64)
         else:
