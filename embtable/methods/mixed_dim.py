@@ -24,7 +24,9 @@ blocks are then log-uniform in rank (``bounds[b] = round(n ** (b / B))``).
 
     d_{f,b} = D_f * scale * p_{f,b} ** alpha, floored to a multiple of dim_multiple, within [1, D_f]
 
-``alpha = 0`` gives every block the same dim; larger ``alpha`` shrinks the rare blocks more. A block
+With one block per feature, ``p_f = 1 / n_f`` and this is the reference solver's ``d_f = lambda *
+n_f ** -alpha`` on row counts. ``alpha = 0`` gives every block the same dim; larger ``alpha`` shrinks
+the rare blocks more. A block
 whose compressed storage would not be smaller than its full rows, ``(n_{f,b} + D_f) * d >= n_{f,b} * D_f``,
 stays full (no projection); a feature whose blocks are all full is one plain table (no remap).
 
@@ -81,12 +83,12 @@ __all__ = [
 
 BOUND_BYTES = 8  # block bounds are int64
 INT32_MAX = 2**31 - 1
+_BISECTION_STEPS = 100  # halves the search interval to far below one dim step
+_EULER_GAMMA = 0.5772156649015329
 
 
 def _int_dtype(n: int) -> type:
     return np.int32 if n <= INT32_MAX else np.int64
-_BISECTION_STEPS = 100  # halves the search interval to far below one dim step
-_EULER_GAMMA = 0.5772156649015329
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +96,8 @@ class MixedDimConfig(MethodConfig):
     """Mixed-dimension embeddings (power-rule dims per feature and per popularity block).
 
     Args:
-        alpha: temperature of the power rule ``d ~ p ** alpha`` (``>= 0``; the paper finds 0.1-0.4
-            good). ``None`` (default): solved from the budget, with the most popular block kept at the
-            base dim.
+        alpha: temperature of the power rule ``d ~ p ** alpha`` (``>= 0``; 0 gives equal dims).
+            ``None`` (default): solved from the budget, with the most popular block kept at the base dim.
         num_blocks: popularity blocks per feature (``1``: one dim per feature, as in the paper's
             reference; ``> 1``: blocks of equal lookup mass, see the module docstring). A feature
             has at most ``num_embeddings`` blocks.
@@ -561,6 +562,10 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
         **kwargs: ``pooling``, ``is_weighted``, ``out_of_range``, ``device`` (see
             :class:`embtable.EmbeddingModule`).
 
+    Shape:
+        - input: a ``KeyedJaggedTensor`` holding (at least) the features' keys, ``B`` bags each
+        - output: a ``KeyedTensor`` of ``[B, sum_f D_f]``, the features' base dims, in feature order
+
     Example:
         >>> import embtable
         >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
@@ -595,10 +600,9 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
                     self.projections[key] = nn.Parameter(torch.empty(dim, f.embedding_dim, device=self.device))
             self.feature_keys.append(keys)
         storage_keys = [t[0] for t in tables]
-        clash = sorted(set(storage_keys) & (set(self.feature_names) - {f.name for f, b in zip(self.features, blocks)
-                                                                       if b is None}))
-        if len(set(storage_keys)) != len(storage_keys) or clash:
-            raise ValueError(f"mixed_dim: block table names collide with feature names {clash}; rename the "
+        if len(set(storage_keys)) != len(storage_keys):
+            clash = sorted({k for k in storage_keys if storage_keys.count(k) > 1})
+            raise ValueError(f"mixed_dim: block table names {clash} collide with feature names; rename the "
                              "features so none ends in '__block<k>'")
         self.block_dims = [tuple(d) for d in dims]
         self.mapper = MixedDimIdMapper(self.features, blocks, storage_keys, self.device)
