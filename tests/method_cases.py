@@ -156,8 +156,8 @@ CASES: dict[str, MethodCase] = {
         ],
     ),
     "mixed_dim": MethodCase(
-        # 3 popularity blocks per feature: the zipf counts are not in id order, so the id -> rank remap
-        # buffers (4 bytes per id) are part of the budget; num_blocks=1 is tested in tests/test_mixed_dim.py
+        # 3 popularity blocks per feature: the zipf counts are not in id order, so the id remap buffers
+        # (here the "hot" lists) are part of the budget; num_blocks=1 is tested in tests/test_mixed_dim.py
         config=embtable.MixedDimConfig(num_blocks=3),
         budget="1/2",
         degenerate=_mixed_dim_degenerate,
