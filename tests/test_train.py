@@ -71,16 +71,16 @@ def test_same_seed_gives_bitwise_identical_weights_and_metrics(tiny: Path, tmp_p
 
 
 def test_interrupted_run_resumes_to_the_identical_result(tiny: Path, tmp_path: Path) -> None:
-    cfg = config(tiny, epochs=2)  # 67 steps an epoch; checkpoints every 10 steps and at epoch ends
+    cfg = config(tiny, epochs=2, batch_size=512)  # 34 steps an epoch; checkpoints every 10 and at epoch ends
     whole = run(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "killed"
     with pytest.raises(Interrupt):
         run(cfg, out, progress=False, hooks=interrupt_at(25))  # mid-epoch: last checkpoint at step 20
     with pytest.raises(Interrupt):
-        run(cfg, out, progress=False, hooks=interrupt_at(75))  # resumed at 20, killed again in epoch 2
+        run(cfg, out, progress=False, hooks=interrupt_at(45))  # resumed at 20, killed again in epoch 2
     resumed = run(cfg, out, progress=False)
-    assert resumed.resumed_from_step == 70
-    assert resumed.steps == whole.steps == 134
+    assert resumed.resumed_from_step == 40
+    assert resumed.steps == whole.steps == 68
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert getattr(resumed, key) == getattr(whole, key), key
     assert [h["valid_auc"] for h in resumed.history] == [h["valid_auc"] for h in whole.history]
