@@ -1,0 +1,534 @@
+"""Export a trained compressed model for serving, and load it in a fresh process.
+
+:func:`export` turns a trained model (its tables compressed by :func:`embtable.compress` or built with
+:func:`embtable.build`) into its inference form and writes ONE file:
+
+- the inference form: eval mode, no gradients; a method's training-only parts must already be gone
+  (OptEmbed's compact table keeps only its kept rows: the supernet is refused with the step to take);
+- optional row-wise quantisation of the stored rows of every embtable table, on top of any method (the
+  method's id mapping and combining are untouched: only the storage leaves change):
+
+  ======  ===========================================================  ===========================
+  dtype   stored per row of dim ``D`` (FBGEMM's fused row-wise layout)  error per element
+  ======  ===========================================================  ===========================
+  fp32    ``4 D`` bytes                                                 none (predictions exact)
+  fp16    ``2 D`` bytes                                                 relative ``2**-11``
+  int8    ``D`` bytes + fp32 scale and bias = ``D + 8``                 ``<= (max - min) / 510``
+  int4    ``ceil(D / 4) * 2`` bytes + fp16 scale and bias               ``<= (max - min) / 30`` + fp16
+  ======  ===========================================================  ===========================
+
+  (``max``/``min`` of the row). A table whose fp16 rows are no larger than its int8/int4 rows (dims up
+  to 8 for int8, up to 3 for int4: the per-row scale and bias dominate) is stored as fp16. Rows are quantised and dequantised with FBGEMM's CPU operators
+  (``FloatToFused8BitRowwiseQuantized``, ``FloatToFusedNBitRowwiseQuantizedSBHalf`` and inverses);
+  a lookup dequantises only the rows it touches, then pools exactly like ``nn.EmbeddingBag``.
+- the file: a ``torch.save`` of plain data and tensors (readable with ``torch.load(weights_only=True)``):
+  ``format``/``format_version``, versions, the dtype, per table module its method config, features and
+  bytes, every tensor of the model by its qualified name (a state dict), and the model's structure
+  pickled WITHOUT its tensors. :func:`load` rebuilds the structure and puts the tensors back: the fresh
+  process needs the model's classes importable (as for ``torch.load`` of a module), nothing of the training
+  run. Only load files you trust: the structure is unpickled.
+
+The bytes reported are those of the tensors written (each storage once).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .compress import EMBTABLE_MODULES
+from .module import EmbeddingModule
+
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ExportReport",
+    "QuantizedEmbedding",
+    "QuantizedEmbeddingBag",
+    "export",
+    "inference_model",
+    "load",
+    "quantize_rows",
+    "dequantize_rows",
+    "row_bytes",
+    "storage_dtype",
+]
+
+FORMAT = "embtable.export"
+FORMAT_VERSION = 1
+DTYPES = ("fp32", "fp16", "int8", "int4")
+
+
+def _fbgemm():
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; torchrec imports it too)
+
+    return torch.ops.fbgemm
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def _padded_dim(dim: int) -> int:
+    return -(-dim // 4) * 4  # FBGEMM's 4-bit rows need whole fp16 words: D rounded up to a multiple of 4
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one stored row of ``dim`` values.
+
+    >>> [row_bytes(d, 16) for d in DTYPES]
+    [64, 32, 24, 12]
+    """
+    return {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 8, "int4": _padded_dim(dim) // 2 + 4}[_check_dtype(dtype)]
+
+
+def quantize_rows(weight: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Store the rows of ``weight [n, D]`` as ``dtype`` (FBGEMM's fused row-wise layout for int8/int4).
+
+    Returns ``[n, row_bytes]`` uint8 (int8, int4), ``[n, D]`` float16 (fp16) or float32 (fp32).
+    """
+    weight = weight.detach().to(torch.float32).contiguous()
+    if _check_dtype(dtype) == "fp32":
+        return weight.clone()
+    if dtype == "fp16":
+        return weight.to(torch.float16)
+    if weight.device.type == "meta":
+        return torch.empty(weight.shape[0], row_bytes(dtype, weight.shape[1]), dtype=torch.uint8, device="meta")
+    ops = _fbgemm()
+    if dtype == "int8":
+        return ops.FloatToFused8BitRowwiseQuantized(weight)
+    pad = _padded_dim(weight.shape[1]) - weight.shape[1]
+    if pad:  # pad with a copy of the row's first value: the row's min and max (its scale) do not change
+        weight = torch.cat([weight, weight[:, :1].expand(-1, pad)], dim=1)
+    return ops.FloatToFusedNBitRowwiseQuantizedSBHalf(weight, 4)
+
+
+def dequantize_rows(rows: torch.Tensor, dtype: str, dim: int) -> torch.Tensor:
+    """The float32 ``[n, dim]`` values of stored rows (inverse of :func:`quantize_rows`).
+
+    >>> w = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    >>> [round(float((dequantize_rows(quantize_rows(w, d), d, 6) - w).abs().max()), 2) for d in DTYPES]
+    [0.0, 0.0, 0.01, 0.05]
+    """
+    if dtype in ("fp32", "fp16"):
+        return rows.to(torch.float32)
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dim, device=rows.device)
+    ops = _fbgemm()
+    if dtype == "int8":
+        return ops.Fused8BitRowwiseQuantizedToFloat(rows)
+    return ops.FusedNBitRowwiseQuantizedSBHalfToFloat(rows, 4)[:, :dim]
+
+
+class _QuantizedRows(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, _check_dtype(dtype)
+        storage = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.uint8)
+        width = embedding_dim if dtype in ("fp32", "fp16") else row_bytes(dtype, embedding_dim)
+        self.register_buffer("rows", torch.empty(num_embeddings, width, dtype=storage, device=device))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 ``[N, D]`` values of the rows of ``ids [N]`` (only these rows are dequantised)."""
+        return dequantize_rows(self.rows[ids], self.dtype, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table dequantised (for code that reads ``.weight``; a lookup never needs it)."""
+        return dequantize_rows(self.rows, self.dtype, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
+
+
+class QuantizedEmbeddingBag(_QuantizedRows):
+    """``nn.EmbeddingBag`` with row-wise quantised rows: ``forward(input, offsets=None, per_sample_weights=None)``.
+
+    Example:
+        >>> bag = nn.EmbeddingBag(100, 8, mode="sum")
+        >>> q = QuantizedEmbeddingBag.from_float(bag, "int8")
+        >>> ids, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 1])
+        >>> bool((q(ids, offsets) - bag(ids, offsets)).abs().max() < 0.05), q.rows.shape
+        (True, torch.Size([100, 16]))
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str, mode: str = "sum",
+                 include_last_offset: bool = False, device=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, dtype, device)
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"QuantizedEmbeddingBag pools with 'sum' or 'mean', got mode={mode!r}")
+        self.mode, self.include_last_offset = mode, include_last_offset
+
+    @classmethod
+    def from_float(cls, bag: nn.EmbeddingBag, dtype: str) -> QuantizedEmbeddingBag:
+        out = cls(bag.num_embeddings, bag.embedding_dim, dtype, bag.mode, bag.include_last_offset,
+                  device=bag.weight.device)
+        out.rows = quantize_rows(bag.weight, dtype)
+        return out
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        flat = input.reshape(-1)
+        values = self.lookup(flat)  # [N, D]
+        positions = torch.arange(flat.numel(), device=flat.device)
+        if input.dim() == 2:
+            positions = positions.view(input.shape)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(input.shape)
+        return F.embedding_bag(positions, values, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset)
+
+
+class QuantizedEmbedding(_QuantizedRows):
+    """``nn.Embedding`` with row-wise quantised rows: ids of any shape -> ``[*ids.shape, D]``.
+
+    >>> q = QuantizedEmbedding.from_float(nn.Embedding(10, 4), "fp16")
+    >>> q(torch.tensor([[1, 2], [3, 4]])).shape
+    torch.Size([2, 2, 4])
+    """
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, dtype: str) -> QuantizedEmbedding:
+        out = cls(emb.num_embeddings, emb.embedding_dim, dtype, device=emb.weight.device)
+        out.rows = quantize_rows(emb.weight, dtype)
+        return out
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.lookup(input.reshape(-1)).reshape(*input.shape, self.embedding_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the inference form
+# ----------------------------------------------------------------------------------------------------
+def _table_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The outermost embtable modules of ``model`` (each once), with a path."""
+    seen: set[int] = set()
+    covered: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(c + ".") for c in covered) or (covered and "" in covered):
+            continue
+        if isinstance(module, EMBTABLE_MODULES) and id(module) not in seen:
+            seen.add(id(module))
+            covered.append(path)
+            yield path, module
+
+
+def _refuse_training_stages(path: str, module: nn.Module) -> None:
+    for sub_path, sub in module.named_modules():
+        name = type(sub).__name__
+        if name == "OptEmbedSupernet":
+            where = ".".join(p for p in (path, sub_path) if p) or "<model>"
+            raise ValueError(
+                f"{where} is an OptEmbed supernet (a training stage: full tables and masks); build the compact "
+                "table first (embtable.methods.optembed_search.compact_from_supernet, then retrain) and export that"
+            )
+
+
+def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
+    """A copy of ``model`` in inference form: eval mode, no gradients, embtable rows stored as ``dtype``.
+
+    Only the storage leaves (``nn.Embedding`` / ``nn.EmbeddingBag``) inside embtable modules are
+    quantised; tables the model keeps outside embtable (excluded from compression) stay as they are.
+    A module may define ``inference_module()`` returning its compact serving form; it is used.
+    """
+    _check_dtype(dtype)
+    out = copy.deepcopy(model).eval().requires_grad_(False)
+    for path, module in list(_table_modules(out)):
+        _refuse_training_stages(path, module)
+        hook = getattr(module, "inference_module", None)
+        if callable(hook):
+            module = hook()
+            _replace(out, path, module)
+            out = module if path == "" else out
+        if dtype == "fp32":
+            continue
+        for leaf_path, leaf in list(module.named_modules()):
+            if isinstance(leaf, nn.EmbeddingBag | nn.Embedding):
+                kind = QuantizedEmbeddingBag if isinstance(leaf, nn.EmbeddingBag) else QuantizedEmbedding
+                _replace(module, leaf_path, kind.from_float(leaf, storage_dtype(dtype, leaf.embedding_dim)))
+    return out
+
+
+def storage_dtype(dtype: str, dim: int) -> str:
+    """The dtype a table of ``dim`` is stored in when ``dtype`` is asked for.
+
+    The per-row scale and bias of int8/int4 cost 8/4 bytes: where fp16 rows are no larger (small dims),
+    fp16 is used instead, as it is also the more precise.
+
+    >>> [storage_dtype("int8", d) for d in (1, 8, 16)], [storage_dtype("int4", d) for d in (1, 4, 16)]
+    (['fp16', 'fp16', 'int8'], ['fp16', 'int4', 'int4'])
+    """
+    if dtype in ("int8", "int4") and row_bytes("fp16", dim) <= row_bytes(dtype, dim):
+        return "fp16"
+    return dtype
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    if path == "":
+        return
+    parent_path, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, attr, new)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the file
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export` wrote.
+
+    Attributes:
+        table_bytes_fp32: bytes of the embtable table modules of the trained model (fp32).
+        table_bytes: bytes of the same modules as exported (quantised rows + their other tensors).
+        other_bytes: every other tensor of the model (dense layers, tables left uncompressed).
+        file_bytes: size of the file on disk (tensors plus metadata and the pickled structure).
+        modules: per table module path: ``{"method", "bytes_fp32", "bytes"}``.
+    """
+
+    path: str
+    dtype: str
+    table_bytes_fp32: int
+    table_bytes: int
+    other_bytes: int
+    file_bytes: int
+    modules: dict[str, dict[str, Any]]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.table_bytes + self.other_bytes
+
+    def table(self) -> str:
+        lines = [f"{'module':<40}{'method':<10}{'fp32 bytes':>14}{self.dtype + ' bytes':>14}"]
+        for path, m in self.modules.items():
+            lines.append(f"{path or '<model>':<40}{m['method']:<10}{m['bytes_fp32']:>14,}{m['bytes']:>14,}")
+        lines.append(f"tables {self.table_bytes_fp32:,} B -> {self.table_bytes:,} B ({self.dtype}); other tensors "
+                     f"{self.other_bytes:,} B; file {self.file_bytes:,} B at {self.path}")
+        return "\n".join(lines)
+
+
+def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, tuple[str, bool]]]:
+    """Every parameter and buffer by its first qualified name, and id -> (name, is parameter)."""
+    named: dict[str, torch.Tensor] = {}
+    ids: dict[int, tuple[str, bool]] = {}
+    for is_param, items in ((True, model.named_parameters(remove_duplicate=False)),
+                            (False, model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            if t is None or id(t) in ids:
+                continue
+            ids[id(t)] = (name, is_param)
+            named[name] = t.detach()
+    return named, ids
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return _unique_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+def _describe(path: str, module: nn.Module) -> dict[str, Any]:
+    inner = module
+    for attr in ("collection", "inner"):  # embtable.Embedding / EmbeddingBag, the grouped modules
+        if not isinstance(inner, EmbeddingModule):
+            inner = getattr(module, attr, None)
+    info: dict[str, Any] = {"path": path, "class": type(module).__name__}
+    if isinstance(inner, EmbeddingModule):
+        info.update(
+            method=inner.config.method,
+            config=inner.config.to_dict(),
+            features=[{"name": f.name, "num_embeddings": f.num_embeddings, "embedding_dim": f.embedding_dim}
+                      for f in inner.logical_features],
+            pooling=inner.pooling.value,
+            is_weighted=inner.is_weighted(),
+            out_of_range=inner.out_of_range.value,
+        )
+    return info
+
+
+class _StructurePickler(pickle.Pickler):
+    """Pickles a module with every tensor replaced by a reference (its tensors are written separately)."""
+
+    def __init__(self, file, ids: dict[int, tuple[str, bool]]) -> None:
+        super().__init__(file, protocol=4)
+        self.ids, self.extras = ids, []
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in self.ids:
+                name, is_param = self.ids[id(obj)]
+                return ("tensor", name, is_param, bool(obj.requires_grad))
+            self.extras.append(obj.detach())  # a tensor held outside parameters and buffers (a cache)
+            return ("extra", len(self.extras) - 1, isinstance(obj, nn.Parameter), bool(obj.requires_grad))
+        return None
+
+
+class _StructureUnpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: dict[str, torch.Tensor], extras: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors, self.extras, self.made = tensors, extras, {}
+
+    def persistent_load(self, pid):
+        kind, key, is_param, requires_grad = pid
+        if (kind, key) not in self.made:
+            t = self.tensors[key] if kind == "tensor" else self.extras[key]
+            self.made[(kind, key)] = nn.Parameter(t, requires_grad=requires_grad) if is_param else t
+        return self.made[(kind, key)]
+
+
+def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> ExportReport:
+    """Write the inference form of a trained model to ``path`` (one file); see the module docstring.
+
+    Args:
+        model: a trained model holding embtable modules (e.g. from :func:`embtable.compress`).
+        path: the file to write (atomically: a temporary file in the same folder, then renamed).
+        dtype: ``"fp32"`` (predictions equal the trained model's), ``"fp16"``, ``"int8"`` or ``"int4"``
+            row-wise quantisation of the stored rows.
+
+    Returns:
+        an :class:`ExportReport` with the bytes of exactly what was written.
+
+    Example:
+        >>> import embtable, tempfile, os
+        >>> model = nn.Sequential(embtable.EmbeddingBag(10_000, 16, method=embtable.HashConfig(), budget="1/4"))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> report = export(model, path, "int8")
+        >>> report.table_bytes_fp32, report.table_bytes
+        (159984, 60024)
+        >>> served = load(path)
+        >>> ids, offsets = torch.tensor([5, 9_999, 42]), torch.tensor([0, 2])
+        >>> bool((served[0](ids, offsets) - model[0](ids, offsets)).abs().max() < 0.01)
+        True
+    """
+    dtype = _check_dtype(dtype)
+    path = os.fspath(path)
+    modules_fp32 = {p: (_module_bytes(m), _describe(p, m)) for p, m in _table_modules(model)}
+    if not modules_fp32:
+        raise ValueError(
+            f"{type(model).__name__} holds no embtable module to export; compress it first "
+            "(embtable.compress(model, budget, method)) or build its tables with embtable"
+        )
+    served = inference_model(model, dtype)
+    tensors, ids = _tensors(served)
+    buffer = io.BytesIO()
+    pickler = _StructurePickler(buffer, ids)
+    try:
+        pickler.dump(served)
+    except (pickle.PicklingError, TypeError, AttributeError) as err:
+        raise TypeError(
+            f"cannot export {type(model).__name__}: its structure cannot be pickled ({err}); export needs the "
+            "model's classes to be defined at module level (importable by name), without lambdas or open handles"
+        ) from err
+    modules: dict[str, dict[str, Any]] = {}
+    table_tensors = []
+    for p, m in _table_modules(served):
+        fp32_bytes, info = modules_fp32[p]
+        own = list(m.parameters()) + list(m.buffers())
+        table_tensors.extend(own)
+        storage: dict[str, int] = {}
+        for leaf in m.modules():
+            if isinstance(leaf, _QuantizedRows | nn.Embedding | nn.EmbeddingBag):
+                kind = leaf.dtype if isinstance(leaf, _QuantizedRows) else "fp32"
+                storage[kind] = storage.get(kind, 0) + 1
+        modules[p] = {**info, "storage": storage, "bytes_fp32": fp32_bytes, "bytes": _unique_bytes(own)}
+    table_ids = {id(t) for t in table_tensors}
+    served_tensors = [t for t in list(served.parameters()) + list(served.buffers()) if id(t) not in table_ids]
+    report_fields = dict(
+        dtype=dtype,
+        table_bytes_fp32=sum(v[0] for v in modules_fp32.values()),
+        table_bytes=_unique_bytes(table_tensors),
+        other_bytes=_unique_bytes(served_tensors + pickler.extras),
+        modules=modules,
+    )
+    from . import __version__
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "embtable_version": __version__,
+        "torch_version": str(torch.__version__),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "dtype": dtype,
+        "modules": list(modules.values()),
+        "bytes": {k: report_fields[k] for k in ("table_bytes_fp32", "table_bytes", "other_bytes")},
+        "state_dict": tensors,
+        "extra_tensors": pickler.extras,
+        "structure": buffer.getvalue(),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ExportReport(path=path, file_bytes=os.path.getsize(path), **report_fields)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The plain data of an exported file (format, versions, dtype, modules with their configs, bytes)."""
+    payload = _read(path)
+    return {k: v for k, v in payload.items() if k not in ("state_dict", "extra_tensors", "structure")}
+
+
+def _read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path}: not an embtable export ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an embtable export (no format tag {FORMAT!r})")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: export format version {version!r} is newer than this embtable reads ({FORMAT_VERSION}); "
+            "upgrade embtable"
+        )
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`export`, ready to serve (eval mode, no gradients).
+
+    Needs only the file and the model's classes importable (e.g. ``torchrec.models.dlrm.DLRM`` or your
+    own module's class); nothing of the training run. Only load files you trust (the structure is
+    unpickled, as with ``torch.load(weights_only=False)``).
+    """
+    payload = _read(path, map_location)
+    unpickler = _StructureUnpickler(io.BytesIO(payload["structure"]), payload["state_dict"],
+                                    payload["extra_tensors"])
+    try:
+        model = unpickler.load()
+    except (AttributeError, ModuleNotFoundError, ImportError) as err:
+        raise ImportError(
+            f"{os.fspath(path)}: the model class {payload.get('model_class')!r} (or one it uses) cannot be "
+            f"imported in this process ({err}); import the module that defines it first"
+        ) from err
+    return model.eval()
