@@ -36,6 +36,13 @@ from .memory import (
 )
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
+from .methods.low_rank import (
+    LowRankConfig,
+    LowRankEmbeddingBagCollection,
+    count_second_moments,
+    low_rank_from_trained,
+    output_second_moments,
+)
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
@@ -58,6 +65,8 @@ __all__ = [
     "FullEmbeddingBagCollection",
     "HashConfig",
     "HashEmbeddingBagCollection",
+    "LowRankConfig",
+    "LowRankEmbeddingBagCollection",
     "MemoryReport",
     "MethodConfig",
     "MixedDimConfig",
@@ -75,12 +84,15 @@ __all__ = [
     "as_budget",
     "build",
     "config_class",
+    "count_second_moments",
     "dense_parameters",
     "largest_feasible",
+    "low_rank_from_trained",
     "memory_report",
     "method_class",
     "method_config_from_dict",
     "optimizer_state_bytes",
+    "output_second_moments",
     "plan",
     "register_method",
     "registered_methods",

@@ -126,6 +126,18 @@ def _qr_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _low_rank_degenerate(features, ebc, build_kwargs):
+    # rank = dim with identity projections: the n x d table times I_d is the plain table
+    config = embtable.LowRankConfig(rank={f.name: f.embedding_dim for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    with torch.no_grad():
+        for p in module.projections.values():
+            p.copy_(torch.eye(p.shape[0]))
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -203,5 +215,23 @@ CASES: dict[str, MethodCase] = {
                                                                                 num_collisions=10)),
             lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.QRConfig()),
         ],
+    ),
+    "low_rank": MethodCase(
+        # a rank step of a feature costs (n + d) * 4 bytes, 1/8 of its table at d = 8: with these three
+        # features the reachable totals are coarse, so the budget is one the planner can fill (99.2%: ranks
+        # a=4, c=1, b full); at "1/4" the best possible plan is 91.9% of the budget
+        config=embtable.LowRankConfig(),
+        budget=30_000,
+        degenerate=_low_rank_degenerate,
+        invalid=[
+            lambda: embtable.LowRankConfig(rank=0),
+            lambda: embtable.LowRankConfig(rank={"a": -1}),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.LowRankConfig(rank=8)),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.LowRankConfig()),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.LowRankConfig(rank={"b": 2})),
+        ],
+        # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
+        # checked in tests/test_low_rank.py
+        huge_ids=False,
     ),
 }

@@ -1,7 +1,11 @@
 """One file per method. Importing this package registers every method."""
 
-from . import full, hash  # noqa: F401  (registration side effect is the point of this package)
-from . import optembed  # noqa: F401
-from . import unified  # noqa: F401
-from . import qr  # noqa: F401
-from . import mixed_dim  # noqa: F401
+from . import (  # noqa: F401  (registration side effect is the point of this package)
+    full,  # noqa: F401
+    hash,  # noqa: F401
+    low_rank,  # noqa: F401
+    mixed_dim,  # noqa: F401
+    optembed,  # noqa: F401
+    qr,  # noqa: F401
+    unified,  # noqa: F401
+)
