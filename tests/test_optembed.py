@@ -101,6 +101,9 @@ def test_pruned_ids_read_zero_and_count_in_the_mean(pooling, weighted, remap):
     module = embtable.build(features, config, pooling=pooling, is_weighted=weighted, seed=0)
     kjt = make_kjt(features, batch=16, weighted=weighted, max_len=5)
     torch.testing.assert_close(module(kjt).values(), _reference(module, kjt, pooling))
+    kjt32 = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths().int(),
+                              weights=kjt.weights_or_none())
+    torch.testing.assert_close(module(kjt32).values(), _reference(module, kjt, pooling))
 
 
 def test_oov_rows_and_searched_kept_ids():
@@ -304,8 +307,8 @@ def synthetic_source(seed: int = 0, rows: int = 3072, batch: int = 256):
         for s in range(0, len(labels), size):
             e = min(s + size, len(labels))
             values = torch.from_numpy(np.concatenate([ids[k][s:e] for k in sizes]))
-            kjt = KeyedJaggedTensor(keys=list(sizes), values=values, lengths=torch.ones(len(sizes) * (e - s),
-                                                                                         dtype=torch.int64))
+            lengths = torch.ones(len(sizes) * (e - s), dtype=torch.int32)  # int32, as data_prep's loader
+            kjt = KeyedJaggedTensor(keys=list(sizes), values=values, lengths=lengths)
             out.append(Batch(dense_features=torch.from_numpy(dense[s:e]), sparse_features=kjt,
                              labels=torch.from_numpy(labels[s:e])))
         return out

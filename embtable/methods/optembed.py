@@ -41,7 +41,7 @@ from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
 
 __all__ = [
     "OptEmbedConfig",
@@ -286,7 +286,9 @@ class OptEmbedIdMapper(nn.Module):
             rows, keep = self._map_field(i, ids)
             if keep is not None and not bool(keep.all()):
                 bag = torch.repeat_interleave(torch.arange(batch, device=ids.device), bag_lengths, output_size=count)
-                bag_lengths = torch.zeros_like(bag_lengths).index_add_(0, bag[keep], torch.ones_like(bag[keep]))
+                kept_bags = bag[keep]
+                ones = torch.ones(kept_bags.numel(), dtype=bag_lengths.dtype, device=ids.device)
+                bag_lengths = torch.zeros_like(bag_lengths).index_add_(0, kept_bags, ones)
                 rows = rows[keep]
                 w = w[keep] if w is not None else None
             new_values.append(rows)
@@ -355,7 +357,7 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.storage(self.mapper(kjt))  # KeyedTensor, field f: [B, d_f]
         batch = kjt.stride()
-        parts = pooled.values().split(self.dims, dim=1)
+        parts = storage_values(pooled, self.feature_names).split(self.dims, dim=1)
         lengths = kjt.lengths().view(len(self.features), batch) if self.pooling is Pooling.MEAN else None
         out = []
         for i, (x, base) in enumerate(zip(parts, self.embedding_dims)):
