@@ -1,1 +1,36 @@
-"""data_prep."""
+"""data_prep: raw Criteo / Avazu files or a calibrated generator -> parquet dataset directories.
+
+The public API::
+
+    generate_dataset(preset_or_config, out_dir)   the generator straight to a dataset directory
+    generate_tsv(preset_or_config, path)          the same rows as Criteo train.txt text (.gz ok)
+    PRESETS, GeneratorConfig                      "tiny" (tests), "demo" (make demo), "standard"
+    convert_criteo(inputs, out_dir, protocol=)    Criteo Kaggle train.txt / 1TB day files
+    convert_avazu(input, out_dir)                 Avazu train CSV
+    load_meta(path) -> DatasetMeta                schema, num_embeddings, splits, counts, feature_specs()
+    BatchLoader(path, split, batch_size)          TorchRec Batch iterator, shuffled per epoch
+
+Command line: ``python -m data_prep --help``.
+"""
+
+from .convert import convert_avazu, convert_criteo
+from .generator import PRESETS, GeneratorConfig, Teacher, generate_dataset, generate_tsv
+from .loader import BatchLoader
+from .meta import SPLITS, DatasetMeta, load_meta
+from .textparse import MALFORMED_KINDS, MalformedRowError
+
+__all__ = [
+    "BatchLoader",
+    "DatasetMeta",
+    "GeneratorConfig",
+    "MALFORMED_KINDS",
+    "MalformedRowError",
+    "PRESETS",
+    "SPLITS",
+    "Teacher",
+    "convert_avazu",
+    "convert_criteo",
+    "generate_dataset",
+    "generate_tsv",
+    "load_meta",
+]

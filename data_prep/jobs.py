@@ -101,6 +101,9 @@ def check_or_claim(out_dir: pathlib.Path, fingerprint: str, what: str) -> bool:
             f"job is {fingerprint}); delete the directory or choose another"
         )
     work.parent.mkdir(parents=True, exist_ok=True)
-    if not work.is_file():
+    if work.is_file():  # resuming: temporary files of a killed run are garbage
+        for tmp in out_dir.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    else:
         work.write_text(fingerprint + "\n")
     return False

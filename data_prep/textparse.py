@@ -48,10 +48,13 @@ class MalformedRowError(ValueError):
     """A malformed row in strict mode: names the file, the 1-based line and what is wrong."""
 
     def __init__(self, file: str, line: int, kind: str, detail: str = "") -> None:
-        self.file, self.line, self.kind = file, line, kind
+        self.file, self.line, self.kind, self.detail = file, line, kind, detail
         msg = f"{file}:{line}: malformed row ({kind})"
         super().__init__(msg + (f": {detail}" if detail else "") +
                          "; run without strict=True to skip and count such rows")
+
+    def __reduce__(self):  # picklable across the worker pool
+        return (type(self), (self.file, self.line, self.kind, self.detail))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +297,7 @@ def _read_arrow(buf: bytes | pa.Buffer, fmt: TextFormat, typed: bool) -> pa.Tabl
     )
 
 
-_INT_RE = r"^[+-]?[0-9]+$"
+_INT_RE = r"^[+-]?[0-9]{1,18}$"  # 18 digits always fit in int64
 
 
 def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
