@@ -342,7 +342,7 @@ def _run_config(budget="1/4"):
     })
 
 
-STAGES = dict(supernet_epochs=2, retrain_epochs=2, population=6, generations=3, parents=3, mutation_prob=0.3,
+STAGES = dict(supernet_epochs=1, retrain_epochs=1, population=6, generations=3, parents=3, mutation_prob=0.3,
               checkpoint_every=5, threshold_reg=1e-3)
 
 

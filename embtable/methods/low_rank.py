@@ -54,7 +54,7 @@ from ..budget import FP32, Budget, BudgetError, FeaturePlan, largest_feasible
 from ..build import build
 from ..config import MethodConfig, OutOfRange, Pooling, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
 
 __all__ = [
     "LowRankConfig",
@@ -252,7 +252,7 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         return self._index_cache[device]
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        x = self.storage(kjt).values()  # [B, S]: r_f columns per compressed feature, d_f per full one
+        x = storage_values(self.storage(kjt), self.feature_names)  # [B, S]: r_f columns per compressed feature, d_f per full one
         if not self.projections:
             return x
         rank_index, proj_index, out_index = self._indices(x.device)
