@@ -30,7 +30,14 @@ from .config import MethodConfig, OutOfRange, Pooling
 from .features import FeatureSpec
 from .memory import MemoryReport, memory_report
 
-__all__ = ["EmbeddingModule", "IdRangePolicy", "with_values", "storage_collection", "torchrec_pooling"]
+__all__ = [
+    "EmbeddingModule",
+    "IdRangePolicy",
+    "with_values",
+    "storage_collection",
+    "storage_values",
+    "torchrec_pooling",
+]
 
 
 def torchrec_pooling(pooling: Pooling) -> PoolingType:
@@ -73,6 +80,18 @@ def storage_collection(
         for name, rows, dim, feature_names in tables
     ]
     return EmbeddingBagCollection(tables=configs, is_weighted=is_weighted, device=device)
+
+
+def storage_values(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """The pooled storage output as ``[B, sum of dims]`` with its columns in ``keys`` order.
+
+    An unsharded ``EmbeddingBagCollection`` returns its features in config order; a sharded one
+    (DistributedModelParallel) returns them grouped by sharding, so methods must not rely on the order.
+    """
+    if pooled.keys() == keys:
+        return pooled.values()
+    per_key = pooled.to_dict()
+    return torch.cat([per_key[k] for k in keys], dim=1)
 
 
 class IdRangePolicy(nn.Module):

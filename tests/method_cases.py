@@ -28,6 +28,9 @@ class MethodCase:
     invalid: list[Callable[[], object]] = dataclasses.field(default_factory=list)  # each must raise ValueError
     huge_ids: bool = True  # can embed a feature with more than 2**32 ids at a small budget
     why_no_degenerate: str = ""
+    # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
+    # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
+    sharded: tuple[embtable.MethodConfig, object] | None = None
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -172,6 +175,7 @@ CASES: dict[str, MethodCase] = {
         # (here the "hot" lists) are part of the budget; num_blocks=1 is tested in tests/test_mixed_dim.py
         config=embtable.MixedDimConfig(num_blocks=3),
         budget="1/2",
+        sharded=(embtable.MixedDimConfig(num_blocks=3, dim_multiple=4), "3/4"),
         degenerate=_mixed_dim_degenerate,
         invalid=[
             lambda: embtable.MixedDimConfig(alpha=-0.1),
@@ -222,6 +226,7 @@ CASES: dict[str, MethodCase] = {
         # a=4, c=1, b full); at "1/4" the best possible plan is 91.9% of the budget
         config=embtable.LowRankConfig(),
         budget=30_000,
+        sharded=(embtable.LowRankConfig(rank=4), None),
         degenerate=_low_rank_degenerate,
         invalid=[
             lambda: embtable.LowRankConfig(rank=0),

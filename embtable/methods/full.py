@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ..budget import FP32, BudgetError, FeaturePlan
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, storage_collection
+from ..module import EmbeddingModule, storage_collection, storage_values
 
 __all__ = ["FullConfig", "FullEmbeddingBagCollection"]
 
@@ -47,7 +47,7 @@ class FullEmbeddingBagCollection(EmbeddingModule):
         )
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.storage(kjt).values()
+        return storage_values(self.storage(kjt), self.feature_names)
 
     @classmethod
     def size_config(cls, features, config, budget_bytes):

@@ -25,7 +25,13 @@ from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, with_values
+from ..module import (
+    EmbeddingModule,
+    config_field_per_feature,
+    storage_collection,
+    storage_values,
+    with_values,
+)
 
 __all__ = ["HashConfig", "HashEmbeddingBagCollection", "HashIdMapper"]
 
@@ -127,7 +133,7 @@ class HashEmbeddingBagCollection(EmbeddingModule):
         )
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.storage(self.mapper(kjt)).values()
+        return storage_values(self.storage(self.mapper(kjt)), self.feature_names)
 
     @classmethod
     def size_config(cls, features, config, budget_bytes):

@@ -59,7 +59,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
 
 __all__ = ["QRConfig", "QREmbeddingBagCollection", "QRIdMapper", "qr_digits", "partition_rows", "partition_dims"]
 
@@ -398,7 +398,7 @@ class QREmbeddingBagCollection(EmbeddingModule):
         digits = self.mapper(kjt)
         if self.exact:
             return self._combine_then_pool(kjt, digits)
-        pooled = self.storage(digits).values()  # [B, sum of table dims], in the mapper's key order
+        pooled = storage_values(self.storage(digits), self.mapper.key_names)  # [B, sum of table dims], in the mapper's key order
         if self.config.combiner == "concat" or not any(self.compressed):
             return pooled
         # partition-major: [all features' partition 0 | compressed features' partition 1 | ...]

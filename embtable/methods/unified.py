@@ -24,18 +24,19 @@ shard them table-wise; global row ``r`` lives in table ``r mod T`` at local row 
 
 The id mapper (:class:`UnifiedIdMapper`, a leaf module vectorised over all features) turns the input
 ``KeyedJaggedTensor`` (stride ``B``) into one with a key per table (``unified_0 .. unified_{T-1}``) and
-stride ``B * K`` (``K = sum_f k_f`` slots): bag ``b * K + s`` holds the rows of probe ``s`` for the ids of
-sample ``b``; each row goes to the bag of the table that stores it::
+stride ``K * B`` (``K = sum_f k_f`` slots): bag ``s * B + b`` holds the rows of slot ``s`` for the ids of
+sample ``b`` (slot-major, so with one probe per feature the ids keep the input's order and lengths); each
+row goes to the bag of the table that stores it::
 
     input  (B = 2)  key   C1              C2
                     bag   b0     b1       b0    b1
                     ids   [7, 9] [3]      [5]   []
     storage (T = 1) key   unified_0
-                    bag   b0:s0          b0:s1          b0:s2   b1:s0   b1:s1   b1:s2
-                    rows  [s0(7),s0(9)]  [s1(7),s1(9)]  [s2(5)] [s0(3)] [s1(3)] []
+                    bag   s0:b0          s0:b1    s1:b0          s1:b1    s2:b0    s2:b1
+                    rows  [s0(7),s0(9)]  [s0(3)]  [s1(7),s1(9)]  [s1(3)]  [s2(5)]  []
 
-One lookup per table pools all bags: ``[B*K, T*c]`` -> (sum over tables) -> ``[B, K*c] = [B, sum_f d_f]``,
-already in feature order (features in order, a feature's probes in order).
+One lookup per table pools all bags: ``[K*B, T*c]`` -> (sum over tables) -> ``[K, B, c]`` -> transpose ->
+``[B, K*c] = [B, sum_f d_f]``, in feature order (features in order, a feature's probes in order).
 
 Exactness of pooled lookups: pooling is linear and acts column by column, so pooling each probe's chunks
 and concatenating equals concatenating then pooling: ``sum_i w_i (row[s0(x_i)] ‖ row[s1(x_i)]) =
@@ -219,7 +220,7 @@ def unified_layout(features: Sequence[FeatureSpec], config: UnifiedConfig) -> Un
 
 
 class UnifiedIdMapper(nn.Module):
-    """Maps a ``KeyedJaggedTensor`` of logical ids to the storage's: one key per table, stride ``B * K``.
+    """Maps a ``KeyedJaggedTensor`` of logical ids to the storage's: one key per table, stride ``K * B``.
 
     A leaf module (ids in, ids out), vectorised over all features and probes at once (no Python loop
     over ids or features), so pipelines can run it apart from the storage lookup.
@@ -231,8 +232,9 @@ class UnifiedIdMapper(nn.Module):
         device: where to put the salts.
 
     Shape:
-        input: keys = feature names, stride ``B``, ``N`` ids. Output: keys ``unified_0 .. unified_{T-1}``,
-        stride ``B * K``, ``sum_f k_f * N_f`` rows (local rows of the table of each key).
+        input: keys = feature names, stride ``B``, ``N_f`` ids of feature ``f``. Output: keys
+        ``unified_0 .. unified_{T-1}``, stride ``K * B`` (bag ``s * B + b``), ``sum_f k_f * N_f`` rows in
+        all (local rows of the table of each key).
     """
 
     def __init__(self, features: Sequence[FeatureSpec], layout: UnifiedLayout, seed: int,
@@ -252,47 +254,61 @@ class UnifiedIdMapper(nn.Module):
         self.register_buffer("slot_params", torch.tensor(params, dtype=torch.int64, device=device))
         self.probes = list(layout.probes)
         self.slot_start = [sum(self.probes[:i]) for i in range(len(self.probes))]
+        self.slot_feature = [f for f, k in enumerate(self.probes) for _ in range(k)]
         self.num_tables = layout.num_tables
         self.storage_keys = [f"unified_{t}" for t in range(layout.num_tables)]
 
     def rows(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Global rows (in ``[0, R)``) of ``ids`` [M] looked up by ``slots`` [M] (int64, same device)."""
-        p = self.slot_params[slots]  # [M, 6]
-        hashed = universal_hash(ids, p[:, :4], p[:, 4])
-        return p[:, 5] + torch.where(p[:, 0] == 0, ids, hashed)
+        return self._rows(ids, self.slot_params[slots])
+
+    @staticmethod
+    def _rows(ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        hashed = universal_hash(ids, params[:, :4], params[:, 4])
+        return params[:, 5] + torch.where(params[:, 0] == 0, ids, hashed)  # a0 == 0 marks identity slots
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         values, weights = kjt.values(), kjt.weights_or_none()
         device = values.device
-        num_features, batch = len(self.probes), kjt.stride()
-        num_slots, num_tables = sum(self.probes), self.num_tables
-        stride = batch * num_slots
-        expanded = sum(n * k for n, k in zip(kjt.length_per_key(), self.probes))  # M
+        batch, num_slots, num_tables = kjt.stride(), len(self.slot_feature), self.num_tables
+        stride = num_slots * batch
+        per_feature = kjt.length_per_key()
+        per_slot = [per_feature[f] for f in self.slot_feature]  # ids each slot looks up
+        expanded = sum(per_slot)  # M
         if expanded == 0:
             return KeyedJaggedTensor(
                 keys=self.storage_keys, values=values.new_zeros(0),
                 weights=None if weights is None else weights.new_zeros(0),
                 lengths=torch.zeros(num_tables * stride, dtype=torch.int64, device=device), stride=stride,
             )
-        # the bag (feature f, sample b) of every id: key-major, bag = f * B + b
-        bag = torch.repeat_interleave(torch.arange(num_features * batch, device=device), kjt.lengths(),
-                                      output_size=values.numel())  # [N]
-        feature = bag // batch
-        sample = bag - feature * batch
-        probes = torch.tensor(self.probes, device=device)[feature]  # [N]
-        src = torch.repeat_interleave(torch.arange(values.numel(), device=device), probes,
-                                      output_size=expanded)  # [M]: the id each (id, probe) comes from
-        first = torch.cumsum(probes, 0) - probes  # [N]: where an id's probes start in the expansion
-        slot = torch.tensor(self.slot_start, device=device)[feature[src]] + (
-            torch.arange(expanded, device=device) - first[src])  # [M]
-        rows = self.rows(values[src], slot)  # [M] global rows
-        key = (rows % num_tables) * stride + sample[src] * num_slots + slot  # [M]: (table, storage bag)
-        key, order = torch.sort(key, stable=True)
+        # storage bags are slot-major (bag s * B + b = probe s of sample b), so with one probe per feature
+        # the ids keep the input's order and lengths; with more, slot s repeats its feature's ids as a block
+        counts = torch.tensor(per_slot, device=device)
+        params = torch.repeat_interleave(self.slot_params, counts, dim=0, output_size=expanded)  # [M, 6]
+        if num_slots == len(per_feature):
+            lengths, ids = kjt.lengths(), values
+        else:
+            lengths = kjt.lengths().view(-1, batch)[torch.tensor(self.slot_feature, device=device)].reshape(-1)
+            feature_start = [sum(per_feature[:f]) for f in range(len(per_feature))]
+            shift = [feature_start[f] - sum(per_slot[:s]) for s, f in enumerate(self.slot_feature)]
+            src = torch.arange(expanded, device=device) + torch.repeat_interleave(
+                torch.tensor(shift, device=device), counts, output_size=expanded)  # [M]: the id each entry reads
+            ids = values[src]
+            weights = None if weights is None else weights[src]
+        rows = self._rows(ids, params)  # [M] global rows
+        if num_tables == 1:
+            return KeyedJaggedTensor(keys=self.storage_keys, values=rows, weights=weights, lengths=lengths,
+                                     stride=stride)
+        # round-robin: row r lives in table r % T at local row r // T; a stable partition by table keeps
+        # each bag's ids in order
+        table = rows % num_tables
+        bag = torch.repeat_interleave(torch.arange(stride, device=device), lengths, output_size=expanded)
+        order = torch.argsort(table, stable=True)
         return KeyedJaggedTensor(
             keys=self.storage_keys,
             values=(rows // num_tables)[order],
-            weights=None if weights is None else weights[src][order],
-            lengths=torch.bincount(key, minlength=num_tables * stride),
+            weights=None if weights is None else weights[order],
+            lengths=torch.bincount(table * stride + bag, minlength=num_tables * stride),
             stride=stride,
         )
 
@@ -335,19 +351,18 @@ class UnifiedEmbeddingBagCollection(EmbeddingModule):
             self._is_weighted,
             self.device,
         )
-        self._slot_feature = [i for i, k in enumerate(self.layout.probes) for _ in range(k)]
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         batch, num_slots, c = kjt.stride(), self.layout.num_slots, self.chunk_dim
-        out = self.storage(self.mapper(kjt)).values()  # [B*K, T*c]
+        out = self.storage(self.mapper(kjt)).values()  # [K*B, T*c], bags slot-major
         if self.layout.num_tables > 1:
-            out = out.view(batch * num_slots, self.layout.num_tables, c).sum(1)
-        out = out.view(batch, num_slots, c)  # [B, K, c]
+            out = out.view(num_slots * batch, self.layout.num_tables, c).sum(1)  # add the tables' partial sums
+        out = out.view(num_slots, batch, c).transpose(0, 1)  # [B, K, c]
         if self.pooling is Pooling.MEAN:
-            lengths = kjt.lengths().view(len(self.features), batch).t()  # [B, F]
-            slot_lengths = lengths[:, torch.tensor(self._slot_feature, device=lengths.device)]  # [B, K]
+            lengths = kjt.lengths().view(len(self.features), batch)  # [F, B]
+            slot_lengths = lengths[torch.tensor(self.mapper.slot_feature, device=lengths.device)].t()  # [B, K]
             out = out / slot_lengths.clamp(min=1).unsqueeze(-1).to(out.dtype)
-        return out.reshape(batch, num_slots * c)  # [B, sum_f d_f]
+        return out.reshape(batch, num_slots * c)  # [B, sum_f d_f], features in order, probes in order
 
     @torch.no_grad()
     def collision_rates(self, ids_per_feature: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, float]:

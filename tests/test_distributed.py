@@ -1,0 +1,129 @@
+"""Compressed tables sharded by TorchRec's DistributedModelParallel: 2 processes, gloo, loopback.
+
+For every registered method, the sharded module's outputs, and after a few optimizer steps its outputs
+and weights, equal the unsharded module's trained on the same global batches. Gradients of the local
+mean loss are averaged over ranks by DMP (tables) and DDP (dense parameters), so the reference is trained
+on the global mean loss with the same learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import embtable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_cases import CASES  # noqa: E402
+
+WORLD = 2
+BATCH = 8  # per rank
+STEPS = 3
+SHARDING = {"table_wise": ["table_wise"], "row_wise": ["row_wise"], "column_wise": ["column_wise"]}
+
+
+def _features():
+    from test_contract import make_features
+
+    return make_features()
+
+
+def _batch(features, step: int):
+    from test_contract import make_kjt
+
+    return make_kjt(features, batch=WORLD * BATCH, seed=100 + step, max_len=2)
+
+
+def _slice(kjt, lo: int, hi: int):
+    """Bags ``lo:hi`` of every feature (a rank's share of the global batch)."""
+    from torchrec import KeyedJaggedTensor
+
+    values, lengths, weights = [], [], []
+    for key in kjt.keys():
+        jt = kjt[key]
+        offsets = jt.offsets()
+        values.append(jt.values()[offsets[lo]:offsets[hi]])
+        lengths.append(jt.lengths()[lo:hi])
+        if jt.weights_or_none() is not None:
+            weights.append(jt.weights()[offsets[lo]:offsets[hi]])
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths),
+                             weights=torch.cat(weights) if weights else None)
+
+
+def _worker(rank: int, port: int, methods: list[str], sharding: str, out: str) -> None:
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from embtable.sharding import shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    features = _features()
+    results = {}
+    for method in methods:
+        case = CASES[method]
+        config, budget = case.sharded or (case.config, case.budget)
+        model = embtable.build(features, config, budget, seed=0)
+        reference = embtable.build(features, config, budget, seed=0)
+        dmp = shard(model, optimizer="sgd", lr=0.5, sharding_types=SHARDING[sharding])
+        dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+        dense_opt = torch.optim.SGD(dense, lr=0.5) if dense else None
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+        lo, hi = rank * BATCH, (rank + 1) * BATCH
+        diffs = []
+        for step in range(STEPS + 1):
+            kjt = _batch(features, step)
+            mine = dmp(_slice(kjt, lo, hi)).values()
+            theirs = reference(kjt).values()
+            diffs.append(float((mine - theirs[lo:hi]).abs().max().detach()))
+            if step == STEPS:
+                break
+            target = torch.linspace(-1, 1, theirs.shape[1])
+            ((mine - target) ** 2).mean().backward()
+            if dense_opt:
+                dense_opt.step()
+                dense_opt.zero_grad()
+            ref_opt.zero_grad()
+            ((theirs - target) ** 2).mean().backward()
+            ref_opt.step()
+        planned = {name: [s.sharding_type for s in plan.values()] for name, plan in dmp.plan.plan.items()}
+        results[method] = {"diffs": diffs, "plan": planned}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METHODS = sorted(embtable.registered_methods())
+
+
+@pytest.fixture(scope="module", params=[os.environ.get("EMBTABLE_TEST_SHARDING", "table_wise")])
+def sharded_results(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"dmp_{request.param}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_worker, args=(_free_port(), METHODS, request.param, str(out)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    return request.param, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_equals_unsharded(sharded_results, method):
+    sharding, per_rank = sharded_results
+    for rank, results in enumerate(per_rank):
+        result = results[method]
+        types = {t for types in result["plan"].values() for t in types}
+        assert types == {sharding}, f"{method}: planned {types}, asked for {sharding}"
+        forward, *trained = result["diffs"]
+        assert forward == 0.0, f"{method} rank {rank}: sharded forward differs by {forward}"
+        assert max(trained) < 1e-5, f"{method} rank {rank}: after training, outputs differ by {max(trained)}"
