@@ -6,14 +6,18 @@ The public API::
     build(features, method, budget)  -> a drop-in for torchrec's EmbeddingBagCollection
     plan(features, method, budget)   -> Plan: the sized config and its exact bytes (pure, allocates nothing)
     EmbeddingBag / Embedding         single-feature stand-ins for nn.EmbeddingBag / nn.Embedding
+    compress(model, budget, method)  -> (model, CompressionReport): compressed tables swapped into your model
+    export.export / export.load      the trained model as one file a server loads (fp32/fp16/int8/int4 rows)
     memory_report / training_bytes   exact bytes at inference / with an optimizer's state
     sparse_parameters / dense_parameters / RowWiseAdagrad   sparse table updates for training
     FullConfig, HashConfig, ...      method configs; registered_methods() lists them all
 """
 
+from . import export
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .budget import Budget, BudgetError, FeaturePlan, Plan, as_budget, largest_feasible, plan
 from .build import build
+from .compress import CompressionReport, compress
 from .config import (
     MethodConfig,
     OutOfRange,
@@ -56,6 +60,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "BudgetError",
+    "CompressionReport",
     "Embedding",
     "EmbeddingBag",
     "EmbeddingModule",
@@ -83,9 +88,11 @@ __all__ = [
     "UnifiedEmbeddingBagCollection",
     "as_budget",
     "build",
+    "compress",
     "config_class",
     "count_second_moments",
     "dense_parameters",
+    "export",
     "largest_feasible",
     "low_rank_from_trained",
     "memory_report",
