@@ -36,7 +36,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 __all__ = ["StorageError", "StudyStorage", "open_storage", "normalize_url", "STALE_ATTR", "FAILURE_ATTR"]
@@ -191,6 +191,7 @@ def _serialized(url: str, make: Any) -> Any:
 
 
 _SCHEMA_LOCK = 0x656D627461626C65  # "embtable"
+_JOURNAL_LOCK_GRACE = 5
 
 
 def open_storage(
@@ -232,7 +233,10 @@ def open_storage(
     if kind == "journal":
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        storage: Any = JournalStorage(JournalFileBackend(str(path)))
+        # The journal's own write lock is a symlink; a worker killed while appending (a few milliseconds)
+        # leaves it behind, and other workers break it after this many seconds (Optuna's default: 30).
+        lock_obj = JournalFileSymlinkLock(str(path), grace_period=_JOURNAL_LOCK_GRACE)
+        storage: Any = JournalStorage(JournalFileBackend(str(path), lock_obj=lock_obj))
         lock = path.with_name(path.name + ".claim.lock")
     else:
         if kind == "sqlite":
