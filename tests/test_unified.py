@@ -132,10 +132,10 @@ def test_mapper_output_is_one_key_per_table_with_a_bag_per_sample_and_probe():
     mapped = module.mapper(kjt)
     K = sum(PROBES.values())
     assert mapped.keys() == ["unified_0", "unified_1"] and mapped.stride() == 3 * K
-    lengths = mapped.lengths().view(2, 3, K).sum(0)  # [B, K]: ids per (sample, slot), tables together
-    per_bag = kjt.lengths().view(len(FEATURES), 3).t()  # [B, F]
+    lengths = mapped.lengths().view(2, K, 3).sum(0)  # [K, B]: ids per (slot, sample), tables together
+    per_bag = kjt.lengths().view(len(FEATURES), 3)  # [F, B]
     slot_feature = [i for i, f in enumerate(FEATURES) for _ in range(PROBES[f.name])]
-    assert torch.equal(lengths, per_bag[:, slot_feature])
+    assert torch.equal(lengths, per_bag[slot_feature])
     for t, rows in enumerate(module.layout.table_rows()):
         local = mapped[f"unified_{t}"].values()
         assert bool(((local >= 0) & (local < rows)).all())
@@ -149,8 +149,8 @@ def test_identity_layout_gives_each_feature_its_own_rows():
     assert [p.compressed for p in plan.features] == [False, False] and plan.shared_bytes == {}
     mapped = module.mapper(KeyedJaggedTensor.from_lengths_sync(["x", "y"], torch.tensor([29, 0, 19]),
                                                                torch.tensor([1, 1, 1, 0])))
-    # storage bags are (sample, slot): b0:x, b0:y, b1:x, b1:y; y's rows start after x's 30
-    assert mapped.lengths().tolist() == [1, 1, 1, 0] and mapped.values().tolist() == [29, 30 + 19, 0]
+    # storage bags are slot-major (x:b0, x:b1, y:b0, y:b1) like the input; y's rows start after x's 30
+    assert mapped.lengths().tolist() == [1, 1, 1, 0] and mapped.values().tolist() == [29, 0, 30 + 19]
 
 
 def test_planner_rows_from_budget_and_memory_formula():

@@ -61,6 +61,11 @@ Memory: ``num_rows * c * 4 + 48 * K`` bytes (``K = sum_f k_f``): the rows, plus 
 
 Budget planning: ``num_rows = floor((budget - 48 * K) / (c * 4))``, capped at ``sum_f n_f * k_f`` (then
 every feature is identity-mapped) and at ``E + 2**31 - 1`` (the hash's range).
+
+Speed: with one probe and one table the mapper is one salted hash per id and the storage one lookup, as
+fast as per-feature hashing. ``k`` probes make ``k`` lookups of dim ``d / k`` per id; with ``T > 1`` tables
+every table sees all ``K * B`` bags (most empty) and pools ``T`` times the output, so keep ``T = 1`` on one
+machine and raise it to let TorchRec spread the rows over ranks.
 """
 
 from __future__ import annotations
