@@ -544,6 +544,38 @@ def _initialise(inner: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
     return fn(inner, name, weight.detach())
 
 
+def _run(model: nn.Module, example_inputs: tuple, hooked: Sequence[nn.Module] = ()) -> tuple[Any, list[int]]:
+    """Run ``model`` on the example inputs in eval mode without gradients (its modes are restored), counting
+    the forward calls of each module in ``hooked``."""
+    calls = [0] * len(hooked)
+    handles = [m.register_forward_pre_hook(lambda mod, args, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+               for i, m in enumerate(hooked)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return out, calls
+
+
+def _shapes(out: Any) -> Any:
+    """The nested structure of an output with every tensor replaced by its shape."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if hasattr(out, "values") and hasattr(out, "keys") and callable(out.values) and not isinstance(out, Mapping):
+        return ("keyed", list(out.keys()), tuple(out.values().shape))  # KeyedTensor / KeyedJaggedTensor
+    if isinstance(out, Mapping):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return [_shapes(v) for v in out]
+    return type(out).__name__
+
+
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -565,6 +597,7 @@ def compress(
     counts: Mapping[str, np.ndarray] | None = None,
     inplace: bool = False,
     seed: int | None = None,
+    example_inputs: Any = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the embedding tables of ``model`` by compressed ones that together fit ``budget``.
 
@@ -587,6 +620,11 @@ def compress(
         inplace: swap the modules in ``model`` itself; by default a copy is returned and ``model`` is
             untouched (the replaced tables are not copied).
         seed: seeds the new modules' initialisation (the global RNG is left untouched).
+        example_inputs: optional positional arguments of ``model`` (a tuple, or one input). Then the model
+            is run on them (eval mode, no gradients) to check that every table is called through its
+            ``forward`` (a table whose weight the model reads directly, e.g. ``F.embedding(ids, t.weight)``,
+            cannot be served by a compressed table: refused like the other unsupported settings), and
+            the new model is run on them to check its outputs have the same shapes.
 
     Returns:
         ``(new model, CompressionReport)``.
@@ -621,6 +659,17 @@ def compress(
             f"{type(model).__name__} holds no nn.Embedding, nn.EmbeddingBag, EmbeddingBagCollection or "
             "EmbeddingCollection outside embtable modules: nothing to compress"
         )
+    reference = None
+    if example_inputs is not None:
+        example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        reference, calls = _run(model, example_inputs, [s.module for s in sites])
+        for s, n in zip(sites, calls):
+            if n == 0:
+                s.problems.append(
+                    "the model did not call it through its forward on example_inputs: it may read the table's "
+                    "weight directly (e.g. F.embedding(ids, table.weight)), which a compressed table cannot serve, "
+                    "or the table is unused"
+                )
     all_tables = {t.key: (s, t) for s in sites for t in s.tables}
     counts = dict(counts or {})
     unknown = sorted(set(counts) - set(all_tables))
@@ -726,6 +775,15 @@ def compress(
                 config.method, "compressed" if p.compressed else "full", p.rows, p.dim, t.full_bytes,
                 p.bytes, p.detail, inits[t.key],
             ))
+    if reference is not None and not dry_run:
+        got, _ = _run(target, example_inputs)
+        if _shapes(got) != _shapes(reference):
+            raise RuntimeError(
+                f"after compression the model's outputs on example_inputs have shapes {_shapes(got)}, before "
+                f"{_shapes(reference)}; please report this with the model"
+            )
+        notes.append("checked on example_inputs: every compressed table is called through its forward, and the "
+                     "outputs keep their shapes")
     report = CompressionReport(method.method, method.to_dict(), budget_bytes, planning, tuple(reports), shared,
                                dry_run, tuple(notes))
     if budget_bytes is not None and report.bytes_after > budget_bytes:

@@ -109,15 +109,15 @@ def test_multi_hot_bag_model():
 def test_torchrec_dlrm():
     torch.manual_seed(0)
     model = dlrm()
-    new, report = compress(model, "1/10", embtable.HashConfig(), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    batches = [dlrm_batch(gen) for _ in range(4)]
+    new, report = compress(model, "1/10", embtable.HashConfig(), seed=0, example_inputs=batches[0][0])
     ebc = new.sparse_arch.embedding_bag_collection
     assert isinstance(ebc, embtable.HashEmbeddingBagCollection)  # one feature per table: the method's own module
     assert report.bytes_after <= report.budget_bytes and table_bytes(new) == report.bytes_after
     assert [t.key for t in report.tables] == [f"sparse_arch.embedding_bag_collection/t_{n}"
                                               for n in ("user", "item", "city", "device")]
     assert [t.status for t in report.tables] == ["compressed", "compressed", "full", "full"]
-    gen = torch.Generator().manual_seed(1)
-    batches = [dlrm_batch(gen) for _ in range(4)]
     assert falls(train(new, batches, lr=0.05))
     assert "sparse_arch.embedding_bag_collection/t_user" in report.table()
 
@@ -312,6 +312,27 @@ def test_tied_weights_are_refused():
 
     with pytest.raises(ValueError, match=r"out.weight.*tied weights"):
         compress(TiedOutput(), "1/4", "hash")
+
+
+def test_example_inputs_find_tables_whose_weight_is_read_directly():
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user = nn.Embedding(1000, 4)
+            self.item = nn.Embedding(1000, 4)
+
+        def forward(self, u, i):
+            return (nn.functional.embedding(u, self.user.weight) * self.item(i)).sum(-1)
+
+    model, args = ReadsWeight(), (torch.tensor([1, 2]), torch.tensor([3, 4]))
+    blind, _ = compress(model, "1/4", "hash")
+    with pytest.raises(AttributeError, match="weight"):  # without example inputs: loud at the first forward
+        blind(*args)
+    with pytest.raises(ValueError, match=r"(?s)'user'.*did not call it through its forward"):
+        compress(model, "1/4", "hash", example_inputs=args)
+    new, report = compress(model, "3/4", "hash", example_inputs=args, on_unsupported="skip")
+    assert report.skipped.keys() == {"user"} and isinstance(new.item, embtable.Embedding)
+    assert new(*args).shape == (2,) and "checked on example_inputs" in report.table()
 
 
 def test_per_sample_weights_on_a_mean_bag_still_fail_loudly():
