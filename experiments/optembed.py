@@ -47,6 +47,7 @@ from embtable.methods.optembed_search import (
     SearchConfig,
     SearchState,
     SortedMargins,
+    _field_cost,
     compact_config,
     compact_from_supernet,
     evolutionary_search,
@@ -295,6 +296,13 @@ def run_optembed(
         }
         build = dict(pooling=config.embedding.pooling)
         try:
+            if budget_bytes is not None:  # fail before training when not even one row per field fits
+                least = sum(_field_cost(f, 1, stages.min_dim, stages.oov_buckets, stages.remap)[1] for f in features)
+                if least > budget_bytes:
+                    raise embtable.BudgetError(
+                        f"optembed: one row per feature at dim {stages.min_dim} needs {least:,} bytes, over the "
+                        f"budget of {budget_bytes:,}; raise embedding.budget"
+                    )
             # ---- 1. supernet ----
             torch.manual_seed(cfg.seed)
             supernet = OptEmbedSupernet(features, stages.supernet_config(), **build)

@@ -409,3 +409,14 @@ def test_retrain_from_the_supernet_starts_where_the_search_left_off():
     assert result["inference_bytes"] <= result["budget_bytes"]
     # one retraining step from the searched supernet keeps (about) the searched candidate's AUC
     assert abs(result["valid_auc"] - result["search_valid_auc"]) < 0.03
+
+
+def test_an_unreachable_budget_fails_before_training():
+    from experiments.optembed import OptEmbedStages, StageHooks, run_optembed
+
+    def no_training(stage, state):
+        raise AssertionError("trained despite an unreachable budget")
+
+    result = run_optembed(_run_config(budget=20), OptEmbedStages(**STAGES), source=synthetic_source(),
+                          progress=False, hooks=StageHooks(on_step=no_training))
+    assert result["status"] == "failed" and "budget" in result["failure_reason"]
