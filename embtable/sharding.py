@@ -27,11 +27,12 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec import optim as trec_optim
 
 __all__ = ["storage_modules", "sharders", "plan_sharding", "shard", "SHARDING_TYPES"]
 
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "data_parallel")
-_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": trec_optim.RowWiseAdagrad}
 
 
 def storage_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -115,9 +116,10 @@ def shard(
     """Wrap ``model`` in ``DistributedModelParallel``: storage tables sharded, the rest data-parallel.
 
     Must be called on every rank of an initialised default process group, with the same model (same
-    seed) on each. The storage tables get a fused sparse optimizer (``"sgd"`` or ``"adagrad"``, applied in
+    seed) on each. The storage tables get a fused sparse optimizer (``"sgd"``, ``"adagrad"`` or
+    ``"rowwise_adagrad"``, applied in
     backward, as TorchRec does); optimise the remaining (dense) parameters yourself, e.g. with
-    ``torchrec.optim.apply_optimizer_in_backward.in_backward_optimizer_filter(dmp.named_parameters())``.
+    ``torchrec.optim.optimizers.in_backward_optimizer_filter(dmp.named_parameters())``.
     The model's weights are loaded into the shards after wrapping.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
