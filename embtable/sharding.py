@@ -22,12 +22,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchrec import optim as trec_optim
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec import optim as trec_optim
 
 __all__ = ["storage_modules", "sharders", "plan_sharding", "shard", "SHARDING_TYPES"]
 
