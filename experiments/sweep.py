@@ -323,6 +323,16 @@ def _execute(config_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
                 "traceback": traceback.format_exc(), "config": config_dict}
 
 
+def _source_name(meta: Any, presets: Mapping[str, Any]) -> str:
+    """``"generator:demo"`` when a generated dataset matches a preset's config, else the meta's source."""
+    generated = (meta.raw.get("generator") or {}).get("config")
+    if generated:
+        for name, config in presets.items():
+            if dataclasses.asdict(config) == generated:
+                return f"{meta.source}:{name}"
+    return meta.source
+
+
 def _dataset_meta(cells: Sequence[Cell], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Prepare (generate if needed) every dataset the cells use, once, before any cell runs."""
     import data_prep
@@ -340,7 +350,8 @@ def _dataset_meta(cells: Sequence[Cell], log: Callable[[str], None]) -> dict[str
             log(f"generating the {data.preset!r} preset into {Path(data.data_dir) / str(data.preset)} ...")
         path = dataset_path(data)
         meta = data_prep.load_meta(path)
-        metas[ident] = {"source": meta.source, "protocol": meta.protocol, "path": str(path)}
+        metas[ident] = {"source": _source_name(meta, data_prep.PRESETS), "protocol": meta.protocol,
+                        "path": str(path), "split_rows": dict(meta.split_rows)}
     return metas
 
 
