@@ -366,6 +366,101 @@ def _describe(path: str, module: nn.Module) -> dict[str, Any]:
     return info
 
 
+def _rebuild_spec(model: nn.Module, path: str, module: nn.Module) -> dict[str, Any]:
+    """What :func:`load` with ``model=`` needs to rebuild this module in a freshly built model."""
+    from .grouped import GroupedEmbeddingBagCollection, GroupedEmbeddingCollection
+    from .single import Embedding, EmbeddingBag
+
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is module]
+    args: dict[str, Any] = {}
+    if isinstance(module, Embedding | EmbeddingBag):
+        args = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim, "name": module.name}
+        if isinstance(module, EmbeddingBag):
+            args.update(mode=module.mode, include_last_offset=module.include_last_offset)
+    elif isinstance(module, GroupedEmbeddingBagCollection | GroupedEmbeddingCollection):
+        args = {"tables": [[t.table, list(t.feature_names), list(t.embedding_names)] for t in module.tables]}
+        if isinstance(module, GroupedEmbeddingCollection):
+            args["need_indices"] = module.need_indices()
+    leaves = []
+    for leaf_path, leaf in module.named_modules():
+        if isinstance(leaf, _QuantizedRows):
+            leaves.append({"path": leaf_path, "bag": isinstance(leaf, QuantizedEmbeddingBag), "dtype": leaf.dtype,
+                           "num_embeddings": leaf.num_embeddings, "embedding_dim": leaf.embedding_dim,
+                           "mode": getattr(leaf, "mode", "sum"),
+                           "include_last_offset": getattr(leaf, "include_last_offset", False)})
+    return {"paths": paths, "args": args, "quantized": leaves}
+
+
+def _rebuild(spec: dict[str, Any], original: nn.Module, device: torch.device) -> nn.Module:
+    from .build import build
+    from .config import method_config_from_dict
+    from .features import FeatureSpec
+    from .grouped import GroupedEmbeddingBagCollection, GroupedEmbeddingCollection, TableFeatures
+    from .single import Embedding, EmbeddingBag
+
+    if "config" not in spec:
+        raise ValueError(f"{spec['path']!r}: a {spec['class']} has no method config in the file; use load(path)")
+    config = method_config_from_dict(spec["config"], source=f"exported module {spec['path']!r}")
+    features = [FeatureSpec(**f) for f in spec["features"]]
+    kwargs = {"out_of_range": spec["out_of_range"], "device": device}
+    args, cls = spec["args"], spec["class"]
+    if cls == "Embedding":
+        module = Embedding(method=config, **args, **kwargs)
+    elif cls == "EmbeddingBag":
+        module = EmbeddingBag(method=config, **args, **kwargs)
+    else:
+        inner = build(features, config, pooling=spec["pooling"], is_weighted=spec["is_weighted"], **kwargs)
+        tables = [TableFeatures(t, tuple(f), tuple(e)) for t, f, e in args.get("tables", [])]
+        if cls == "GroupedEmbeddingBagCollection":
+            module = GroupedEmbeddingBagCollection(inner, tables, original.embedding_bag_configs())
+        elif cls == "GroupedEmbeddingCollection":
+            module = GroupedEmbeddingCollection(inner, tables, original.embedding_configs(), args["need_indices"])
+        else:
+            module = inner
+    for leaf in spec["quantized"]:
+        new = (QuantizedEmbeddingBag(leaf["num_embeddings"], leaf["embedding_dim"], leaf["dtype"], leaf["mode"],
+                                     leaf["include_last_offset"], device=device) if leaf["bag"]
+               else QuantizedEmbedding(leaf["num_embeddings"], leaf["embedding_dim"], leaf["dtype"], device=device))
+        _replace(module, leaf["path"], new)
+    return module
+
+
+def _load_into(model: nn.Module, payload: dict[str, Any], path: str, device: torch.device) -> nn.Module:
+    """Rebuild the exported table modules inside a freshly built ``model`` and fill every tensor."""
+    for spec in payload["modules"]:
+        try:
+            original = model.get_submodule(spec["paths"][0]) if spec["paths"][0] else model
+        except AttributeError as err:
+            raise ValueError(f"{path}: the model has no module {spec['paths'][0]!r} to replace ({err}); pass the "
+                             f"model the file was exported from ({payload.get('model_class')})") from err
+        new = _rebuild(spec, original, device)
+        if spec["paths"] == [""]:
+            model = new
+        for p in spec["paths"]:
+            _replace(model, p, new)
+    if any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)  # a model built on the meta device: every tensor comes from the file
+    saved: dict[str, torch.Tensor] = payload["state_dict"]
+    filled: set[int] = set()
+    unused = set(saved)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+                model.named_buffers(remove_duplicate=False)):
+            if name in saved:
+                if tuple(saved[name].shape) != tuple(t.shape) or saved[name].dtype != t.dtype:
+                    raise ValueError(f"{path}: {name} is {saved[name].dtype} {tuple(saved[name].shape)} in the file "
+                                     f"but {t.dtype} {tuple(t.shape)} in the model; is it the same architecture?")
+                t.copy_(saved[name])
+                filled.add(id(t))
+                unused.discard(name)
+        missing = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)) if id(t) not in filled]
+    if missing or unused:
+        raise ValueError(f"{path}: the model does not match the file: missing {sorted(missing)[:5]}, "
+                         f"not in the model {sorted(unused)[:5]}")
+    return model.eval().requires_grad_(False)
+
+
 class _StructurePickler(pickle.Pickler):
     """Pickles a module with every tensor replaced by a reference (its tensors are written separately)."""
 
@@ -450,7 +545,8 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
             if isinstance(leaf, _QuantizedRows | nn.Embedding | nn.EmbeddingBag):
                 kind = leaf.dtype if isinstance(leaf, _QuantizedRows) else "fp32"
                 storage[kind] = storage.get(kind, 0) + 1
-        modules[p] = {**info, "storage": storage, "bytes_fp32": fp32_bytes, "bytes": _unique_bytes(own)}
+        modules[p] = {**info, **_rebuild_spec(served, p, m), "storage": storage, "bytes_fp32": fp32_bytes,
+                      "bytes": _unique_bytes(own)}
     table_ids = {id(t) for t in table_tensors}
     served_tensors = [t for t in list(served.parameters()) + list(served.buffers()) if id(t) not in table_ids]
     report_fields = dict(
@@ -514,14 +610,25 @@ def _read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> 
     return payload
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a model written by :func:`export`, ready to serve (eval mode, no gradients).
 
-    Needs only the file and the model's classes importable (e.g. ``torchrec.models.dlrm.DLRM`` or your
-    own module's class); nothing of the training run. Only load files you trust (the structure is
-    unpickled, as with ``torch.load(weights_only=False)``).
+    Args:
+        path: the exported file.
+        model: optional. ``None``: the model's structure is unpickled from the file; this needs its classes
+            importable (e.g. ``torchrec.models.dlrm.DLRM`` or your module's class) and nothing of the
+            training run; only load files you trust (as with ``torch.load(weights_only=False)``).
+            Or a freshly built, UNcompressed instance of the same architecture (on the ``meta`` device to
+            allocate nothing, e.g. ``with torch.device("meta"): model = MyModel()``): the file is then read
+            as plain data only (``weights_only``), the table modules are rebuilt from the method configs
+            and features in the file, and every tensor comes from its state dict. Use this when the
+            classes are not importable by name (defined in ``__main__``) or the file is not trusted.
+        map_location: where the tensors go.
     """
     payload = _read(path, map_location)
+    if model is not None:
+        return _load_into(model, payload, os.fspath(path), torch.device(map_location))
     unpickler = _StructureUnpickler(io.BytesIO(payload["structure"]), payload["state_dict"],
                                     payload["extra_tensors"])
     try:

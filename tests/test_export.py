@@ -68,7 +68,10 @@ def exported(tmp_path_factory):
         import sys, torch
         sys.path.insert(0, {TESTS_DIR!r})
         from embtable import export
+        import compress_models as cm
         torch.set_num_threads(1)
+        fresh = {{"deepfm": lambda: cm.DeepFMStyle(dim=16), "bags": lambda: cm.MultiHotBags(dim=16),
+                 "dlrm": lambda: cm.dlrm(dim=16)}}
         inputs = torch.load({str(folder / 'inputs.pt')!r}, weights_only=False)
         files = {dict((f'{n}|{d}', p) for (n, d), p in out['files'].items())!r}
         preds = {{}}
@@ -78,12 +81,18 @@ def exported(tmp_path_factory):
             x = inputs[key.split('|')[0]]
             with torch.no_grad():
                 preds[key] = (model(*x) if isinstance(x, tuple) else model(x)).reshape(-1)
+            # the state-dict route: a freshly built uncompressed model on the meta device, file read weights-only
+            with torch.device("meta"):
+                skeleton = fresh[key.split('|')[0]]()
+            rebuilt = export.load(path, model=skeleton)
+            with torch.no_grad():
+                preds[key + '|rebuilt'] = (rebuilt(*x) if isinstance(x, tuple) else rebuilt(x)).reshape(-1)
         torch.save(preds, {str(folder / 'preds.pt')!r})
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     preds = torch.load(folder / "preds.pt")
-    out["fresh"] = {tuple(k.split("|")): v for k, v in preds.items()}
+    out["fresh"] = {tuple(k.split("|")): v for k, v in preds.items()}  # (model, dtype[, "rebuilt"])
     torch.set_num_threads(threads)
     return out
 
@@ -91,6 +100,13 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fp32_export_predicts_exactly_in_a_fresh_process(exported, name):
     assert torch.equal(exported["fresh"][name, "fp32"], exported["reference"][name])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_loading_into_a_freshly_built_model_gives_the_same_predictions(exported, name):
+    """load(path, model=<uncompressed model on the meta device>): weights-only read, tables rebuilt from configs."""
+    for dtype in E.DTYPES:
+        assert torch.equal(exported["fresh"][name, dtype, "rebuilt"], exported["fresh"][name, dtype]), dtype
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
@@ -174,6 +190,7 @@ def test_every_registered_method_exports(method, tmp_path):
     for dtype in ("fp32", "int8"):
         E.export(model, tmp_path / dtype, dtype)
         got = predict(E.load(tmp_path / dtype), x)
+        assert torch.equal(predict(E.load(tmp_path / dtype, model=DeepFMStyle(cards, dim=16)), x), got)
         if dtype == "fp32":
             assert torch.equal(got, ref)
         else:
@@ -213,3 +230,9 @@ def test_load_rejects_other_files_and_newer_formats(tmp_path):
     torch.save({"format": E.FORMAT, "format_version": E.FORMAT_VERSION + 1}, tmp_path / "new.pt")
     with pytest.raises(ValueError, match="newer than this embtable reads"):
         E.load(tmp_path / "new.pt")
+    model, _ = compress(DeepFMStyle([100, 20], dim=4), None, "full")
+    E.export(model, tmp_path / "deepfm.pt")
+    with pytest.raises(ValueError, match="is it the same architecture"):
+        E.load(tmp_path / "deepfm.pt", model=DeepFMStyle([100, 20], dim=8))
+    with pytest.raises(ValueError, match="has no module 'embeddings.0'"):
+        E.load(tmp_path / "deepfm.pt", model=MultiHotBags())
