@@ -202,6 +202,14 @@ def test_shared_module_replaced_once():
     assert new.user is new.also_user and isinstance(new.user, embtable.Embedding)
 
 
+def test_inplace_swaps_the_modules_of_the_given_model():
+    model = DeepFMStyle([1000, 10], dim=4)
+    head = model.mlp
+    same, report = compress(model, "1/2", "hash", inplace=True)
+    assert same is model and model.mlp is head and isinstance(model.embeddings[0], embtable.Embedding)
+    assert table_bytes(model) == report.bytes_after
+
+
 # ----- initialisation from trained weights -----
 def test_hash_rows_start_as_the_mean_of_their_ids():
     model = nn.Sequential(nn.Embedding(1000, 4))
