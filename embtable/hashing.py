@@ -1,8 +1,8 @@
 """Salted universal hashing of int64 ids, stable across processes, platforms and runs.
 
 We use a Carter-Wegman family over the prime ``p = 2**31 - 1``: the id (``0 <= id < 2**63``) is cut into
-31-bit digits ``x0, x1, x2`` and ``h(id) = ((a0*x0 + a1*x1 + a2*x2 + b) mod p) mod m``. Every product stays
-below ``2**62``, so the arithmetic is exact in int64 (no float, no overflow). The coefficients come from a
+31-bit digits ``x0, x1, x2`` (``x2 <= 1``) and ``h(id) = ((a0*x0 + a1*x1 + a2*x2 + b) mod p) mod m``. The sum
+stays below ``2**63``, so the arithmetic is exact in int64 (no float, no overflow). The coefficients come from a
 salt derived with SHA-256 from (seed, feature name, probe), never from Python's randomized ``hash``.
 """
 
@@ -55,7 +55,6 @@ def universal_hash(ids: torch.Tensor, coefficients: torch.Tensor, num_buckets: t
         a0, a1, a2, b = coefficients.unbind(0)
     else:
         a0, a1, a2, b = coefficients.unbind(1)
-    h = (a0 * x0) % PRIME
-    h = (h + (a1 * x1) % PRIME) % PRIME
-    h = (h + (a2 * x2) % PRIME + b) % PRIME
-    return h % num_buckets
+    # a0*x0 and a1*x1 are each at most (2**31 - 2)**2 < 2**62 - 2**32, and a2*x2 + b < 2**32 (x2 <= 1):
+    # the sum stays below 2**63, so one reduction at the end is exact
+    return ((a0 * x0 + a1 * x1 + a2 * x2 + b) % PRIME) % num_buckets
