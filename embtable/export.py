@@ -506,7 +506,8 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
     Example:
         >>> import embtable, tempfile, os
         >>> model = nn.Sequential(embtable.EmbeddingBag(10_000, 16, method=embtable.HashConfig(), budget="1/4"))
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(folder.name, "model.pt")
         >>> report = export(model, path, "int8")
         >>> report.table_bytes_fp32, report.table_bytes
         (159984, 60024)
@@ -514,6 +515,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
         >>> ids, offsets = torch.tensor([5, 9_999, 42]), torch.tensor([0, 2])
         >>> bool((served[0](ids, offsets) - model[0](ids, offsets)).abs().max() < 0.01)
         True
+        >>> folder.cleanup()
     """
     dtype = _check_dtype(dtype)
     path = os.fspath(path)

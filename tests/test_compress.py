@@ -281,6 +281,21 @@ def test_exclude_keeps_tables_and_counts_them_in_the_budget():
         compress(model, 100_000, "hash", exclude=["embeddings.0"])
 
 
+def test_counts_reach_the_planner():
+    import numpy as np
+
+    model = DeepFMStyle([2000, 10], dim=4)
+    popular = np.zeros(2000, dtype=np.int64)
+    popular[:50] = 100
+    with pytest.raises(ValueError, match=r"counts given for unknown table\(s\) \['user'\]"):
+        compress(model, "1/4", "hash", counts={"user": popular})
+    with pytest.raises(ValueError, match="embeddings.0.*counts must have shape"):
+        compress(model, "1/4", "hash", counts={"embeddings.0": popular[:10]})
+    if "optembed" in embtable.registered_methods():  # keeps the most frequent ids: the counted ones
+        new, report = compress(model, "1/4", "optembed", counts={"embeddings.0": popular}, seed=0)
+        assert report.bytes_after <= report.budget_bytes
+
+
 def test_budget_errors_are_raised_before_any_change():
     model = DeepFMStyle()
     with pytest.raises(embtable.BudgetError):
