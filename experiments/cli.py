@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         conv.add_argument("--out", required=True, help="dataset directory to write")
         conv.add_argument("--protocol", choices=["dlrm", "random"], default=None,
                           help="split protocol: dlrm (consecutive days) or random (8:1:1, min-count 10)")
+        conv.add_argument("--min-count", type=int, default=None,
+                          help="ids seen fewer times in training become the out-of-vocabulary id (default: the protocol's)")
         conv.add_argument("--strict", action="store_true", help="stop at the first malformed row (file and line)")
 
     # plan ------------------------------------------------------------------------------------------
@@ -136,16 +138,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             path = data_prep.generate_dataset(args.preset, args.out, seed=args.seed)
         print(f"wrote {path}")
         return 0
-    convert = getattr(data_prep, f"convert_{args.source}", None)
-    if convert is None:
-        print(f"embtable: this installation's data_prep has no convert_{args.source}", file=sys.stderr)
-        return 2
-    kwargs: dict[str, Any] = {}
+    convert = data_prep.convert_criteo if args.source == "criteo" else data_prep.convert_avazu
+    kwargs: dict[str, Any] = {"strict": args.strict, "min_count": args.min_count}
     if args.protocol is not None:
         kwargs["protocol"] = args.protocol
-    if args.strict:
-        kwargs["strict"] = True
-    inputs = args.inputs if len(args.inputs) > 1 else args.inputs[0]
+    if args.source == "avazu" and len(args.inputs) != 1:
+        print(f"embtable prepare avazu: give one Avazu file, got {len(args.inputs)}", file=sys.stderr)
+        return 2
+    inputs = args.inputs if args.source == "criteo" else args.inputs[0]
     path = convert(inputs, args.out, **kwargs)
     print(f"wrote {path}")
     return 0
