@@ -379,27 +379,30 @@ def _plan_per_module(sites, method, budget_bytes, counts):
 # ----------------------------------------------------------------------------------------------------
 # building and initialising
 # ----------------------------------------------------------------------------------------------------
-def _build_site(site: _Site, config: MethodConfig, seed: int | None) -> tuple[nn.Module, EmbeddingModule]:
+def _build_site(site: _Site, config: MethodConfig, seed: int | None,
+                counts: Mapping[str, np.ndarray]) -> tuple[nn.Module, EmbeddingModule]:
     device = site.device
     module = site.module
     t0 = site.tables[0]
     if site.kind == "Embedding":
-        new = Embedding(t0.num_embeddings, t0.embedding_dim, method=config, name=t0.local, device=device, seed=seed)
+        new = Embedding(t0.num_embeddings, t0.embedding_dim, method=config, counts=counts.get(t0.key),
+                        name=t0.local, device=device, seed=seed)
         inner = new.collection
     elif site.kind == "EmbeddingBag":
         new = EmbeddingBag(t0.num_embeddings, t0.embedding_dim, method=config, mode=module.mode,
-                           include_last_offset=module.include_last_offset, name=t0.local, device=device, seed=seed)
+                           include_last_offset=module.include_last_offset, counts=counts.get(t0.key),
+                           name=t0.local, device=device, seed=seed)
         inner = new.collection
     elif site.kind == "EmbeddingBagCollection":
         pooling = Pooling.SUM if module.embedding_bag_configs()[0].pooling == PoolingType.SUM else Pooling.MEAN
-        inner = build(_local_specs(site, {}), config, pooling=pooling, is_weighted=module.is_weighted(),
+        inner = build(_local_specs(site, counts), config, pooling=pooling, is_weighted=module.is_weighted(),
                       device=device, seed=seed)
         new = inner
         if site.grouped:
             tables = [TableFeatures(t.local, t.feature_names, t.embedding_names) for t in site.tables]
             new = GroupedEmbeddingBagCollection(inner, tables, module.embedding_bag_configs())
     else:
-        inner = build(_local_specs(site, {}), config, device=device, seed=seed)
+        inner = build(_local_specs(site, counts), config, device=device, seed=seed)
         tables = [TableFeatures(t.local, t.feature_names, t.embedding_names) for t in site.tables]
         new = GroupedEmbeddingCollection(inner, tables, module.embedding_configs(), module.need_indices())
     if getattr(module, "sparse", False):
@@ -752,7 +755,7 @@ def compress(
         config, feature_plans, shared_bytes = plans[id(s)]
         inits = {t.key: "" for t in s.tables}
         if not dry_run:
-            new, inner = _build_site(s, config, seed)
+            new, inner = _build_site(s, config, seed, counts)
             for t in s.tables:
                 inits[t.key] = _initialise(inner, t.local, t.weight) if init_from_weights else "random"
             planned = sum(p.bytes for p in feature_plans) + sum(shared_bytes.values())

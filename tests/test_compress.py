@@ -286,7 +286,7 @@ def test_counts_reach_the_planner():
 
     model = DeepFMStyle([2000, 10], dim=4)
     popular = np.zeros(2000, dtype=np.int64)
-    popular[:50] = 100
+    popular[-50:] = 100  # the most frequent ids are the last ones
     with pytest.raises(ValueError, match=r"counts given for unknown table\(s\) \['user'\]"):
         compress(model, "1/4", "hash", counts={"user": popular})
     with pytest.raises(ValueError, match="embeddings.0.*counts must have shape"):
@@ -294,6 +294,8 @@ def test_counts_reach_the_planner():
     if "optembed" in embtable.registered_methods():  # keeps the most frequent ids: the counted ones
         new, report = compress(model, "1/4", "optembed", counts={"embeddings.0": popular}, seed=0)
         assert report.bytes_after <= report.budget_bytes
+        kept = new.embeddings[0].collection.kept_ids()["embeddings_0"]
+        assert set(range(1950, 2000)) <= set(kept.tolist()) and len(kept) < 2000
 
 
 def test_budget_errors_are_raised_before_any_change():
