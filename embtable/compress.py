@@ -254,6 +254,15 @@ def _collection_tables(path: str, module: nn.Module, pooled: bool) -> tuple[list
     return tables, problems, not (simple and pooled)
 
 
+def _own_forward(module: nn.Module) -> list[str]:
+    """A subclass that overrides ``forward`` does something compress() cannot know: refuse it."""
+    for base in (nn.Embedding, nn.EmbeddingBag, EmbeddingBagCollection, EmbeddingCollection):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return [f"{type(module).__qualname__} overrides {base.__name__}.forward; a compressed table would "
+                    "drop what that forward adds"]
+    return []
+
+
 def _find_sites(model: nn.Module) -> tuple[list[_Site], list[str]]:
     sites: dict[int, _Site] = {}
     covered: list[str] = []
@@ -273,13 +282,13 @@ def _find_sites(model: nn.Module) -> tuple[list[_Site], list[str]]:
             pooled = isinstance(module, EmbeddingBagCollection)
             tables, problems, grouped = _collection_tables(path, module, pooled)
             kind = "EmbeddingBagCollection" if pooled else "EmbeddingCollection"
-            sites[id(module)] = _Site(module, [path], kind, tables, problems, grouped)
+            sites[id(module)] = _Site(module, [path], kind, tables, problems + _own_forward(module), grouped)
         elif isinstance(module, nn.Embedding | nn.EmbeddingBag):
             kind = type(module).__name__ if type(module) in (nn.Embedding, nn.EmbeddingBag) else (
                 "Embedding" if isinstance(module, nn.Embedding) else "EmbeddingBag")
             n, d = module.weight.shape
             table = _Table(path or "<model>", _identifier(path or "table"), n, d, (), (), module.weight)
-            sites[id(module)] = _Site(module, [path], kind, [table], _table_problems(module))
+            sites[id(module)] = _Site(module, [path], kind, [table], _table_problems(module) + _own_forward(module))
         else:
             continue
         covered.append(path)

@@ -327,6 +327,20 @@ def test_unsupported_settings_are_refused_or_skipped_with_reason(table, problem)
     assert find_tables(model)[0]["problems"]
 
 
+def test_subclasses_with_their_own_forward_are_refused():
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return 2 * super().forward(ids)
+
+    class Named(nn.Embedding):  # no behaviour of its own: a plain table
+        pass
+
+    with pytest.raises(ValueError, match="Scaled overrides Embedding.forward"):
+        compress(nn.ModuleDict({"a": Scaled(1000, 4)}), "1/4", "hash")
+    new, _ = compress(nn.ModuleDict({"a": Named(1000, 4)}), "1/4", "hash")
+    assert isinstance(new["a"], embtable.Embedding)
+
+
 def test_tied_weights_are_refused():
     class TiedOutput(nn.Module):
         def __init__(self):
