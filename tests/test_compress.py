@@ -298,6 +298,20 @@ def test_counts_reach_the_planner():
         assert set(range(1950, 2000)) <= set(kept.tolist()) and len(kept) < 2000
 
 
+def test_shared_storage_methods_are_planned_per_module_and_say_so():
+    """unified shares one table across the features of a module: each replaced module gets its own byte cap."""
+    import json
+
+    if "unified" not in embtable.registered_methods():
+        pytest.skip("unified is not registered")
+    model = DeepFMStyle([20_000, 5_000, 30], dim=8)  # dims 8 and 1: one shared table cannot serve both
+    new, report = compress(model, "1/4", "unified", seed=0)
+    assert report.planning == "per module" and any("planned per module" in n for n in report.notes)
+    assert report.bytes_after <= report.budget_bytes and table_bytes(new) == report.bytes_after
+    assert {t.key: t.status for t in report.tables}["embeddings.2"] == "full"  # small modules stay full
+    assert json.loads(json.dumps(report.to_dict()))["planning"] == "per module"
+
+
 def test_budget_errors_are_raised_before_any_change():
     model = DeepFMStyle()
     with pytest.raises(embtable.BudgetError):
