@@ -76,7 +76,8 @@ class TrainState:
         train_seconds: time spent in training steps (not evaluation or checkpointing).
         loss_sum / loss_weight: exponential moving average of the loss, without its bias correction.
         last_loss: the loss of the last step.
-        history: one record per evaluation during training (step, epoch, valid_auc, valid_logloss, loss).
+        history: one record per evaluation during training (step, epochs done as a fraction, smoothed loss,
+            valid_auc, valid_logloss).
     """
 
     step: int = 0
@@ -344,6 +345,16 @@ def _deterministic(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _own_rng() -> Iterator[None]:
+    """Leave the caller's torch, NumPy and Python generators as they were (a resume restores saved ones)."""
+    outer = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(outer)
+
+
 def dataset_path(data: Any) -> Path:
     """The dataset directory of a ``DataConfig``, generating the preset on first use."""
     if data.path is not None:
@@ -427,7 +438,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
 
-    with _deterministic(train_cfg.num_threads), torch.random.fork_rng(devices=[]):
+    with _deterministic(train_cfg.num_threads), _own_rng():
         path = dataset_path(config.data)
         meta = data_prep.load_meta(path)
         features = meta.feature_specs(config.model.embedding_dim)
@@ -482,7 +493,8 @@ def run(
 
         def validate() -> None:
             metrics = evaluate(model, data_prep.BatchLoader(path, "valid", train_cfg.eval_batch_size, shuffle=False))
-            entry = {"step": state.step, "epoch": state.epoch, "loss": state.smoothed_loss,
+            entry = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
+                     "loss": state.smoothed_loss,
                      "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"]}
             state.history.append(entry)
             if hooks.on_eval is not None:
