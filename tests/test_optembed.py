@@ -159,10 +159,13 @@ def _ebc(features, pooling, weighted):
     )
 
 
-@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
-def test_supernet_degenerates_to_a_plain_table(pooling, weighted):
+@pytest.mark.parametrize("pooling,weighted,mixed", [("sum", False, False), ("mean", False, True),
+                                                     ("sum", True, True)])
+def test_supernet_degenerates_to_a_plain_table(pooling, weighted, mixed):
     """Thresholds far below every norm and full dims: output and gradients of an EmbeddingBagCollection."""
     features = make_features()
+    if mixed:  # features of different dims live in different EmbeddingCollections
+        features = [features[0], features[1].with_dim(4), features[2]]
     torch.manual_seed(0)
     ebc = _ebc(features, pooling, weighted)
     net = OptEmbedSupernet(features, OptEmbedSupernetConfig(threshold_init=-10.0, sample_dims=False),

@@ -143,6 +143,7 @@ class OptEmbedSupernet(EmbeddingModule):
         groups: dict[int, list[FeatureSpec]] = {}
         for f in self.features:
             groups.setdefault(f.embedding_dim, []).append(f)
+        self._groups = {f"dim{d}": [i for i, f in enumerate(self.features) if f.embedding_dim == d] for d in groups}
         self.storage = nn.ModuleDict({
             f"dim{d}": EmbeddingCollection(
                 tables=[EmbeddingConfig(name=f.name, num_embeddings=f.num_embeddings, embedding_dim=d,
@@ -153,8 +154,10 @@ class OptEmbedSupernet(EmbeddingModule):
         })
         self.thresholds = nn.Parameter(torch.full((len(self.features),), float(config.threshold_init),
                                                   device=self.device))
-        self.eval_dims = list(self.embedding_dims)
+        self.eval_dims: list[int] = []
         self.eval_keep: list[torch.Tensor] | None = None
+        self._eval_keep_flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.set_eval()
 
     # ----- search-time settings (plain attributes, not state) -----
     def set_eval(self, dims: Sequence[int] | None = None, keep: Sequence[torch.Tensor] | None = None) -> None:
@@ -168,6 +171,12 @@ class OptEmbedSupernet(EmbeddingModule):
             if [k.numel() for k in keep] != [f.num_embeddings for f in self.features]:
                 raise ValueError("keep must give one [num_embeddings] bool mask per feature")
         self.eval_dims, self.eval_keep = dims, keep
+        self._eval_keep_flat = {}
+        if keep is not None:  # per group: the masks end to end, and where each field's starts
+            for name, members in self._groups.items():
+                sizes = torch.tensor([0] + [self.features[i].num_embeddings for i in members[:-1]])
+                self._eval_keep_flat[name] = (torch.cat([keep[i] for i in members]),
+                                              torch.cumsum(sizes, 0).to(self.device))
 
     def tables(self) -> dict[str, torch.Tensor]:
         """Each feature's full table weight ``[n_f, D_f]``."""
@@ -194,43 +203,53 @@ class OptEmbedSupernet(EmbeddingModule):
         return self.config.threshold_reg * torch.exp(-self.thresholds).sum()
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        looked_up = {}
-        for ec in self.storage.values():
-            looked_up.update(ec(kjt))
         batch = kjt.stride()
-        ids_per_key = kjt.values().split(kjt.length_per_key())
+        counts = kjt.length_per_key()
+        ids_per_key = kjt.values().split(counts)
         weights = kjt.weights_or_none()
-        weights_per_key = weights.split(kjt.length_per_key()) if weights is not None else None
-        out = []
-        for i, f in enumerate(self.features):
-            jt = looked_up[f.name]
-            rows, lengths = jt.values(), jt.lengths()  # [N, D], [B]
+        weights_per_key = weights.split(counts) if weights is not None else None
+        lengths_per_key = kjt.lengths().view(len(self.features), batch)
+        out: list[torch.Tensor | None] = [None] * len(self.features)
+        for dim, ec in self.storage.items():
+            members = self._groups[dim]  # feature indices stored in this EmbeddingCollection
+            looked_up = ec(kjt)
+            D = self.embedding_dims[members[0]]
+            rows = torch.cat([looked_up[self.feature_names[i]].values() for i in members])  # [N, D]
+            n_ids = torch.tensor([counts[i] for i in members], device=rows.device)
+            field = torch.repeat_interleave(torch.arange(len(members), device=rows.device), n_ids,
+                                            output_size=rows.shape[0])  # [N] position in the group
             if self.training or self.eval_keep is None:
                 norm = rows.abs().sum(1) if self.config.norm == "l1" else rows.norm(dim=1)
-                x = norm - self.thresholds[i]
+                x = norm - self.thresholds[torch.tensor(members, device=rows.device)][field]
                 mask = step_ste(x) if self.training else (x > 0).to(rows.dtype)
             else:
-                mask = self.eval_keep[i][ids_per_key[i]].to(rows.dtype)
-            scale = mask if weights_per_key is None else mask * weights_per_key[i]
-            bag = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths, output_size=rows.shape[0])
-            pooled = torch.zeros(batch, f.embedding_dim, dtype=rows.dtype, device=rows.device)
-            pooled = pooled.index_add(0, bag, rows * scale.unsqueeze(1))  # [B, D]
+                keep, offsets = self._eval_keep_flat[dim]
+                ids = torch.cat([ids_per_key[i] for i in members])
+                mask = keep[ids + offsets[field]].to(rows.dtype)
+            if weights_per_key is not None:
+                mask = mask * torch.cat([weights_per_key[i] for i in members])
+            lengths = lengths_per_key[members].reshape(-1)  # [G * B]
+            bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths,
+                                          output_size=rows.shape[0])
+            pooled = torch.zeros(lengths.numel(), D, dtype=rows.dtype, device=rows.device)
+            pooled = pooled.index_add(0, bag, rows * mask.unsqueeze(1))  # [G * B, D]
             if self.pooling is Pooling.MEAN:
                 pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(rows.dtype)
-            dim = self._dim(i)
-            if dim < f.embedding_dim:
-                prefix = torch.arange(f.embedding_dim, device=rows.device) < dim
-                pooled = pooled * prefix.to(rows.dtype)
-            out.append(pooled)
+            dims = self._dims(members)  # [G]
+            prefix = (torch.arange(D, device=rows.device) < dims.unsqueeze(1)).to(rows.dtype)  # [G, D]
+            pooled = pooled.view(len(members), batch, D) * prefix.unsqueeze(1)  # [G, B, D]
+            for g, i in enumerate(members):
+                out[i] = pooled[g]
         return torch.cat(out, dim=1)  # [B, sum(D_f)]
 
-    def _dim(self, i: int) -> int:
-        D = self.embedding_dims[i]
+    def _dims(self, members: list[int]) -> torch.Tensor:
+        """The dim each member field uses now: sampled in training, ``eval_dims`` in eval mode."""
+        D = self.embedding_dims[members[0]]
         if not self.training:
-            return self.eval_dims[i]
+            return torch.tensor([self.eval_dims[i] for i in members], device=self.thresholds.device)
         if not self.config.sample_dims:
-            return D
-        return int(torch.randint(self.config.min_dim, D + 1, (1,)))
+            return torch.full((len(members),), D, device=self.thresholds.device)
+        return torch.randint(self.config.min_dim, D + 1, (len(members),)).to(self.thresholds.device)
 
     @classmethod
     def size_config(cls, features, config, budget_bytes):
