@@ -52,8 +52,13 @@ __all__ = [
 
 RESULT_NAME = "result.json"
 
-#: Config fields that do not change what is computed; a checkpoint made under other values still resumes.
-_RESUME_IGNORES = {("name",), ("train", "checkpoint_every"), ("train", "log_every"), ("data", "data_dir")}
+#: Config fields that do not change what is computed up to a step; a checkpoint made under other values
+#: still resumes. A longer run (more epochs or max_steps) continues exactly where a shorter one stopped,
+#: since nothing in training depends on the planned total (no schedule).
+_RESUME_IGNORES = {
+    ("name",), ("train", "checkpoint_every"), ("train", "log_every"), ("data", "data_dir"),
+    ("train", "epochs"), ("train", "max_steps"),
+}
 
 
 class RunFailed(Exception):
@@ -477,9 +482,14 @@ def run(
                     f"{ckpt_path} is a checkpoint of a different config; pass resume=False to overwrite it "
                     "or use another out_dir"
                 )
+            state = TrainState(**saved["state"])
+            if state.step > total_steps:
+                raise ValueError(
+                    f"{ckpt_path} is at step {state.step}, past this config's {total_steps} steps; "
+                    "pass resume=False to train afresh or use another out_dir"
+                )
             model.load_state_dict(saved["model"])
             optimizers.load_state_dict(saved["optimizers"])
-            state = TrainState(**saved["state"])
             set_rng_state(saved["rng"])
             resumed_from = state.step
         record["resumed_from_step"] = resumed_from

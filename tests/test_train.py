@@ -96,6 +96,8 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tiny: Path, tmp_path: Pat
         run(config(tiny, max_steps=10, dense_lr=0.01), tmp_path, progress=False)
     fresh = run(config(tiny, max_steps=10, dense_lr=0.01), tmp_path, resume=False, progress=False)
     assert fresh.status == "ok" and fresh.resumed_from_step is None
+    with pytest.raises(ValueError, match="past this config's 5 steps"):
+        run(config(tiny, max_steps=5, dense_lr=0.01), tmp_path, progress=False)
 
 
 def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -171,3 +173,21 @@ def test_overrides_replace_whole_method_mappings() -> None:
     switched = qr_like.with_overrides({"embedding": {"method": {"method": "full"}}})
     assert switched.embedding.method == {"method": "full"}  # num_buckets is not carried over
     assert load_config(overrides=["train.seed=7", "model.name=deepfm"]).train.seed == 7
+
+
+def test_run_leaves_the_callers_threads_flags_and_generators_alone(tiny: Path, tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    expected = (torch.rand(1), np.random.rand(), random.random())
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    run(config(tiny, max_steps=5, checkpoint_every=2), tmp_path, progress=False)
+    longer = run(config(tiny, max_steps=6, checkpoint_every=2), tmp_path, progress=False)  # resumes the first
+    assert longer.resumed_from_step == 5 and longer.steps == 6
+    assert longer.test_logloss == run(config(tiny, max_steps=6), progress=False).test_logloss  # as if never stopped
+    assert (torch.rand(1), np.random.rand(), random.random()) == expected
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
