@@ -25,11 +25,12 @@ where it stopped and ends with the same result as an uninterrupted one. The comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,16 @@ def _train_stage(stage: str, model: nn.Module, embedding: nn.Module, config: Run
     return state, seconds + time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _keep_callers_rng() -> Iterator[None]:
+    """Leave the caller's torch, NumPy and Python generators as they were (stages seed / restore their own)."""
+    outer = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(outer)
+
+
 def _check_identity(path: Path, saved: dict, identity: dict) -> None:
     if saved.get("identity") != identity["identity"]:
         raise ValueError(f"{path} belongs to another OptEmbed run (config or stages differ); use another out_dir "
@@ -284,7 +295,7 @@ def run_optembed(
     ckpt = {s: (out / f"{s}.pt" if out is not None else None) for s in STAGES}
     identity = _identity(config, stages)
     cfg = config.train
-    with _deterministic(cfg.num_threads), torch.random.fork_rng(devices=[]):
+    with _deterministic(cfg.num_threads), _keep_callers_rng():
         source = source if source is not None else dataset_source(config)
         features = source.features
         budget = embtable.as_budget(config.embedding.budget)

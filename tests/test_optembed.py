@@ -423,3 +423,23 @@ def test_an_unreachable_budget_fails_before_training():
     result = run_optembed(_run_config(budget=20), OptEmbedStages(**STAGES), source=synthetic_source(),
                           progress=False, hooks=StageHooks(on_step=no_training))
     assert result["status"] == "failed" and "budget" in result["failure_reason"]
+
+
+def test_command_line_on_the_tiny_preset(tmp_path):
+    import data_prep
+    from experiments.optembed import RESULT_NAME, main
+
+    tiny = data_prep.generate_dataset("tiny", tmp_path / "tiny", progress=False)
+    result = main(["--budget", "1/8", "--set", f"data.path={tiny}", "--out", str(tmp_path / "run"),
+                   "--supernet-max-steps", "20", "--retrain-max-steps", "20", "--population", "4",
+                   "--generations", "2", "--parents", "2", "--no-progress"])
+    assert result["status"] == "ok", result["failure_reason"]
+    assert result["inference_bytes"] <= result["budget_bytes"] and result["valid_auc"] > 0.55
+    assert result["supernet_steps"] == result["retrain_steps"] == 20
+    saved = json.loads((tmp_path / "run" / RESULT_NAME).read_text())
+    assert saved["dims"] == result["dims"] and set(saved["stage_seconds"]) == {"supernet", "search", "retrain"}
+    compact = torch.load(tmp_path / "run" / "compact.pt", weights_only=True)
+    module = embtable.OptEmbedEmbeddingBagCollection(
+        data_prep.load_meta(tiny).feature_specs(16), embtable.method_config_from_dict(compact["config"]))
+    module.load_state_dict(compact["state_dict"])  # the artifact a server loads
+    assert embtable.memory_report(module).inference_bytes == result["inference_bytes"]
