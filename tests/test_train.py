@@ -191,3 +191,12 @@ def test_run_leaves_the_callers_threads_flags_and_generators_alone(tiny: Path, t
     assert (torch.rand(1), np.random.rand(), random.random()) == expected
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("module", ["experiments.config", "experiments.checkpoint"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
