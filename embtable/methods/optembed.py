@@ -388,6 +388,8 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
             raise BudgetError(
                 f"optembed: even one kept row per feature needs {total(1):,} bytes, over the budget of "
                 f"{budget_bytes:,}; raise the budget, or set smaller dims (OptEmbedConfig(dims=...))"
+                + ("; remap='dense' stores one entry per id: use remap='auto' for large features"
+                   if config.remap == "dense" else "")
             )
         kept = {}
         for f, d in zip(features, dims):
