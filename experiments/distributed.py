@@ -45,7 +45,7 @@ from embtable.sharding import shard
 from experiments.config import RunConfig, load_config
 from experiments.train import dataset_path, evaluate
 
-__all__ = ["build_model", "slice_batch", "train_distributed", "main"]
+__all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
 SHARDED_CHECKPOINT = "sharded_checkpoint"
 RESULT = "distributed_result.json"
@@ -63,14 +63,8 @@ def build_model(config: RunConfig) -> tuple[nn.Module, nn.Module, Any]:
     return model, embedding, meta
 
 
-def slice_batch(batch: Batch, rank: int, world_size: int) -> Batch:
-    """Rank ``rank``'s contiguous share of a global batch (the batch size must divide evenly)."""
-    size = batch.labels.shape[0]
-    if size % world_size:
-        raise ValueError(f"global batch of {size} does not split evenly over {world_size} ranks; "
-                         "choose a batch size divisible by the world size (drop_last batches are used)")
-    lo, hi = rank * size // world_size, (rank + 1) * size // world_size
-    kjt = batch.sparse_features
+def slice_kjt(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
+    """Bags ``lo:hi`` of every feature of ``kjt`` (weights kept)."""
     values, lengths, weights = [], [], []
     for key in kjt.keys():
         jt = kjt[key]
@@ -79,9 +73,19 @@ def slice_batch(batch: Batch, rank: int, world_size: int) -> Batch:
         lengths.append(jt.lengths()[lo:hi])
         if jt.weights_or_none() is not None:
             weights.append(jt.weights()[offsets[lo]:offsets[hi]])
-    local = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths),
-                              weights=torch.cat(weights) if weights else None)
-    return Batch(dense_features=batch.dense_features[lo:hi], sparse_features=local, labels=batch.labels[lo:hi])
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths),
+                             weights=torch.cat(weights) if weights else None)
+
+
+def slice_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank ``rank``'s contiguous share of a global batch (the batch size must divide evenly)."""
+    size = batch.labels.shape[0]
+    if size % world_size:
+        raise ValueError(f"global batch of {size} does not split evenly over {world_size} ranks; "
+                         "choose a batch size divisible by the world size (drop_last batches are used)")
+    lo, hi = rank * size // world_size, (rank + 1) * size // world_size
+    return Batch(dense_features=batch.dense_features[lo:hi], sparse_features=slice_kjt(batch.sparse_features, lo, hi),
+                 labels=batch.labels[lo:hi])
 
 
 def _worker(rank: int, world_size: int, config_dict: dict, out_dir: str, sharding_types: list[str] | None,

@@ -42,26 +42,11 @@ def _batch(features, step: int):
     return make_kjt(features, batch=WORLD * BATCH, seed=100 + step, max_len=2)
 
 
-def _slice(kjt, lo: int, hi: int):
-    """Bags ``lo:hi`` of every feature (a rank's share of the global batch)."""
-    from torchrec import KeyedJaggedTensor
-
-    values, lengths, weights = [], [], []
-    for key in kjt.keys():
-        jt = kjt[key]
-        offsets = jt.offsets()
-        values.append(jt.values()[offsets[lo]:offsets[hi]])
-        lengths.append(jt.lengths()[lo:hi])
-        if jt.weights_or_none() is not None:
-            weights.append(jt.weights()[offsets[lo]:offsets[hi]])
-    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths),
-                             weights=torch.cat(weights) if weights else None)
-
-
 def _worker(rank: int, port: int, methods: dict[str, str], out: str) -> None:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from embtable.sharding import shard
+    from experiments.distributed import slice_kjt
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -80,7 +65,7 @@ def _worker(rank: int, port: int, methods: dict[str, str], out: str) -> None:
         diffs = []
         for step in range(STEPS + 1):
             kjt = _batch(features, step)
-            mine = dmp(_slice(kjt, lo, hi)).values()
+            mine = dmp(slice_kjt(kjt, lo, hi)).values()
             theirs = reference(kjt).values()
             diffs.append(float((mine - theirs[lo:hi]).abs().max().detach()))
             if step == STEPS:
