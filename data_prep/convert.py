@@ -53,6 +53,7 @@ from .textparse import (
     count_lines,
     is_gzip,
     iter_chunks,
+    open_text,
     parse_chunk,
     read_header,
 )
@@ -187,14 +188,29 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
     if check_or_claim(out, fp, f"convert-{fmt_name}"):
         return out
     work = out / "_work"
-    plan = _plan(job, fmt, work, progress)
+    with Workers(workers) as pool:
+        pool.start(_warm_up)  # the workers import their modules while this process plans
+        plan = _plan(job, fmt, work, progress, pool)
+        _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress)
+    _finish(out, fp, fmt, job, plan, files, source)
+    return out
+
+
+def _warm_up(_: int) -> int:
+    import pandas  # noqa: F401  (map_keys needs it)
+
+    return 0
+
+
+def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress):
+    """Passes 1-3 over a planned conversion (skipping chunks already done)."""
     total_lines = [sum(c["n_lines"] for c in plan if c["file_idx"] == i) for i in range(len(files))]
     line_offset = np.concatenate([[0], np.cumsum(total_lines)]).astype(np.int64).tolist()
-    split_info = {"protocol": protocol, "layout": layout, "days": days, "seed": seed,
+    split_info = {"protocol": job.protocol, "layout": job.layout, "days": job.days, "seed": job.seed,
                   "total_lines": total_lines, "line_offset": line_offset, "num_files": len(files)}
 
     # ---- pass 1: parse -------------------------------------------------------------------------------
-    todo = [c for c in plan if not (work / f"p1-{c['chunk']:05d}.npz").is_file()]
+    todo = [c for c in plan if not (work / f"p1-{c['chunk']:05d}.rec").is_file()]
 
     def pass1_jobs():
         by_file: dict[int, list[dict]] = {}
@@ -211,10 +227,7 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
                 if offset in wanted:
                     yield {**base, **wanted[offset], "data": data}
 
-    with Workers(workers) as pool:
-        _run_passes(pool, todo, pass1_jobs(), plan, work, out, fmt, fmt_name, min_count, progress)
-    _finish(out, fp, fmt, job, plan, files, source)
-    return out
+    _run_passes(pool, todo, pass1_jobs(), plan, work, out, fmt, fmt_name, min_count, progress)
 
 
 def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_count, progress) -> None:
@@ -225,11 +238,11 @@ def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_coun
         pool.run(_pass1, pass1_jobs, bar, parallel=len(todo) > 1)
 
     # ---- pass 2: vocabularies ------------------------------------------------------------------------
-    vocab_file = work / "vocab.npz"
+    vocab_file = work / "vocab.rec"
     if not vocab_file.is_file():
         counters = [KeyCounter() for _ in fmt.feature_names]
         for c in tqdm(plan, desc="vocabulary", disable=not progress):
-            rec = read_record(work / f"p1-{c['chunk']:05d}.npz")
+            rec = read_record(work / f"p1-{c['chunk']:05d}.rec")
             for f, counter in enumerate(counters):
                 counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
         arrays = {}
@@ -240,7 +253,7 @@ def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_coun
         write_record(vocab_file, **arrays)
 
     # ---- pass 3: ids and shards ----------------------------------------------------------------------
-    todo3 = [c for c in plan if not (work / f"p2-{c['chunk']:05d}.npz").is_file()]
+    todo3 = [c for c in plan if not (work / f"p2-{c['chunk']:05d}.rec").is_file()]
     jobs3 = [{"chunk": c["chunk"], "out": str(out), "fmt": fmt_name} for c in todo3]
     with tqdm(total=len(jobs3), unit="chunk", desc="write", disable=not progress) as bar:
         pool.run(_pass2, jobs3, bar, parallel=len(jobs3) > 1)
@@ -253,8 +266,12 @@ def _sort_days(files: list[pathlib.Path]) -> list[pathlib.Path]:
     return files
 
 
-def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool) -> list[dict]:
-    """Chunks of all inputs: file index, offset, bytes, first line number, number of lines."""
+def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: Workers) -> list[dict]:
+    """Chunks of all inputs: file index, offset, bytes, first line number, number of lines.
+
+    Plain files are cut at the first newline after every ``chunk_bytes`` (a few seeks) and the chunks'
+    lines are counted by the workers in parallel; gzip files are decompressed once, in order.
+    """
     from tqdm.auto import tqdm
 
     plan_file = work / "plan.json"
@@ -262,22 +279,79 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool) -> lis
         return json.loads(plan_file.read_text())
     plan = []
     for i, path in enumerate(job.inputs):
+        header_len = 0
         if fmt.header:
             header = read_header(path)
             got = [h.strip() for h in header.split(fmt.delimiter)]
             if got != list(fmt.columns):
                 raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header {list(fmt.columns)[:5]}...")
+            with open_text(path) as f:
+                header_len = len(f.readline())
         line = 2 if fmt.header else 1
         with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"scan {pathlib.Path(path).name}",
                   disable=not progress) as bar:
-            for offset, data in iter_chunks(path, job.chunk_bytes, skip_header=fmt.header):
-                n = count_lines(data)
-                plan.append({"chunk": len(plan), "file_idx": i, "offset": offset, "nbytes": len(data),
-                             "first_line": line, "n_lines": n})
-                line += n
-                bar.update(len(data))
+            if is_gzip(path):
+                pieces = []
+                for offset, data in iter_chunks(path, job.chunk_bytes, skip_header=fmt.header):
+                    pieces.append((offset, len(data), count_lines(data)))
+                    bar.update(len(data))
+            else:
+                ranges = _byte_ranges(path, header_len, job.chunk_bytes)
+                counts: list[int] = []
+                pool.run(_count_job, [(path, o, n) for o, n in ranges], _Collect(counts, bar))
+                pieces = [(o, n, c) for (o, n), c in zip(ranges, counts)]
+        for offset, nbytes, n in pieces:
+            plan.append({"chunk": len(plan), "file_idx": i, "offset": offset, "nbytes": nbytes,
+                         "first_line": line, "n_lines": n})
+            line += n
     atomic_write_json(plan_file, plan)
     return plan
+
+
+class _Collect:
+    """A progress "bar" for :meth:`Workers.run` that keeps the results (line counts) in order."""
+
+    def __init__(self, out: list, bar) -> None:
+        self.out, self.bar = out, bar
+
+    def update(self, result: tuple[int, int]) -> None:
+        self.out.append(result[0])
+        self.bar.update(result[1])
+
+
+def _byte_ranges(path: str, start: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """``(offset, nbytes)`` pieces of a plain file, each ending just after a newline (or at the end)."""
+    size = os.path.getsize(path)
+    bounds = [start]
+    with open(path, "rb") as f:
+        pos = start + chunk_bytes
+        while pos < size:
+            f.seek(pos)
+            while True:
+                block = f.read(1 << 16)
+                if not block:
+                    cut = size
+                    break
+                k = block.find(b"\n")
+                if k >= 0:
+                    cut = pos + k + 1
+                    break
+                pos += len(block)
+            if cut >= size:
+                break
+            bounds.append(cut)
+            pos = cut + chunk_bytes
+    bounds.append(size)
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _count_job(job: tuple[str, int, int]) -> tuple[int, int]:
+    """Worker job: lines in a byte range of a plain file (and its size, for the progress bar)."""
+    path, offset, nbytes = job
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(nbytes)
+    return count_lines(data), nbytes
 
 
 def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: dict) -> np.ndarray:
@@ -306,7 +380,7 @@ def _pass1(job: dict) -> int:
     first_data_line = 2 if fmt.header else 1
     codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
     chunk = job["chunk"]
-    write_record(out / "_work" / f"raw-{chunk:05d}.npz", labels=parsed.labels, dense=parsed.dense,
+    write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
                  keys=parsed.keys, split=codes)
     rec: dict[str, np.ndarray] = {
         "bad_lines": parsed.bad_lines, "bad_kinds": parsed.bad_kinds,
@@ -317,14 +391,15 @@ def _pass1(job: dict) -> int:
     for f in range(train.shape[1]):
         k, v = np.unique(train[:, f], return_counts=True)
         rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = k, v.astype(np.int64)
-    write_record(out / "_work" / f"p1-{chunk:05d}.npz", **rec)
+    write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return job["nbytes"]
 
 
 _VOCAB_CACHE: dict[str, list[dict[str, np.ndarray]]] = {}
 
 
-def _load_vocab(path: pathlib.Path, num_features: int) -> list[dict[str, np.ndarray]]:
+def _load_vocab(path: pathlib.Path, num_features: int) -> list[dict]:
+    """The vocabularies, cached per process (a worker maps many chunks with the same vocabularies)."""
     key = f"{path}:{path.stat().st_mtime_ns}"
     if key not in _VOCAB_CACHE:
         _VOCAB_CACHE.clear()
@@ -339,16 +414,16 @@ def _pass2(job: dict) -> int:
     fmt = _FORMATS[job["fmt"]]
     out = pathlib.Path(job["out"])
     chunk = job["chunk"]
-    vocab = _load_vocab(out / "_work" / "vocab.npz", len(fmt.feature_names))
-    raw_file = out / "_work" / f"raw-{chunk:05d}.npz"
+    vocab = _load_vocab(out / "_work" / "vocab.rec", len(fmt.feature_names))
+    raw_file = out / "_work" / f"raw-{chunk:05d}.rec"
     raw = read_record(raw_file)
     keys = raw["keys"]
     ids = np.empty_like(keys)
     for f in range(keys.shape[1]):
         ids[:, f] = map_keys(vocab[f], keys[:, f])
     entries = write_split_shards(out, chunk, raw["split"], raw["labels"], raw["dense"], ids,
-                                 fmt.dense, fmt.feature_names)
-    write_record(out / "_work" / f"p2-{chunk:05d}.npz", **entries_to_arrays(entries))
+                                 fmt.dense, fmt.feature_names, [len(v["counts"]) for v in vocab])
+    write_record(out / "_work" / f"p2-{chunk:05d}.rec", **entries_to_arrays(entries))
     raw_file.unlink()
     return 1
 
@@ -363,7 +438,7 @@ def _finish(out: pathlib.Path, fp: str, fmt: TextFormat, job: _Job, plan: list[d
     n_bad = 0
     entries: list[dict] = []
     for c in plan:
-        rec = read_record(work / f"p1-{c['chunk']:05d}.npz")
+        rec = read_record(work / f"p1-{c['chunk']:05d}.rec")
         rows += rec["rows"]
         positives += rec["positives"]
         for line, kind in zip(rec["bad_lines"].tolist(), rec["bad_kinds"].tolist()):
@@ -371,8 +446,8 @@ def _finish(out: pathlib.Path, fp: str, fmt: TextFormat, job: _Job, plan: list[d
             n_bad += 1
             if len(listed) < MAX_LISTED_MALFORMED:
                 listed.append({"file": files[c["file_idx"]].name, "line": line, "kind": MALFORMED_KINDS[kind]})
-        entries += arrays_to_entries(read_record(work / f"p2-{c['chunk']:05d}.npz"))
-    vocab = _load_vocab(work / "vocab.npz", len(fmt.feature_names))
+        entries += arrays_to_entries(read_record(work / f"p2-{c['chunk']:05d}.rec"))
+    vocab = _load_vocab(work / "vocab.rec", len(fmt.feature_names))
     counts = {name: vocab[f]["counts"] for f, name in enumerate(fmt.feature_names)}
     write_counts(out, counts)
     split_rows = {s: int(rows[i]) for i, s in enumerate(SPLITS)}

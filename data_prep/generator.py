@@ -358,7 +358,8 @@ def _generate_chunk(job: tuple[dict, int, str]) -> int:
     ch = teacher.chunk(c)
     codes = dlrm_split(ch["rows"], cfg.num_rows, cfg.days)
     dense = dense_transform(ch["dense_raw"], ch["present"])
-    entries = write_split_shards(out, c, codes, ch["labels"], dense, ch["ids"], CRITEO_DENSE, CRITEO_CATEGORICAL)
+    entries = write_split_shards(out, c, codes, ch["labels"], dense, ch["ids"], CRITEO_DENSE, CRITEO_CATEGORICAL,
+                                 cfg.cardinalities)
     rec = entries_to_arrays(entries)
     hist = AUCHistogram()
     for code, split in enumerate(SPLITS):

@@ -32,6 +32,14 @@ class Workers:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
             self._pool = None
 
+    def start(self, warm_up: Callable) -> None:
+        """Start the worker processes now (each runs ``warm_up(i)``), so their start-up overlaps other work."""
+        if self.workers > 1 and self._pool is None:
+            ctx = multiprocessing.get_context(_start_method())
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            for i in range(self.workers):
+                self._pool.submit(warm_up, i)
+
     def run(self, fn: Callable, jobs: Iterable, bar=None, parallel: bool = True) -> None:
         """Run ``fn(job)`` for every job, ``bar.update(result)`` after each, results taken in job order.
 

@@ -1,7 +1,7 @@
 """Writing parquet shards atomically, and the per-chunk "done" records that make runs resumable.
 
 A long job (conversion, generation) is cut into numbered chunks. Chunk ``c`` writes its shards
-(``{split}/part-{c:05d}.parquet``) and then, last, a small record ``_work/chunk-{c:05d}.npz`` with the
+(``{split}/part-{c:05d}.parquet``) and then, last, a small record ``_work/chunk-{c:05d}.rec`` with the
 shard row counts and checksums plus whatever statistics the job merges at the end. A rerun skips every
 chunk whose record exists, so a killed run continues where it stopped and ends with the same manifest.
 """
@@ -29,7 +29,7 @@ def shard_path(split: str, chunk: int) -> str:
 
 
 def record_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:
-    return out_dir / "_work" / f"chunk-{chunk:05d}.npz"
+    return out_dir / "_work" / f"chunk-{chunk:05d}.rec"
 
 
 def make_table(
@@ -46,15 +46,24 @@ def make_table(
     return pa.Table.from_arrays(cols, names=[LABEL, *dense_names, *cat_names])
 
 
-def write_shard(out_dir: pathlib.Path, rel: str, table: pa.Table) -> dict:
-    """Write ``table`` to ``out_dir/rel`` atomically; return its manifest entry (path, rows, sha256)."""
+#: Categorical columns with at most this many ids are dictionary-encoded in parquet (smaller files);
+#: bigger ones are written plain (dictionary encoding would only cost time).
+DICTIONARY_MAX_IDS = 1 << 16
+
+
+def write_shard(out_dir: pathlib.Path, rel: str, table: pa.Table, dictionary: Sequence[str] | bool = True) -> dict:
+    """Write ``table`` to ``out_dir/rel`` atomically; return its manifest entry (path, rows, sha256).
+
+    ``dictionary``: columns to dictionary-encode (or True / False for all / none).
+    """
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        # Dictionary pages help the small fields; statistics let readers skip nothing here, keep them off.
-        pq.write_table(table, tmp, compression="snappy", write_statistics=False)
+        # Statistics would let readers skip row groups, which nothing here does: keep them off.
+        pq.write_table(table, tmp, compression="snappy", write_statistics=False,
+                       use_dictionary=dictionary if isinstance(dictionary, bool) else list(dictionary))
         digest = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -73,8 +82,15 @@ def write_split_shards(
     ids: np.ndarray,
     dense_names: Sequence[str],
     cat_names: Sequence[str],
+    num_embeddings: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Write chunk ``chunk``'s rows into one shard per split present; return the manifest entries."""
+    """Write chunk ``chunk``'s rows into one shard per split present; return the manifest entries.
+
+    With ``num_embeddings`` only the label, dense and small categorical columns are dictionary-encoded.
+    """
+    dictionary: Sequence[str] | bool = True
+    if num_embeddings is not None:
+        dictionary = [LABEL, *dense_names] + [c for c, n in zip(cat_names, num_embeddings) if n <= DICTIONARY_MAX_IDS]
     entries = []
     for code, split in enumerate(SPLITS):
         sel = split_codes == code
@@ -84,17 +100,23 @@ def write_split_shards(
             table = make_table(labels, dense, ids, dense_names, cat_names)
         else:
             table = make_table(labels[sel], dense[sel], ids[sel], dense_names, cat_names)
-        entries.append(write_shard(out_dir, shard_path(split, chunk), table))
+        entries.append(write_shard(out_dir, shard_path(split, chunk), table, dictionary))
     return entries
 
 
 def write_record(path: pathlib.Path, **arrays: np.ndarray) -> None:
-    """Atomically write a chunk's done-record (an uncompressed npz)."""
+    """Atomically write named arrays (a chunk's done-record, raw rows, a vocabulary).
+
+    The format is a plain sequence of ``.npy`` arrays (names first): unlike ``np.savez`` no zip
+    checksum is computed, which matters for the raw rows of a large conversion.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.save(f, np.array(list(arrays), dtype=np.str_))
+            for a in arrays.values():
+                np.save(f, np.asarray(a), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -103,8 +125,10 @@ def write_record(path: pathlib.Path, **arrays: np.ndarray) -> None:
 
 
 def read_record(path: pathlib.Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Arrays written by :func:`write_record`, by name."""
+    with open(path, "rb") as f:
+        names = np.load(f, allow_pickle=False)
+        return {str(name): np.load(f, allow_pickle=False) for name in names}
 
 
 def entries_to_arrays(entries: list[dict]) -> dict[str, np.ndarray]:
@@ -125,4 +149,12 @@ def arrays_to_entries(rec: dict[str, np.ndarray]) -> list[dict]:
 
 def write_counts(out: pathlib.Path, counts: dict[str, np.ndarray]) -> None:
     """Atomically write ``counts.npz``: one int64 array of training id frequencies per feature."""
-    write_record(out / "counts.npz", **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()})
+    fd, tmp = tempfile.mkstemp(prefix=".counts.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()})
+        os.replace(tmp, out / "counts.npz")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

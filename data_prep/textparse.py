@@ -172,7 +172,6 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX_LUT[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX_LUT[_c] = 10 + _i
-_NIBBLE_SHIFTS8 = np.arange(28, -1, -4, dtype=np.uint64)
 
 
 def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -220,14 +219,22 @@ def hex_keys(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if not present.any():
         return keys, bad
     if np.all((lengths == 8) | missing):  # fast path: Criteo values are always 8 digits
-        nib = _HEX_LUT[data[offsets[0]: offsets[-1]]].reshape(-1, 8)
+        nib = _HEX_LUT[data[offsets[0]: offsets[-1]]].reshape(-1, 4, 2)
         rows = np.flatnonzero(present)
-        bad_rows = (nib == 255).any(axis=1)
-        vals = (nib.astype(np.uint64) << _NIBBLE_SHIFTS8[None, :]).sum(axis=1, dtype=np.uint64)
-        keys[rows] = vals.view(np.int64)
+        bad_rows = (nib == 255).reshape(-1, 8).any(axis=1)
+        # two nibbles -> one byte; four bytes, most significant first -> one big-endian uint32
+        octets = np.ascontiguousarray((nib[:, :, 0] << 4) | nib[:, :, 1])
+        keys[rows] = octets.view(">u4")[:, 0]
         bad[rows[bad_rows]] = True
         keys[bad] = MISSING_KEY
         return keys, bad
+    return _hex_from_parts(offsets, data)
+
+
+def _hex_from_parts(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """General hex decoding of strings given by ``offsets`` into ``data`` (any length; > 16 is bad)."""
+    lengths = np.diff(offsets)
+    missing = lengths == 0
     too_long = lengths > 16
     lens = np.where(too_long, 0, lengths)
     off2 = np.concatenate([[0], np.cumsum(lens)])
@@ -261,23 +268,30 @@ def string_keys(arr: pa.Array) -> np.ndarray:
 
 
 # ---- one chunk -------------------------------------------------------------------------------------
-def _line_structure(data: bytes, fmt: TextFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per physical line: start offset, end offset (at the newline) and malformed code (-1 = fine)."""
-    if not data.endswith(b"\n"):
-        data = data + b"\n"
-    arr = np.frombuffer(data, dtype=np.uint8)
+_PAD = 24  # bytes in front of a chunk, so that 8-byte windows ending in the first field start at >= 0
+
+
+def _scan(data: bytes, fmt: TextFormat):
+    """Padded chunk bytes and its line structure (one pass over the bytes per character class).
+
+    Returns ``arr`` (``_PAD`` bytes of ``"0"``, the chunk, a final newline if missing, 8 NUL bytes),
+    per physical line its ``starts`` and ``ends`` (position of the newline) in ``arr``, the positions of
+    all delimiters, and per line the malformed code (-1 = fine).
+    """
+    tail = b"" if data.endswith(b"\n") else b"\n"
+    arr = np.frombuffer(b"0" * _PAD + data + tail + b"\0" * 8, dtype=np.uint8)
     ends = np.flatnonzero(arr == 10)
     starts = np.empty_like(ends)
-    starts[0] = 0
+    starts[0] = _PAD
     starts[1:] = ends[:-1] + 1
+    delims = np.flatnonzero(arr == ord(fmt.delimiter))
+    per_line = np.diff(np.searchsorted(delims, ends), prepend=0)
     code = np.full(len(ends), -1, dtype=np.int8)
-    delims = np.add.reduceat(arr == ord(fmt.delimiter), starts, dtype=np.int32)
-    code[delims != len(fmt.columns) - 1] = _K["field_count"]
+    code[per_line != len(fmt.columns) - 1] = _K["field_count"]
     if data.find(b"\r") >= 0:
-        cr_lines = np.searchsorted(ends, np.flatnonzero(arr == 13))
-        code[cr_lines] = _K["crlf"]
+        code[np.searchsorted(ends, np.flatnonzero(arr == 13))] = _K["crlf"]
     code[ends == starts] = _K["blank_line"]
-    return starts, ends, code
+    return arr, starts, ends, delims, code
 
 
 def _read_arrow(buf: bytes | pa.Buffer, fmt: TextFormat, typed: bool) -> pa.Table:
@@ -313,6 +327,170 @@ def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return vals, present & ok, bad
 
 
+def _arrow_fields(buf: bytes, fmt: TextFormat, n: int):
+    """Fields of ``n`` well-formed lines through ``pyarrow.csv`` (any format)."""
+    try:
+        table = _read_arrow(buf, fmt, typed=True)
+    except pa.ArrowInvalid:  # a value that is not an integer: read strings, find the rows
+        table = _read_arrow(buf, fmt, typed=False)
+    row_bad = np.full(n, -1, dtype=np.int8)  # first reason per row, in column order
+
+    def flag(mask: np.ndarray, kind: str) -> None:
+        row_bad[(row_bad < 0) & mask] = _K[kind]
+
+    lab, lab_present, lab_bad = _int_column(table[fmt.label])
+    flag(~lab_present & ~lab_bad, "empty_label")
+    flag(lab_bad | (lab_present & (lab != 0) & (lab != 1)), "bad_label")
+    labels = lab.astype(np.int8)
+    dense = np.zeros((n, len(fmt.dense)), dtype=np.float32)
+    for j, name in enumerate(fmt.dense):
+        vals, present, bad = _int_column(table[name])
+        flag(bad, "non_integer_dense")
+        dense[:, j] = np.log1p(np.where(present, np.maximum(vals, 0), 0).astype(np.float64))
+    keys = np.empty((n, len(fmt.feature_names)), dtype=np.int64)
+    j0 = 0
+    if fmt.hour:
+        hour_of_day, weekday, bad = _avazu_hour(table[fmt.hour])
+        flag(bad, "bad_hour")
+        keys[:, 0], keys[:, 1] = hour_of_day, weekday
+        j0 = 2
+    for j, name in enumerate(fmt.categorical):
+        if fmt.hex_categories:
+            k, bad = hex_keys(table[name])
+            flag(bad, "non_hex_category")
+        else:
+            k = string_keys(table[name])
+        keys[:, j0 + j] = k
+    return labels, dense, keys, row_bad
+
+
+def _criteo_fields(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, tabs: np.ndarray,
+                   block: int = 32768):
+    """Fields of well-formed Criteo lines (40 fields each) with numpy only, all columns at once.
+
+    ``arr``, ``starts``, ``ends``, ``tabs`` come from :func:`_scan`. Field starts / ends form ``[n, 40]``
+    tables; blocks of rows are then decoded together with SWAR arithmetic (per-byte arithmetic on 64-bit
+    words read at any byte offset): integers of up to 8 characters and 8-digit hex values are one word
+    each. Values of unusual length or case take a general path cell by cell.
+    """
+    n = len(ends)
+    tabs = tabs.astype(np.int32).reshape(n, 39)
+    fs = np.empty((n, 40), dtype=np.int32)
+    fe = np.empty((n, 40), dtype=np.int32)
+    fs[:, 0] = starts
+    fs[:, 1:] = tabs + 1
+    fe[:, :39] = tabs
+    fe[:, 39] = ends
+    # every 8-byte window of the buffer as an unaligned little-endian uint64
+    words = np.ndarray(shape=(len(arr) - 7,), dtype="<u8", buffer=arr, strides=(1,))
+    parts = [_criteo_block(arr, words, fs[a:a + block], fe[a:a + block]) for a in range(0, n, block)]
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+
+
+_B01 = np.uint64(0x0101010101010101)
+_B0F = np.uint64(0x0F0F0F0F0F0F0F0F)
+_B30 = np.uint64(0x3030303030303030)
+_L0F = np.uint64(0x000F000F000F000F)
+_L32 = np.uint64(0x0000FFFF0000FFFF)
+_L64 = np.uint64(0xFFFFFFFF)
+
+
+def _swar_hex8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8 ASCII chars per uint64 (first char in the lowest byte) -> (value of the 8 hex digits, exact).
+
+    ``exact`` is False unless all 8 chars are lowercase hex digits (then re-encoding gives ``x`` back).
+    """
+    nib = (x & _B0F) + ((x >> np.uint64(6)) & _B01) * np.uint64(9)  # digit or letter value per byte
+    enc = nib + _B30 + (((nib + np.uint64(0x0606060606060606)) >> np.uint64(4)) & _B01) * np.uint64(0x27)
+    exact = enc == x
+    t = ((nib & _L0F) << np.uint64(4)) | ((nib >> np.uint64(8)) & _L0F)  # byte k = nib[2k] << 4 | nib[2k+1]
+    t = (t | (t >> np.uint64(8))) & _L32
+    t = (t | (t >> np.uint64(16))) & _L64
+    return t.astype(np.uint32).byteswap().astype(np.int64), exact
+
+
+_B80 = np.uint64(0x8080808080808080)
+_BF0 = np.uint64(0xF0F0F0F0F0F0F0F0)
+_B06 = np.uint64(0x0606060606060606)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _swar_int8(x: np.ndarray, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decimal value of the last ``digits`` (0..8) chars of each word (first char in the lowest byte).
+
+    Bytes before them are replaced by ``"0"``. Returns ``(value int64, ok)``; ``ok`` is False when a
+    char is not a digit or ``digits > 8``.
+    """
+    with np.errstate(over="ignore"):
+        nlow = (8 - np.minimum(digits, 8)).astype(np.uint64) * np.uint64(8)
+        low = np.where(nlow >= 64, _ALL, (np.uint64(1) << np.minimum(nlow, np.uint64(63))) - np.uint64(1))
+        x = (x & ~low) | (_B30 & low)
+        ok = ((x & _BF0) == _B30) & (((x + _B06) & _BF0) == _B30) & (digits <= 8)
+        # pairs, quads, octets: the first (lowest) char is the most significant digit
+        d = ((x & _B0F) * np.uint64(10 * (1 << 8) + 1)) >> np.uint64(8)
+        d = ((d & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(100 * (1 << 16) + 1)) >> np.uint64(16)
+        d = ((d & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(10000 * (1 << 32) + 1)) >> np.uint64(32)
+    return d.astype(np.int64), ok
+
+
+def _long_ints(arr: np.ndarray, ends: np.ndarray, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of cells with 9..18+ digits ending before ``ends`` (``ok`` False beyond 18 digits)."""
+    width = 18
+    cols = np.arange(-width, 0)
+    ch = arr[np.maximum(ends[:, None] + cols, 0)].astype(np.int64) - 48
+    inside = cols >= -digits[:, None]
+    ok = ((ch >= 0) & (ch <= 9) | ~inside).all(axis=1) & (digits <= width)
+    value = np.where(inside & ok[:, None], ch, 0) @ (10 ** np.arange(width - 1, -1, -1, dtype=np.int64))
+    return value, ok
+
+
+def _criteo_block(arr: np.ndarray, words: np.ndarray, fs: np.ndarray, fe: np.ndarray):
+    n = len(fs)
+    lens = fe - fs
+    row_bad = np.full(n, -1, dtype=np.int8)
+
+    def flag(mask: np.ndarray, kind: str) -> None:
+        row_bad[(row_bad < 0) & mask] = _K[kind]
+
+    # label: exactly one character, 0 or 1
+    first = arr[fs[:, 0]]
+    flag(lens[:, 0] == 0, "empty_label")
+    flag((lens[:, 0] > 1) | ((first != 48) & (first != 49)), "bad_label")
+    labels = (first == 49).astype(np.int8)
+    # dense: an optional sign then digits; the last 8 chars of each field are one word
+    dfs, dl = fs[:, 1:14], lens[:, 1:14]
+    c0 = arr[dfs]
+    signed = ((c0 == 45) | (c0 == 43)) & (dl > 0)
+    digits = dl - signed
+    value, ok = _swar_int8(words[fe[:, 1:14] - 8], digits)
+    long = digits > 8
+    if long.any():  # 9..18 digits (rare): digit matrix, cell by cell
+        r, c = np.nonzero(long)
+        value[r, c], ok[r, c] = _long_ints(arr, fe[:, 1:14][r, c], digits[r, c])
+    ok &= ~(signed & (digits == 0))
+    flag(~ok.all(axis=1), "non_integer_dense")
+    value = np.where(signed & (c0 == 45), 0, value)  # missing (empty) and negative -> 0
+    dense = np.log1p(value.astype(np.float64)).astype(np.float32)
+    # categorical: 8 lowercase hex digits (fast path) or empty (missing)
+    cs = fs[:, 14:]
+    cl = lens[:, 14:]
+    values, exact = _swar_hex8(words[np.minimum(cs, len(words) - 1)])
+    fast = (cl == 8) & exact
+    keys = np.where(fast, values, MISSING_KEY)
+    bad_hex = np.zeros((n, 26), dtype=bool)
+    odd = (cl != 0) & ~fast
+    if odd.any():  # other lengths or upper case, cell by cell through the general decoder
+        r, c = np.nonzero(odd)
+        starts, ln = cs[r, c].astype(np.int64), cl[r, c].astype(np.int64)
+        ends = np.cumsum(ln)
+        src = np.repeat(starts, ln) + (np.arange(ends[-1]) - np.repeat(ends - ln, ln))
+        k, b = _hex_from_parts(np.concatenate([[0], ends]), arr[src])
+        keys[r, c] = k
+        bad_hex[r, c] = b
+    flag(bad_hex.any(axis=1), "non_hex_category")
+    return labels, dense, keys, row_bad
+
+
 def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
                 strict: bool = False) -> ParsedChunk:
     """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
@@ -323,61 +501,27 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
         >>> p.labels.tolist(), p.lines.tolist(), p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]
         ([1, 1], [1, 3], [2], ['blank_line'])
     """
-    starts, ends, code = _line_structure(data, fmt)
+    arr, starts, ends, delims, code = _scan(data, fmt)
     line_no = first_line + np.arange(len(ends), dtype=np.int64)
     good = code < 0
     if strict and not good.all():
         i = int(np.flatnonzero(~good)[0])
         raise MalformedRowError(file, int(line_no[i]), MALFORMED_KINDS[code[i]],
-                                repr(data[starts[i]:ends[i]][:200].decode("utf-8", "replace")))
-    if good.all():
-        buf = data
-    else:
-        arr = np.frombuffer(data if data.endswith(b"\n") else data + b"\n", dtype=np.uint8)
+                                repr(arr[starts[i]:ends[i]][:200].tobytes().decode("utf-8", "replace")))
+    if not good.all() and good.any():  # cut the bad lines out and scan again
         keep = np.repeat(good, ends - starts + 1)
-        buf = arr[keep].tobytes()
+        arr, starts, ends, delims, _ = _scan(arr[_PAD: ends[-1] + 1][keep].tobytes(), fmt)
     rows_line = line_no[good]
     n = len(rows_line)
     if n == 0:
-        table = None
-    else:
-        try:
-            table = _read_arrow(buf, fmt, typed=True)
-        except pa.ArrowInvalid:
-            table = _read_arrow(buf, fmt, typed=False)
-    row_bad = np.full(n, -1, dtype=np.int8)  # first reason per row, in column order
-
-    def flag(mask: np.ndarray, kind: str) -> None:
-        row_bad[(row_bad < 0) & mask] = _K[kind]
-
-    if table is None:
         labels = np.zeros(0, np.int8)
         dense = np.zeros((0, len(fmt.dense)), np.float32)
         keys = np.zeros((0, len(fmt.feature_names)), np.int64)
+        row_bad = np.zeros(0, np.int8)
+    elif fmt.name == "criteo":
+        labels, dense, keys, row_bad = _criteo_fields(arr, starts, ends, delims)
     else:
-        lab, lab_present, lab_bad = _int_column(table[fmt.label])
-        flag(~lab_present & ~lab_bad, "empty_label")
-        flag(lab_bad | (lab_present & (lab != 0) & (lab != 1)), "bad_label")
-        labels = lab.astype(np.int8)
-        dense = np.zeros((n, len(fmt.dense)), dtype=np.float32)
-        for j, name in enumerate(fmt.dense):
-            vals, present, bad = _int_column(table[name])
-            flag(bad, "non_integer_dense")
-            dense[:, j] = np.log1p(np.where(present, np.maximum(vals, 0), 0).astype(np.float64))
-        keys = np.empty((n, len(fmt.feature_names)), dtype=np.int64)
-        j0 = 0
-        if fmt.hour:
-            hour_of_day, weekday, bad = _avazu_hour(table[fmt.hour])
-            flag(bad, "bad_hour")
-            keys[:, 0], keys[:, 1] = hour_of_day, weekday
-            j0 = 2
-        for j, name in enumerate(fmt.categorical):
-            if fmt.hex_categories:
-                k, bad = hex_keys(table[name])
-                flag(bad, "non_hex_category")
-            else:
-                k = string_keys(table[name])
-            keys[:, j0 + j] = k
+        labels, dense, keys, row_bad = _arrow_fields(pa.py_buffer(arr[_PAD: ends[-1] + 1]), fmt, n)
     bad_rows = row_bad >= 0
     if strict and bad_rows.any():
         i = int(np.flatnonzero(bad_rows)[0])

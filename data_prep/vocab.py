@@ -69,10 +69,25 @@ def build_vocab(keys: np.ndarray, counts: np.ndarray, min_count: int) -> dict[st
     return {"sorted_keys": k, "sorted_ids": ids, "counts": out_counts}
 
 
-def map_keys(vocab: dict[str, np.ndarray], keys: np.ndarray) -> np.ndarray:
-    """Ids of ``keys`` under ``vocab`` (0 = out of vocabulary)."""
+#: Vocabularies up to this size are looked up through a (cached) hash table, larger ones by binary
+#: search (a hash table of 10M keys would cost hundreds of MB per worker).
+HASH_LOOKUP_MAX = 1 << 22
+
+
+def map_keys(vocab: dict, keys: np.ndarray) -> np.ndarray:
+    """Ids of ``keys`` under ``vocab`` (0 = out of vocabulary).
+
+    A ``pandas.Index`` hash table is built on first use and kept in ``vocab["_index"]``.
+    """
     sk = vocab["sorted_keys"]
     if len(sk) == 0:
         return np.zeros(len(keys), dtype=np.int64)
+    if len(sk) <= HASH_LOOKUP_MAX:
+        import pandas as pd
+
+        if "_index" not in vocab:
+            vocab["_index"] = pd.Index(sk)
+        pos = vocab["_index"].get_indexer(keys)
+        return np.where(pos >= 0, vocab["sorted_ids"][pos], 0)
     pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
     return np.where(sk[pos] == keys, vocab["sorted_ids"][pos], 0)

@@ -142,7 +142,7 @@ def test_generate_resumes_after_interruption(tmp_path, monkeypatch):
         generate_dataset(SMALL, tmp_path / "x", progress=False, workers=1)
     monkeypatch.setattr(gen, "_generate_chunk", real)
     assert not (tmp_path / "x" / "meta.json").exists()
-    assert len(list((tmp_path / "x" / "_work").glob("chunk-*.npz"))) == 2
+    assert len(list((tmp_path / "x" / "_work").glob("chunk-*.rec"))) == 2
     resumed = load_meta(generate_dataset(SMALL, tmp_path / "x", progress=False, workers=1))
     assert resumed.raw["manifest"] == ref.raw["manifest"] and resumed.bayes_auc == ref.bayes_auc
     with pytest.raises(FileExistsError):

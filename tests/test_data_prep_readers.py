@@ -259,10 +259,10 @@ def test_resume_after_kill_gives_same_manifest(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "data_prep", "convert-criteo", str(src), "--out", str(out), "--workers", "1",
            "--chunk-mb", repr(chunk / (1 << 20))]
-    _kill_when(cmd, out, "p1-*.npz", at_least=10)
-    assert 10 <= len(list((out / "_work").glob("p1-*.npz"))) < n_chunks
-    _kill_when(cmd, out, "p2-*.npz", at_least=10)
-    assert 10 <= len(list((out / "_work").glob("p2-*.npz"))) < n_chunks
+    _kill_when(cmd, out, "p1-*.rec", at_least=10)
+    assert 10 <= len(list((out / "_work").glob("p1-*.rec"))) < n_chunks
+    _kill_when(cmd, out, "p2-*.rec", at_least=10)
+    assert 10 <= len(list((out / "_work").glob("p2-*.rec"))) < n_chunks
     resumed = convert_criteo(src, out, workers=1, chunk_bytes=chunk, progress=False)
     assert json.loads((resumed / "meta.json").read_text())["manifest"] == load_meta(ref).raw["manifest"]
     assert not (out / "_work").exists()
