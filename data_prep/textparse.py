@@ -390,6 +390,7 @@ def _criteo_fields(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, tabs: 
 _B01 = np.uint64(0x0101010101010101)
 _B0F = np.uint64(0x0F0F0F0F0F0F0F0F)
 _B30 = np.uint64(0x3030303030303030)
+_BF0 = np.uint64(0xF0F0F0F0F0F0F0F0)
 _L0F = np.uint64(0x000F000F000F000F)
 _L32 = np.uint64(0x0000FFFF0000FFFF)
 _L64 = np.uint64(0xFFFFFFFF)
@@ -402,15 +403,13 @@ def _swar_hex8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     nib = (x & _B0F) + ((x >> np.uint64(6)) & _B01) * np.uint64(9)  # digit or letter value per byte
     enc = nib + _B30 + (((nib + np.uint64(0x0606060606060606)) >> np.uint64(4)) & _B01) * np.uint64(0x27)
-    exact = enc == x
+    exact = (enc == x) & ((nib & _BF0) == 0)  # round trip, and no "digit" above 15 (g..z)
     t = ((nib & _L0F) << np.uint64(4)) | ((nib >> np.uint64(8)) & _L0F)  # byte k = nib[2k] << 4 | nib[2k+1]
     t = (t | (t >> np.uint64(8))) & _L32
     t = (t | (t >> np.uint64(16))) & _L64
     return t.astype(np.uint32).byteswap().astype(np.int64), exact
 
 
-_B80 = np.uint64(0x8080808080808080)
-_BF0 = np.uint64(0xF0F0F0F0F0F0F0F0)
 _B06 = np.uint64(0x0606060606060606)
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 

@@ -1,0 +1,119 @@
+"""The vectorized text parsing against plain Python on tricky values (integers, hex, lines)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_prep.textparse import (
+    AVAZU,
+    CRITEO,
+    MALFORMED_KINDS,
+    MISSING_KEY,
+    hex_keys,
+    parse_chunk,
+    string_keys,
+)
+
+
+def _row(label: str, dense: list[str], cats: list[str]) -> str:
+    return "\t".join([label, *dense, *cats])
+
+
+def _py_int(text: str) -> int | None:
+    """Reference: the integer a dense field holds (None = malformed), before the transform."""
+    if text == "":
+        return 0
+    body = text[1:] if text[0] in "+-" else text
+    if not body or len(body) > 18 or any(ch not in "0123456789" for ch in body):
+        return None
+    return 0 if text[0] == "-" else int(body)
+
+
+def test_dense_integers_match_python():
+    rng = np.random.default_rng(0)
+    values = ["", "0", "7", "-1", "+12", "-", "+", "12a", "1.5", " 3", "99999999", "123456789",
+              "999999999999999999", "1234567890123456789", "00000042", "-00000000042", "1e3", "٣"]
+    values += [str(int(v)) for v in rng.integers(0, 10**12, 40)] + [str(-int(v)) for v in rng.integers(0, 10**9, 10)]
+    cats = ["0a0b0c0d"] * 26
+    lines, want = [], []
+    for k, v in enumerate(values):
+        dense = ["5"] * 13
+        dense[k % 13] = v
+        lines.append(_row("1", dense, cats))
+        want.append(_py_int(v))
+    data = ("\n".join(lines) + "\n").encode()
+    p = parse_chunk(data, 1, CRITEO)
+    bad = {int(line) for line, kind in zip(p.bad_lines, p.bad_kinds) if MALFORMED_KINDS[kind] == "non_integer_dense"}
+    assert bad == {i + 1 for i, w in enumerate(want) if w is None}
+    good = [i for i, w in enumerate(want) if w is not None]
+    assert p.lines.tolist() == [i + 1 for i in good]
+    for row, i in enumerate(good):
+        expected = np.float32(np.log1p(np.float64(want[i])))
+        assert p.dense[row, i % 13] == expected, (values[i], p.dense[row, i % 13])
+    assert np.isfinite(p.dense).all()
+
+
+def test_hex_categories_match_python():
+    rng = np.random.default_rng(1)
+    cells = ["", "0", "ff", "FF", "0A0B0C0D", "0a0b0c0d", "ffffffff", "00000000", "123456789", "0123456789abcdef",
+             "0123456789abcdef0", "xyz", "12 34", "gggggggg", "0a0b0c0g", "-1"]
+    cells += [f"{v:08x}" for v in rng.integers(0, 2**32, 30)]
+    lines = []
+    for k, c in enumerate(cells):
+        cat = ["0a0b0c0d"] * 26
+        cat[k % 26] = c
+        lines.append(_row("0", ["1"] * 13, cat))
+    p = parse_chunk(("\n".join(lines) + "\n").encode(), 1, CRITEO)
+
+    def ref(c: str):
+        if c == "":
+            return MISSING_KEY
+        if len(c) > 16 or any(ch not in "0123456789abcdefABCDEF" for ch in c):
+            return None
+        return np.int64(np.uint64(int(c, 16)).view(np.int64)) if int(c, 16) >= 2**63 else int(c, 16)
+
+    want = [ref(c) for c in cells]
+    bad = {int(x) for x in p.bad_lines}
+    assert bad == {i + 1 for i, w in enumerate(want) if w is None}
+    good = [i for i, w in enumerate(want) if w is not None]
+    for row, i in enumerate(good):
+        assert p.keys[row, i % 26] == want[i], cells[i]
+    keys, bad_cells = hex_keys(pa.array(cells))
+    assert [None if b else int(k) for k, b in zip(keys, bad_cells)] == [None if w is None else int(w) for w in want]
+
+
+def test_line_level_problems_and_last_line_without_newline():
+    good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
+    data = "\n".join([good, "", good + "\r", good + "\tx", good[:-9], "\t" + good[2:], good]).encode()
+    p = parse_chunk(data, 10, CRITEO)
+    assert p.lines.tolist() == [10, 16]
+    kinds = dict(zip(p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]))
+    assert kinds == {11: "blank_line", 12: "crlf", 13: "field_count", 14: "field_count", 15: "empty_label"}
+
+
+def test_avazu_strings_and_hours():
+    header_free = [
+        "1,0,14102100,1005,0,1fbe01fe,f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,1722,0,35,-1,79",
+        "2,1,14102913,1005,0,,f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,1722,0,35,-1,79",
+        "3,1,14103099,1005,0,1fbe01fe,f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,1722,0,35,-1,79",
+        "4,,14102100,1005,0,1fbe01fe,f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,1722,0,35,-1,79",
+    ]
+    p = parse_chunk(("\n".join(header_free) + "\n").encode(), 2, AVAZU)
+    assert p.lines.tolist() == [2, 3]
+    assert dict(zip(p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds])) == {4: "bad_hour", 5: "empty_label"}
+    # 2014-10-21 was a Tuesday (weekday 1), 2014-10-29 a Wednesday; hours 0 and 13.
+    assert p.keys[:, 0].tolist() == [0, 13] and p.keys[:, 1].tolist() == [1, 2]
+    assert p.keys[1, 5 - 3 + 2] == MISSING_KEY  # empty site_id
+    k = string_keys(pa.array(["a", "b", "a", "", None, "-1"]))
+    assert k[0] == k[2] != k[1] and k[3] == k[4] == MISSING_KEY and k[5] >= 0
+
+
+def test_strict_names_file_and_line():
+    from data_prep import MalformedRowError
+
+    good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
+    with pytest.raises(MalformedRowError, match=r"f\.txt:8: malformed row \(non_integer_dense\)"):
+        parse_chunk((good + "\n" + good.replace("\t1\t", "\tone\t", 1) + "\n").encode(), 7, CRITEO,
+                    file="f.txt", strict=True)
