@@ -187,6 +187,12 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
     fp = job.fingerprint()
     if check_or_claim(out, fp, f"convert-{fmt_name}"):
         return out
+    if fmt.header:  # a wrong file is refused before any work starts
+        for path in files:
+            got = [h.strip() for h in read_header(path).split(fmt.delimiter)]
+            if got != list(fmt.columns):
+                raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header "
+                                 f"{list(fmt.columns)[:5]}...")
     work = out / "_work"
     with Workers(workers) as pool:
         pool.start(_warm_up)  # the workers import their modules while this process plans
@@ -281,10 +287,6 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: 
     for i, path in enumerate(job.inputs):
         header_len = 0
         if fmt.header:
-            header = read_header(path)
-            got = [h.strip() for h in header.split(fmt.delimiter)]
-            if got != list(fmt.columns):
-                raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header {list(fmt.columns)[:5]}...")
             with open_text(path) as f:
                 header_len = len(f.readline())
         line = 2 if fmt.header else 1

@@ -34,16 +34,23 @@ from data_prep import (
 from data_prep.splits import AUCHistogram, dlrm_split
 
 
-def _pyarrow_read(path: pathlib.Path) -> tuple[float, int]:
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _pyarrow_read(path: pathlib.Path) -> tuple[float, int, float]:
+    """Wall seconds, rows and CPU seconds of ``pyarrow.csv.read_csv`` (all threads) on ``path``."""
     import pyarrow.csv as pacsv
 
-    t = time.perf_counter()
+    c, t = _cpu(), time.perf_counter()
     table = pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(autogenerate_column_names=True),
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
     )
-    return time.perf_counter() - t, table.num_rows
+    return time.perf_counter() - t, table.num_rows, _cpu() - c
 
 
 def _teacher_stats(name: str) -> dict:
@@ -111,21 +118,28 @@ def main(argv: list[str] | None = None) -> dict:
         mb = tsv.stat().st_size / 2**20
         result["tsv"] = {"rows": a.rows, "MB": round(mb, 1), "generate_seconds": round(time.perf_counter() - t, 2)}
         # 2. pyarrow reading it (warm page cache, both cores), before and after the conversion
-        raw_times = []
-        dt, n = _pyarrow_read(tsv)
+        raw_times, raw_cpu = [], []
+        dt, n, cpu = _pyarrow_read(tsv)
         raw_times.append(dt)
+        raw_cpu.append(cpu)
         assert n == a.rows
-        # 3. our conversion
-        t = time.perf_counter()
+        # 3. our conversion (CPU: this process and its worker processes)
+        c, t = _cpu(), time.perf_counter()
         out = convert_criteo(tsv, work / "dataset", workers=a.workers, progress=False)
         conv = time.perf_counter() - t
-        raw_times.append(_pyarrow_read(tsv)[0])
+        conv_cpu = _cpu() - c
+        dt, _, cpu = _pyarrow_read(tsv)
+        raw_times.append(dt)
+        raw_cpu.append(cpu)
         raw = min(raw_times)
         meta = load_meta(out)
         result["pyarrow_read_csv"] = {"seconds": round(raw, 3), "rows_per_s": round(a.rows / raw),
-                                      "MB_per_s": round(mb / raw, 1), "all_seconds": [round(x, 3) for x in raw_times]}
+                                      "MB_per_s": round(mb / raw, 1), "all_seconds": [round(x, 3) for x in raw_times],
+                                      "cpu_seconds": [round(x, 3) for x in raw_cpu]}
         result["convert_criteo"] = {"seconds": round(conv, 3), "rows_per_s": round(a.rows / conv),
                                     "MB_per_s": round(mb / conv, 1), "fraction_of_pyarrow": round(raw / conv, 3),
+                                    "cpu_seconds": round(conv_cpu, 3),
+                                    "cpu_fraction_of_pyarrow": round(min(raw_cpu) / conv_cpu, 3),
                                     "workers": a.workers, "split_rows": meta.split_rows,
                                     "shards": len(meta.raw["manifest"]["shards"]),
                                     "malformed": meta.raw["manifest"]["malformed"]["count"]}
