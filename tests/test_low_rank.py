@@ -29,7 +29,7 @@ def _kjt(features, batch=6, max_len=3, seed=0, weighted=False, ids=None) -> Keye
 
 # ----- the module -----
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
-def test_batched_projection_equals_per_feature_matmul(pooling, weighted):
+def test_projected_output_equals_pooled_rows_times_projection(pooling, weighted):
     # names out of alphabetical order: the layout must follow the feature order, not the names
     features = [FeatureSpec("zeta", 300, 8), FeatureSpec("b", 20, 4), FeatureSpec("alpha", 500, 4),
                 FeatureSpec("d", 80, 6)]

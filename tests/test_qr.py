@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingCollection, KeyedJaggedTensor
 
 import embtable
 from embtable import FeatureSpec, QRConfig
@@ -16,7 +16,7 @@ from embtable.methods.qr import partition_dims, partition_rows, qr_digits
 
 
 # ----- the id split -----
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3000), m=st.integers(2, 200), k=st.integers(1, 4))
 def test_every_id_gets_a_unique_tuple_inside_the_tables(n, m, k):
     digits = qr_digits(torch.arange(n), m, k)  # [k, n]
@@ -27,7 +27,7 @@ def test_every_id_gets_a_unique_tuple_inside_the_tables(n, m, k):
     assert len(set(map(tuple, digits.T.tolist()))) == n
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(ids=st.lists(st.integers(0, 2**62), min_size=1, max_size=20), m=st.integers(2, 2**31), k=st.integers(1, 4))
 def test_digits_are_exact_integer_arithmetic(ids, m, k):
     digits = qr_digits(torch.tensor(ids, dtype=torch.int64), m, k).T.tolist()
@@ -47,12 +47,13 @@ def test_two_partitions_split_huge_ids_exactly():
     m = module.config.num_collisions["big"]
     assert m < 2**33 and module.config.num_collisions["small"] == 100
     ids = torch.tensor([2**24, 2**24 + 1, 2**32, 2**32 + 1, 2**33 + 6])
-    digits = module.mapper(KeyedJaggedTensor(keys=["big", "small"], values=ids, lengths=torch.tensor([1] * 5 + [0] * 5)))
-    assert digits.keys() == ["big__p0", "small", "big__p1"]
-    by_key = digits.to_dict()
-    assert by_key["big__p0"].values().tolist() == [x % m for x in ids.tolist()]
-    assert by_key["big__p1"].values().tolist() == [x // m for x in ids.tolist()]
-    out = module(KeyedJaggedTensor(keys=["big", "small"], values=ids, lengths=torch.tensor([1] * 5 + [0] * 5)))["big"]
+    kjt = KeyedJaggedTensor(keys=["big", "small"], values=ids, lengths=torch.tensor([1] * 5 + [0] * 5))
+    full, (stacked,) = module.mapper(kjt)
+    assert full.keys() == ["small"] and stacked.keys() == ["p0", "p1"]
+    by_key = stacked.to_dict()  # one compressed feature: its rows start at 0 of each stacked table
+    assert by_key["p0"].values().tolist() == [x % m for x in ids.tolist()]
+    assert by_key["p1"].values().tolist() == [x // m for x in ids.tolist()]
+    out = module(kjt)["big"]
     assert len({tuple(row.tolist()) for row in out}) == 5
 
 
@@ -64,8 +65,9 @@ def test_partition_dims_for_concat_add_up():
 
 
 # ----- the module against a per-id reference -----
-FEATURES = [FeatureSpec("a", 500, 6), FeatureSpec("b", 7, 6), FeatureSpec("c", 2000, 6)]
-CONFIG = {"a": 9, "b": 100, "c": 13}  # b stays full (m >= n): a mixed module
+# b stays full (m >= n); a and c share a dim (stacked tables), d has its own
+FEATURES = [FeatureSpec("a", 500, 6), FeatureSpec("b", 7, 6), FeatureSpec("d", 300, 4), FeatureSpec("c", 2000, 6)]
+CONFIG = {"a": 9, "b": 100, "d": 20, "c": 13}
 
 
 def _kjt(weighted: bool, max_len: int, seed: int = 0, batch: int = 5) -> KeyedJaggedTensor:
@@ -80,7 +82,6 @@ def _kjt(weighted: bool, max_len: int, seed: int = 0, batch: int = 5) -> KeyedJa
 def _reference(module, kjt: KeyedJaggedTensor) -> torch.Tensor:
     """Per-bag, per-id Python reference of both bag modes (the definition, written out)."""
     cfg, k = module.config, module.config.num_partitions
-    tables = module._table_weights()
     exact = cfg.bag_mode == "combine_then_pool"
     out = []
     for f, jt in zip(FEATURES, kjt.to_dict().values()):
@@ -89,12 +90,12 @@ def _reference(module, kjt: KeyedJaggedTensor) -> torch.Tensor:
         for b, ids in enumerate(jt.to_dense()):
             ws = jt.to_dense_weights()[b] if jt.weights_or_none() is not None else torch.ones(len(ids))
             if m >= f.num_embeddings:
-                parts = [[tables[f.name][int(x)] for x in ids]]
+                parts = [[module.partition_weight(f.name, 0)[int(x)] for x in ids]]
             else:
                 parts = []
                 for i in range(k):
                     digit = [(int(x) // m**i) % m if i < k - 1 else int(x) // m**i for x in ids]
-                    parts.append([tables[f"{f.name}__p{i}"][d] for d in digit])
+                    parts.append([module.partition_weight(f.name, i)[d] for d in digit])
 
             def combine(vectors):
                 if cfg.combiner == "multiply":
@@ -116,9 +117,13 @@ def _reference(module, kjt: KeyedJaggedTensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("combiner", ["multiply", "add", "concat"])
-@pytest.mark.parametrize("bag_mode", ["pool_then_combine", "combine_then_pool"])
-@pytest.mark.parametrize("k", [2, 3])
+# add and concat commute with pooling (both bag modes run the pooled lookups): one exact-mode case each
+REFERENCE_CASES = [(c, mode, k) for c in ["multiply", "add", "concat"] for k in [2, 3] for mode in
+                   (["pool_then_combine", "combine_then_pool"] if c == "multiply" else ["pool_then_combine"])]
+REFERENCE_CASES += [("add", "combine_then_pool", 2), ("concat", "combine_then_pool", 3)]
+
+
+@pytest.mark.parametrize("combiner,bag_mode,k", REFERENCE_CASES)
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
 def test_outputs_and_gradients_match_the_reference(combiner, bag_mode, k, pooling, weighted):
     config = QRConfig(num_collisions=CONFIG, num_partitions=k, combiner=combiner, bag_mode=bag_mode)
@@ -138,32 +143,25 @@ def test_bag_modes_agree_on_one_id_bags_and_differ_on_longer_bags_with_multiply(
     kwargs = dict(is_weighted=True, seed=3)
     pooled = embtable.build(FEATURES, QRConfig(num_collisions=CONFIG), **kwargs)
     exact = embtable.build(FEATURES, QRConfig(num_collisions=CONFIG, bag_mode="combine_then_pool"), **kwargs)
-    exact.load_state_dict({k.replace("embedding_bags", "embeddings"): v for k, v in pooled.state_dict().items()})
+    assert isinstance(exact.stacked["d6"], EmbeddingCollection)
+    exact.load_state_dict({k.replace("stacked.d6.embedding_bags", "stacked.d6.embeddings")
+                          .replace("stacked.d4.embedding_bags", "stacked.d4.embeddings"): v
+                           for k, v in pooled.state_dict().items()})
     single = _kjt(weighted=True, max_len=1)
     torch.testing.assert_close(pooled(single).values(), exact(single).values())
     several = _kjt(weighted=True, max_len=4, seed=1)
     assert not torch.allclose(pooled(several)["a"], exact(several)["a"])
 
 
-def test_exact_mode_with_full_tables_equals_embedding_bag_collection():
-    config = QRConfig(num_collisions={f.name: f.num_embeddings for f in FEATURES}, bag_mode="combine_then_pool")
-    for pooling in ["sum", "mean"]:
-        module = embtable.build(FEATURES, config, pooling=pooling)
-        assert isinstance(module.storage, torch.nn.Module) and module.exact
-        ebc = EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name=f.name, num_embeddings=f.num_embeddings, embedding_dim=f.embedding_dim,
-                               feature_names=[f.name], pooling=PoolingType[pooling.upper()]) for f in FEATURES])
-        for f in FEATURES:
-            ebc.embedding_bags[f.name].weight.data.copy_(module.storage.embeddings[f.name].weight)
-        kjt = _kjt(weighted=False, max_len=4)
-        torch.testing.assert_close(module(kjt).values(), ebc(kjt).values(), rtol=1e-6, atol=1e-6)
-
-
-def test_exact_mode_needs_one_dim():
-    features = [FeatureSpec("a", 100, 4), FeatureSpec("b", 100, 8)]
-    with pytest.raises(ValueError, match="one embedding_dim"):
-        embtable.build(features, QRConfig(num_collisions=10, bag_mode="combine_then_pool"))
-    embtable.build(features, QRConfig(num_collisions=10))  # the pooled mode takes any dims
+def test_compressed_features_of_one_dim_share_stacked_tables():
+    module = embtable.build(FEATURES, QRConfig(num_collisions=CONFIG), seed=0)
+    assert module.storage.embedding_bags.keys() == {"b"}
+    assert set(module.stacked) == {"d6", "d4"}
+    p0 = module.stacked["d6"].embedding_bags["p0"].weight
+    assert p0.shape == (9 + 13, 6)  # the remainder tables of a (m=9) and c (m=13)
+    assert module.partition_weight("c", 0).data_ptr() == p0[9:].data_ptr()
+    tables = sum(len(c.embedding_bag_configs()) for c in [module.storage, *module.stacked.values()])
+    assert tables == 1 + 2 * 2  # b, and two partitions per dim group
 
 
 @pytest.mark.parametrize("combiner", ["multiply", "add", "concat"])

@@ -12,10 +12,13 @@ The digits are computed with integer ``//`` and ``%`` on int64 (exact for every 
 2**32), and every id below ``num_embeddings`` gets its own digit tuple (the partitions are complementary).
 Digit ``i`` indexes its own table; the ``k`` looked-up vectors are combined::
 
-    ids of "user" ──► digits p0, p1 ──► rows of tables user__p0 [m x d], user__p1 [ceil(n/m) x d]
+    ids of "user" ──► digits p0, p1 ──► e0 = row p0 of its [m x d] table, e1 = row p1 of its [ceil(n/m) x d] table
                                         └──────────── multiply (default):  v = e0 ⊙ e1        (dim d)
                                                       add:                 v = e0 + e1        (dim d)
                                                       concat:              v = [e0 | e1]      (dims d0 + d1 = d)
+
+    storage: partition i of all compressed features of one dim is ONE stacked TorchRec table,
+             p0 = [user's m rows | item's m' rows | ...]; the mapper adds each feature's first row
 
 With ``concat`` the dim ``d`` is split over the partitions: ``d_i = d // k``, plus one for the first
 ``d % k`` partitions (so ``d >= k`` is needed). A feature with ``num_collisions >= num_embeddings`` (and every
@@ -178,89 +181,99 @@ def qr_digits(ids: torch.Tensor, radix: torch.Tensor | int, num_partitions: int)
     return torch.stack(digits)
 
 
-def _segment_index(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
-    """``cat([arange(s, s + l) for s, l in zip(starts, lengths)])`` without a Python loop over ids."""
-    total = sum(lengths)
-    out_starts = [0]
-    for length in lengths[:-1]:
-        out_starts.append(out_starts[-1] + length)
-    shift = torch.tensor([s - o for s, o in zip(starts, out_starts)], dtype=torch.int64, device=device)
-    return torch.repeat_interleave(
-        shift, torch.tensor(lengths, dtype=torch.int64, device=device), output_size=total
-    ) + torch.arange(total, device=device)
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """The compressed features of one dim, stacked: partition ``i`` of all of them is one table."""
+
+    dim: int
+    features: list[int]  # indices into the module's features, in feature order
+    radices: list[int]
+    row_offsets: list[list[int]]  # row_offsets[i][g]: first row of feature g in the partition-i table
+    rows: list[int]  # rows of each partition table
+    dims: list[int]  # dim of each partition table
 
 
-def table_name(feature: str, partition: int, compressed: bool) -> str:
-    """The storage table (and KJT key) of one partition: ``"user__p0"``, ...; a full feature keeps its name."""
-    return f"{feature}__p{partition}" if compressed else feature
+def _groups(features: Sequence[FeatureSpec], radices: Sequence[int | None], k: int, combiner: str) -> list[_Group]:
+    groups = []
+    for dim in sorted({f.embedding_dim for f, m in zip(features, radices) if m is not None}):
+        members = [j for j, (f, m) in enumerate(zip(features, radices)) if m is not None and f.embedding_dim == dim]
+        offsets, rows = [[] for _ in range(k)], [0] * k
+        for j in members:
+            for i, r in enumerate(partition_rows(features[j].num_embeddings, radices[j], k)):
+                offsets[i].append(rows[i])
+                rows[i] += r
+        groups.append(_Group(dim, members, [radices[j] for j in members], offsets, rows,
+                             partition_dims(dim, k, combiner)))
+    return groups
 
 
 class QRIdMapper(nn.Module):
-    """Maps a KJT of logical ids to a KJT of digits, one key per (feature, partition) table.
+    """Maps a KJT of logical ids to the KJTs the storage reads: the full features' ids unchanged, and per dim
+    group of compressed features one KJT of stacked digits.
 
-    Output keys are partition-major (``a__p0, b, c__p0, a__p1, c__p1``: the pooled vectors of partition 0 of
-    all features come first, then partition 1 of the compressed ones, ...) or feature-major
-    (``a__p0, a__p1, b, c__p0, c__p1``: pooled output is already the concatenation). Holds no tensors.
+    A group's KJT has keys ``p0 .. p(k-1)`` (one per partition table) and ``G * B`` bags (``G`` features
+    of the group, feature-major): bag ``g * B + b`` of key ``p_i`` holds digit ``i`` of the ids of
+    feature ``g`` in sample ``b``, shifted by the first row of feature ``g`` in the stacked table. Holds no
+    tensors: the radices and row offsets are Python ints, so the digits are exact int64 ``//`` and ``%``
+    by a scalar.
 
     Args:
         features: the stored features.
-        radices: ``m`` per feature, ``None`` for a full feature.
+        groups: the stacked layout of the compressed features.
         num_partitions: ``k``.
-        feature_major: key order (see above).
-        unit_weights_after_first: give partitions ``>= 1`` weight 1 (multiply: the bag's weight applies once).
+        unit_weights_after_first: give partitions ``>= 1`` weight 1 (multiply: a bag's weight applies once).
     """
 
-    def __init__(self, features: Sequence[FeatureSpec], radices: Sequence[int | None], num_partitions: int,
-                 feature_major: bool, unit_weights_after_first: bool) -> None:
+    def __init__(self, features: Sequence[FeatureSpec], groups: Sequence[_Group], num_partitions: int,
+                 unit_weights_after_first: bool) -> None:
         super().__init__()
         self.num_partitions = num_partitions
-        # a full feature uses radix n: its digit 0 is id % n = id, and it has no other partition
-        self.radix = [f.num_embeddings if m is None else m for f, m in zip(features, radices)]
-        parts = [1 if m is None else num_partitions for m in radices]
-        if feature_major:
-            self.keys = [(j, i) for j in range(len(features)) for i in range(parts[j])]
-        else:
-            self.keys = [(j, i) for i in range(num_partitions) for j in range(len(features)) if i < parts[j]]
-        self.key_names = [table_name(features[j].name, i, radices[j] is not None) for j, i in self.keys]
-        self.identity = self.keys == [(j, 0) for j in range(len(features))]
+        self.groups = list(groups)
+        grouped = {j for g in groups for j in g.features}
+        self.full = [j for j in range(len(features)) if j not in grouped]
+        self.full_names = [features[j].name for j in self.full]
         self.unit_weights_after_first = unit_weights_after_first
 
-    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        values, device = kjt.values(), kjt.values().device
-        n_values, batch = values.numel(), kjt.stride()
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor | None, list[KeyedJaggedTensor]]:
+        if not self.groups:
+            return kjt, []
+        values, weights, batch = kjt.values(), kjt.weights_or_none(), kjt.stride()
         per_key = kjt.length_per_key()
-        radix = torch.repeat_interleave(
-            torch.tensor(self.radix, dtype=torch.int64, device=device),
-            torch.tensor(per_key, dtype=torch.int64, device=device), output_size=n_values,
-        )
-        digits = qr_digits(values, radix, self.num_partitions if not self.identity else 1)  # [k, N]
-        weights = kjt.weights_or_none()
-        lengths = kjt.lengths().view(len(self.radix), batch)  # [F, B]
-        if self.identity:
-            return self._kjt(digits[0], weights, lengths.flatten(), per_key, batch)
-        offsets = [0]
-        for length in per_key[:-1]:
-            offsets.append(offsets[-1] + length)
-        new_per_key = [per_key[j] for j, _ in self.keys]
-        index = _segment_index([i * n_values + offsets[j] for j, i in self.keys], new_per_key, device)
-        new_values = digits.flatten()[index]
-        new_weights = None
-        if weights is not None:
-            new_weights = weights[index % max(n_values, 1)]
-            if self.unit_weights_after_first:
-                new_weights = torch.where(index < n_values, new_weights, torch.ones_like(new_weights))
-        rows = torch.tensor([j for j, _ in self.keys], dtype=torch.int64, device=device)
-        return self._kjt(new_values, new_weights, lengths[rows].flatten(), new_per_key, batch)
+        # one slice per feature (the values of a KJT are grouped by key); a few whole-slice ops per feature
+        value_pieces, length_pieces = values.split(per_key), kjt.lengths().split(batch)
+        weight_pieces = weights.split(per_key) if weights is not None else None
+        full = None
+        if self.full:
+            full = self._kjt(self.full_names, [value_pieces[j] for j in self.full],
+                             [length_pieces[j] for j in self.full],
+                             None if weights is None else [weight_pieces[j] for j in self.full],
+                             [per_key[j] for j in self.full], batch)
+        stacked = []
+        for g in self.groups:
+            digits = [qr_digits(value_pieces[j], m, self.num_partitions) for j, m in zip(g.features, g.radices)]
+            keys = [f"p{i}" for i in range(self.num_partitions)]
+            new_values = [digits[a][i] + g.row_offsets[i][a] if g.row_offsets[i][a] else digits[a][i]
+                          for i in range(self.num_partitions) for a in range(len(g.features))]
+            new_weights = None
+            if weights is not None:
+                new_weights = [torch.ones_like(weight_pieces[j]) if i > 0 and self.unit_weights_after_first
+                               else weight_pieces[j] for i in range(self.num_partitions) for j in g.features]
+            ids = sum(per_key[j] for j in g.features)
+            stacked.append(self._kjt(keys, new_values, [length_pieces[j] for j in g.features] * self.num_partitions,
+                                     new_weights, [ids] * self.num_partitions, batch * len(g.features)))
+        return full, stacked
 
-    def _kjt(self, values, weights, lengths, per_key, batch) -> KeyedJaggedTensor:
+    @staticmethod
+    def _kjt(keys, values, lengths, weights, per_key, stride) -> KeyedJaggedTensor:
         offset_per_key = [0]
         for length in per_key:
             offset_per_key.append(offset_per_key[-1] + length)
-        return KeyedJaggedTensor(keys=self.key_names, values=values, weights=weights, lengths=lengths,
-                                 stride=batch, length_per_key=per_key, offset_per_key=offset_per_key)
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), weights=None if weights is None else torch.cat(weights),
+                                 lengths=torch.cat(lengths), stride=stride, length_per_key=per_key,
+                                 offset_per_key=offset_per_key)
 
     def extra_repr(self) -> str:
-        return f"num_partitions={self.num_partitions}, keys={len(self.keys)}"
+        return f"num_partitions={self.num_partitions}, full={len(self.full)}, groups={[g.dim for g in self.groups]}"
 
 
 def _collisions(features: Sequence[FeatureSpec], config: QRConfig) -> list[int | None]:
@@ -289,13 +302,6 @@ def _check(features: Sequence[FeatureSpec], config: QRConfig, radices: Sequence[
                 f"{k} partitions (each needs a dim of at least 1); use combiner='multiply' or 'add', or fewer "
                 "num_partitions"
             )
-    dims = {f.embedding_dim for f in features}
-    if _exact(config) and len(dims) > 1:
-        raise ValueError(
-            f"qr: bag_mode='combine_then_pool' looks rows up in one TorchRec EmbeddingCollection, which needs "
-            f"one embedding_dim for all features; got dims {sorted(dims)}. Use bag_mode='pool_then_combine' "
-            "(identical for one-id bags) or build one module per dim"
-        )
 
 
 def _exact(config: QRConfig) -> bool:
@@ -305,7 +311,16 @@ def _exact(config: QRConfig) -> bool:
 
 @register_method(QRConfig)
 class QREmbeddingBagCollection(EmbeddingModule):
-    """Compositional embeddings: per-feature partition tables in one TorchRec collection, combined per feature.
+    """Compositional embeddings: partition tables in TorchRec collections, combined per feature.
+
+    Storage (all plain TorchRec modules, so DMP can shard them): ``storage``, an ``EmbeddingBagCollection``
+    with the full features' tables (``None`` when every feature is compressed), and ``stacked[f"d{d}"]`` per
+    dim ``d`` of the compressed features: one collection whose table ``p{i}`` stacks partition ``i`` of
+    all of them (feature ``g``'s rows follow feature ``g - 1``'s). Stacking keeps the number of tables,
+    lookups and optimizer updates at ``k`` per dim instead of ``k`` per feature (measured: that per-table
+    overhead, not the arithmetic, is what a compositional table costs on CPU). The stacked collection is an
+    ``EmbeddingCollection`` in the exact ``combine_then_pool`` mode with ``multiply``.
+    :meth:`partition_weight` gives one feature's rows of one partition.
 
     Args:
         features, config, pooling, is_weighted, out_of_range, device: see :class:`embtable.EmbeddingModule`.
@@ -319,8 +334,8 @@ class QREmbeddingBagCollection(EmbeddingModule):
         >>> m = embtable.build(feats, QRConfig(), budget="1/100", seed=0)
         >>> m.config.num_collisions
         {'user': 9698, 'country': 200}
-        >>> [(t.name, t.num_embeddings) for t in m.storage.embedding_bag_configs()]
-        [('user__p0', 9698), ('country', 200), ('user__p1', 104)]
+        >>> tuple(m.partition_weight("user", 0).shape), tuple(m.partition_weight("user", 1).shape)
+        ((9698, 16), (104, 16))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123456, 7, 3]),
         ...                                           torch.tensor([2, 0, 1, 0]))
         >>> m(kjt).values().shape
@@ -336,30 +351,56 @@ class QREmbeddingBagCollection(EmbeddingModule):
         k = config.num_partitions
         self.exact = _exact(config)
         self.radices = radices
-        self.mapper = QRIdMapper(
-            self.features, radices, k,
-            feature_major=config.combiner == "concat",
-            unit_weights_after_first=config.combiner == "multiply",
-        )
-        by_name = {}
-        for f, m in zip(self.features, radices):
-            if m is None:
-                by_name[f.name] = (f.num_embeddings, f.embedding_dim)
+        self.groups = _groups(self.features, radices, k, config.combiner)
+        self.mapper = QRIdMapper(self.features, self.groups, k, unit_weights_after_first=config.combiner == "multiply")
+        full = [self.features[j] for j in self.mapper.full]
+        self.storage = storage_collection(
+            [(f.name, f.num_embeddings, f.embedding_dim, [f.name]) for f in full], self.pooling, self._is_weighted,
+            self.device,
+        ) if full else None
+        stacked = {}
+        for g in self.groups:
+            tables = [(f"p{i}", g.rows[i], g.dims[i], [f"p{i}"]) for i in range(k)]
+            if self.exact:
+                stacked[f"d{g.dim}"] = EmbeddingCollection(
+                    tables=[EmbeddingConfig(name=name, num_embeddings=rows, embedding_dim=dim, feature_names=names)
+                            for name, rows, dim, names in tables],
+                    device=self.device,
+                )
             else:
-                dims = partition_dims(f.embedding_dim, k, config.combiner)
-                for i, (rows, dim) in enumerate(zip(partition_rows(f.num_embeddings, m, k), dims)):
-                    by_name[table_name(f.name, i, True)] = (rows, dim)
-        tables = [(name, *by_name[name], [name]) for name in self.mapper.key_names]
-        if self.exact:
-            self.storage = EmbeddingCollection(
-                tables=[EmbeddingConfig(name=name, num_embeddings=rows, embedding_dim=dim, feature_names=names)
-                        for name, rows, dim, names in tables],
-                device=self.device,
-            )
-        else:
-            self.storage = storage_collection(tables, self.pooling, self._is_weighted, self.device)
-        self.compressed = [m is not None for m in radices]
+                stacked[f"d{g.dim}"] = storage_collection(tables, self.pooling, self._is_weighted, self.device)
+        self.stacked = nn.ModuleDict(stacked)
+        # the output is assembled from runs of neighbouring features read from the same source
+        # (source -1: the full features' pooled columns; source g: group g's combined columns)
+        source_of = {j: -1 for j in self.mapper.full}
+        for gi, g in enumerate(self.groups):
+            source_of.update({j: gi for j in g.features})
+        self._runs: list[list[int]] = []  # [source, first column, end column]
+        at = {s: 0 for s in range(-1, len(self.groups))}
+        for j, f in enumerate(self.features):
+            src = source_of[j]
+            if self._runs and self._runs[-1][0] == src:
+                self._runs[-1][2] += f.embedding_dim
+            else:
+                self._runs.append([src, at[src], at[src] + f.embedding_dim])
+            at[src] += f.embedding_dim
         self.reset_parameters()
+
+    def partition_weight(self, feature: str, partition: int) -> torch.Tensor:
+        """The rows of ``feature``'s partition table (a view into its stacked table; for a full feature,
+        partition 0 is its whole table)."""
+        j = self.feature_names.index(feature)
+        if j in self.mapper.full:
+            if partition != 0:
+                raise ValueError(f"qr: feature {feature!r} keeps its full table; it has only partition 0")
+            return self.storage.embedding_bags[feature].weight
+        gi = next(gi for gi, g in enumerate(self.groups) if j in g.features)
+        g, a = self.groups[gi], self.groups[gi].features.index(j)
+        rows = partition_rows(self.features[j].num_embeddings, g.radices[a], self.config.num_partitions)[partition]
+        storage = self.stacked[f"d{g.dim}"]
+        tables = storage.embeddings if self.exact else storage.embedding_bags
+        start = g.row_offsets[partition][a]
+        return tables[f"p{partition}"].weight[start:start + rows]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -375,11 +416,10 @@ class QREmbeddingBagCollection(EmbeddingModule):
         if self.device.type == "meta":
             return
         k = self.config.num_partitions
-        weights = self._table_weights()
         for f, m in zip(self.features, self.radices):
             s = math.sqrt(1.0 / f.num_embeddings)
             if m is None:
-                weights[f.name].uniform_(-s, s)
+                self.partition_weight(f.name, 0).uniform_(-s, s)
                 continue
             if self.config.combiner == "multiply":
                 a = math.sqrt(3.0 * (s * s / 3.0) ** (1.0 / k))
@@ -388,69 +428,50 @@ class QREmbeddingBagCollection(EmbeddingModule):
             else:
                 a = s
             for i in range(k):
-                weights[table_name(f.name, i, True)].uniform_(-a, a)
-
-    def _table_weights(self) -> dict[str, torch.Tensor]:
-        tables = self.storage.embeddings if self.exact else self.storage.embedding_bags
-        return {name: module.weight for name, module in tables.items()}
+                self.partition_weight(f.name, i).uniform_(-a, a)
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        digits = self.mapper(kjt)
-        if self.exact:
-            return self._combine_then_pool(kjt, digits)
-        pooled = storage_values(self.storage(digits), self.mapper.key_names)  # [B, sum of table dims], in the mapper's key order
-        if self.config.combiner == "concat" or not any(self.compressed):
-            return pooled
-        # partition-major: [all features' partition 0 | compressed features' partition 1 | ...]
-        width = sum(self.embedding_dims)
-        width_c = sum(d for d, c in zip(self.embedding_dims, self.compressed) if c)
-        first, rest = pooled[:, :width], pooled[:, width:].unflatten(1, (-1, width_c))  # [B, D], [B, k-1, D_c]
-        other = rest.prod(1) if self.config.combiner == "multiply" else rest.sum(1)  # [B, D_c]
-        if all(self.compressed):
-            return first * other if self.config.combiner == "multiply" else first + other
-        starts, lengths, at = [], [], 0  # the columns of the compressed features
-        for d, c in zip(self.embedding_dims, self.compressed):
-            if c:
-                starts.append(at)
-                lengths.append(d)
-            at += d
-        columns = _segment_index(starts, lengths, first.device)
-        part = first.index_select(1, columns)
-        part = part * other if self.config.combiner == "multiply" else part + other
-        return first.index_copy(1, columns, part)
-
-    def _combine_then_pool(self, kjt: KeyedJaggedTensor, digits: KeyedJaggedTensor) -> torch.Tensor:
-        """Exact multiply: combine the unpooled rows per id, then weight and pool per bag."""
-        lookups = self.storage(digits)
-        rows = torch.cat([lookups[name].values() for name in self.mapper.key_names])  # [N + (k-1) N_c, D]
-        per_key = kjt.length_per_key()
-        n_values = sum(per_key)
-        first = rows[:n_values]
-        if any(self.compressed):
-            n_c = sum(n for n, c in zip(per_key, self.compressed) if c)
-            rest = rows[n_values:].unflatten(0, (-1, n_c))  # [k-1, N_c, D]
-            other = rest.prod(0)
-            if all(self.compressed):
-                first = first * other
+        full_kjt, stacked_kjts = self.mapper(kjt)
+        sources = {}
+        if full_kjt is not None:
+            sources[-1] = storage_values(self.storage(full_kjt), self.mapper.full_names)  # [B, sum of full dims]
+        for gi, (g, group_kjt) in enumerate(zip(self.groups, stacked_kjts)):
+            storage = self.stacked[f"d{g.dim}"]
+            if self.exact:
+                combined = self._combine_then_pool(storage, group_kjt)  # [G * B, d]
             else:
-                starts, lengths, at = [], [], 0  # the positions of the compressed features' ids
-                for n, c in zip(per_key, self.compressed):
-                    if c:
-                        starts.append(at)
-                        lengths.append(n)
-                    at += n
-                index = _segment_index(starts, lengths, first.device)
-                first = first.index_copy(0, index, first.index_select(0, index) * other)
-        weights = kjt.weights_or_none()
+                combined = self._combine(storage_values(storage(group_kjt), list(group_kjt.keys())), g)
+            sources[gi] = combined.view(len(g.features), kjt.stride(), g.dim).transpose(0, 1).reshape(kjt.stride(), -1)
+        if len(self._runs) == 1:
+            return sources[self._runs[0][0]]
+        return torch.cat([sources[src][:, a:b] for src, a, b in self._runs], dim=1)
+
+    def _combine(self, pooled: torch.Tensor, g: _Group) -> torch.Tensor:
+        """``[G * B, sum_i d_i]`` pooled partitions (p0 columns first) -> ``[G * B, d]`` combined."""
+        if self.config.combiner == "concat":
+            return pooled  # the partitions' columns in order are the concatenation
+        out = None
+        for part in pooled.split(g.dims, dim=1):
+            out = part if out is None else (out * part if self.config.combiner == "multiply" else out + part)
+        return out
+
+    def _combine_then_pool(self, storage: EmbeddingCollection, group_kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Exact multiply: combine the unpooled rows per id, then weight and pool per bag -> ``[G * B, d]``."""
+        lookups = storage(group_kjt)
+        rows = None
+        for i in range(self.config.num_partitions):
+            part = lookups[f"p{i}"].values()  # [N_g, d], the group's ids in order
+            rows = part if rows is None else rows * part
+        weights = group_kjt.weights_or_none()
         if self._is_weighted and weights is not None:
-            first = first * weights.unsqueeze(1)
-        lengths = kjt.lengths().to(torch.int64)
-        num_bags, dim = lengths.numel(), first.size(1)
-        bag = torch.repeat_interleave(torch.arange(num_bags, device=first.device), lengths, output_size=n_values)
-        pooled = torch.zeros(num_bags, dim, dtype=first.dtype, device=first.device).index_add(0, bag, first)
+            rows = rows * weights[: rows.size(0)].unsqueeze(1)  # partition 0's weights: the bags' own
+        lengths = group_kjt.lengths()[: group_kjt.stride()].to(torch.int64)  # key p0's bags
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths,
+                                       output_size=rows.size(0))
+        pooled = torch.zeros(lengths.numel(), rows.size(1), dtype=rows.dtype, device=rows.device).index_add(0, bags, rows)
         if self.pooling is Pooling.MEAN:
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
-        return pooled.view(len(self.features), kjt.stride(), dim).transpose(0, 1).reshape(kjt.stride(), -1)
+        return pooled
 
     # ----- planning -----
     @classmethod
