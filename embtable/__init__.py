@@ -41,7 +41,6 @@ from .memory import (
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_rank import (
-from .methods.low_rank import LowRankConfig, LowRankEmbeddingBagCollection, count_second_moments, low_rank_from_trained, output_second_moments
     LowRankConfig,
     LowRankEmbeddingBagCollection,
     count_second_moments,
