@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 import embtable
@@ -192,3 +194,18 @@ def test_compressed_table_fine_tunes_towards_the_full_outputs():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]  # the rows and the shared projection adapt
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 10**7), st.sampled_from([4, 8, 16])), min_size=1, max_size=6),
+       fraction=st.floats(0.05, 1.0))
+def test_planner_never_exceeds_the_budget(sizes, fraction):
+    features = [FeatureSpec(f"f{i}", n, d) for i, (n, d) in enumerate(sizes)]
+    try:
+        plan = embtable.plan(features, LowRankConfig(), fraction)
+    except embtable.BudgetError as err:
+        assert "budget" in str(err)
+        return
+    assert plan.total_bytes <= plan.budget_bytes
+    module = embtable.build(features, LowRankConfig(), fraction, device="meta")
+    assert embtable.memory_report(module).inference_bytes == plan.total_bytes

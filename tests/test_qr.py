@@ -217,3 +217,19 @@ def test_unreachable_budgets_and_one_partition_say_what_to_do():
         embtable.plan(features, QRConfig(num_partitions=1), budget="1/2")
     with pytest.raises(ValueError, match="num_collisions is not set"):
         embtable.build(features, QRConfig())
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 10**7), st.sampled_from([4, 8, 16])), min_size=1, max_size=6),
+       fraction=st.floats(0.005, 1.0), k=st.integers(2, 3), combiner=st.sampled_from(["multiply", "concat"]))
+def test_planner_never_exceeds_the_budget(sizes, fraction, k, combiner):
+    features = [FeatureSpec(f"f{i}", n, d) for i, (n, d) in enumerate(sizes)]
+    config = QRConfig(num_partitions=k, combiner=combiner)
+    try:
+        plan = embtable.plan(features, config, fraction)
+    except embtable.BudgetError as err:
+        assert "budget" in str(err)
+        return
+    assert plan.total_bytes <= plan.budget_bytes
+    module = embtable.build(features, config, fraction, device="meta")
+    assert embtable.memory_report(module).inference_bytes == plan.total_bytes

@@ -44,7 +44,9 @@ Memory (fp32, no buffers: the digits are computed from Python ints per call)::
 Budget planning: water-filling on a cap ``T`` in rows of the feature's dim (as for hashing): a feature with
 ``n <= T`` stays full, a larger one gets the largest ``m`` whose tables take at most ``T * d * 4`` bytes
 (at least the ``m`` that minimises its bytes, ``m = ceil(n ** (1/k))``); what is left after the largest
-feasible ``T`` is handed out greedily, largest features first.
+feasible ``T`` is handed out greedily, largest features first.  With ``concat`` a compressed feature never takes more than
+about ``n * d_0 * 4`` bytes (its radix table at dim ``d_0 ~ d/k``) and the next size up is the full table,
+so a budget in between is not filled.
 """
 
 from __future__ import annotations
@@ -529,7 +531,8 @@ class QREmbeddingBagCollection(EmbeddingModule):
                 new = (new_m, _compressed_bytes(f, new_m, k, combiner))
             left -= new[1] - nbytes
             chosen[f.name] = new
-        return dataclasses.replace(config, num_collisions={f.name: chosen[f.name][0] for f in features})
+        # a full feature is written as m = n (at least 2, the smallest valid radix: m >= n keeps it full)
+        return dataclasses.replace(config, num_collisions={f.name: max(2, chosen[f.name][0]) for f in features})
 
     @classmethod
     def describe(cls, features, config):
