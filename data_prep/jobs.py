@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import sys
 from collections.abc import Callable, Iterable
 
@@ -97,6 +98,8 @@ def check_or_claim(out_dir: pathlib.Path, fingerprint: str, what: str) -> bool:
     if meta.is_file():
         got = json.loads(meta.read_text()).get("fingerprint")
         if got == fingerprint:
+            # killed between writing meta.json and removing the work files: finish the cleanup
+            shutil.rmtree(out_dir / "_work", ignore_errors=True)
             return True
         raise FileExistsError(
             f"{out_dir} already holds a different dataset (fingerprint {got}, this {what} job is {fingerprint}); "
