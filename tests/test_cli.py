@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from experiments_helpers import tiny_dataset
 
 import embtable
 from experiments.cli import build_parser, main
-from tests.experiments_helpers import tiny_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from experiments_helpers import cli, tiny_dataset, wait_for
 
 from experiments.config import ConfigError
 from experiments.results import ResultStore, load
 from experiments.sweep import SweepSpec, load_sweep, run_sweep
-from tests.experiments_helpers import cli, tiny_dataset, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from experiments_helpers import REPO, cli, finish, tiny_dataset, wait_for
 from optuna.trial import TrialState
 
 import embtable
@@ -22,7 +23,6 @@ from experiments.config import ConfigError
 from experiments.search_space import load_spaces
 from experiments.study_storage import StorageError, open_storage
 from experiments.tune import TuneSpec, counted_trials, create_study, load_tune, outcome, run_worker
-from tests.experiments_helpers import REPO, cli, finish, tiny_dataset, wait_for
 
 
 @pytest.fixture(scope="module")
