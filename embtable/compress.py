@@ -467,15 +467,15 @@ def _init_qr(module: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
     multiply: partition 0 = the mean of the rows sharing its digit, the others (starting at 1) the least
     squares factor ``sum W * P / sum P**2`` given the product ``P`` of the partitions fitted before.
     """
-    from .methods.qr import partition_dims, qr_digits, table_name
+    from .methods.qr import partition_dims, qr_digits
 
     j = module.feature_names.index(name)
-    radix, weights = module.radices[j], module._table_weights()
+    radix = module.radices[j]
     if radix is None:
-        weights[name].copy_(weight)
+        module.partition_weight(name, 0).copy_(weight)
         return "trained weights copied"
     k, combiner = module.config.num_partitions, module.config.combiner
-    tables = [weights[table_name(name, i, True)] for i in range(k)]
+    tables = [module.partition_weight(name, i) for i in range(k)]  # views into the stacked tables
     n, d = weight.shape
     device = tables[0].device
     w_all = weight.to(device=device, dtype=tables[0].dtype)
