@@ -9,7 +9,7 @@ A study spec (``experiments/configs/studies/<name>.yaml``)::
     budget: 1/16                     # single objective: maximise validation AUC at this budget
     model: dlrm
     n_trials: 30                     # total trials in the study, counting those already there
-    seed: 0                          # TPE seed (worker i uses seed + i)
+    seed: 0                          # TPE seed (mixed with the worker index and the study's size)
     pruner: {n_startup_trials: 5, n_warmup_steps: 0}   # MedianPruner; null: no pruning
 
 Multi-objective mode (``multi_objective: true`` with ``budgets: [...]`` instead of ``budget``) searches the
@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ class TuneSpec:
         multi_objective: maximise validation AUC and minimise inference bytes.
         configs: run configs under every trial.
         overrides: run config fields for every trial.
-        seed: TPE seed (worker ``i`` uses ``seed + i`` so that workers do not propose the same points).
+        seed: TPE seed; each trial's sampler is seeded from it, the worker index and the number of trials
+            already in the study, so workers and resumed runs never replay the same random draws.
         pruner: MedianPruner arguments (``n_startup_trials``, ``n_warmup_steps``, ``interval_steps``);
             ``None`` disables pruning. Pruning needs ``train.eval_every`` (intermediate validation AUC).
         heartbeat_interval / grace_period / max_retry: dead-worker detection (seconds) and retries.
@@ -209,9 +211,15 @@ def default_storage(spec: TuneSpec, out_dir: str | os.PathLike = "runs/tune") ->
     return f"sqlite:///{Path(out_dir) / spec.name}.sqlite3"
 
 
+def _sampler(spec: TuneSpec, worker: int, num_trials: int) -> optuna.samplers.BaseSampler:
+    """Seeded TPE; the seed mixes the spec's seed, the worker index and how many trials exist already."""
+    seed = (spec.seed * 1_000_003 + worker * 7_919 + num_trials * 104_729) % (2**32)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
 def create_study(spec: TuneSpec, storage: StudyStorage, worker: int = 0) -> optuna.Study:
     """Create the study or load it (same name, same storage); seeded TPE, MedianPruner."""
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + worker, multivariate=False)
+    sampler = _sampler(spec, worker, 0)
     pruner = optuna.pruners.MedianPruner(**spec.pruner) if spec.pruner is not None else optuna.pruners.NopPruner()
     directions = ["maximize", "minimize"] if spec.multi_objective else ["maximize"]
     study = optuna.create_study(study_name=spec.name, storage=storage.storage, sampler=sampler, pruner=pruner,
@@ -308,7 +316,11 @@ def run_worker(
         with storage.claim_lock(spec.name):
             summary.retried_dead += storage.fail_stale_trials(study)
             done, running, waiting = counted_trials(study)
-            trial = study.ask() if (done + running + waiting < spec.n_trials or waiting) else None
+            # A fresh seeded sampler per trial, its seed a function of the study's size: a resumed study or
+            # a restarted worker never replays the random draws it made before (same seed, same history,
+            # same proposal; different history, new proposal).
+            study.sampler = _sampler(spec, worker, len(study.get_trials(deepcopy=False)))
+            trial = _quiet(study.ask) if (done + running + waiting < spec.n_trials or waiting) else None
         if trial is None:
             if running == 0:
                 break
@@ -327,10 +339,10 @@ def run_worker(
                 trial.set_user_attr(FAILURE_ATTR, reason)
             except BaseException as err:  # a bug, or Ctrl-C: record it, then stop this worker
                 trial.set_user_attr(FAILURE_ATTR, f"error: {type(err).__name__}: {err}")
-                study.tell(trial, state=TrialState.FAIL)
+                _quiet(study.tell, trial, state=TrialState.FAIL)
                 raise
         try:
-            study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+            _quiet(study.tell, trial, values if state == TrialState.COMPLETE else None, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:
             log(f"[tune {spec.name}] worker {worker}: trial {trial.number} was declared dead by another worker "
                 "(no heartbeat within the grace period); its result is discarded, the retry counts")
@@ -343,6 +355,14 @@ def run_worker(
             + f" {state.name.lower()} in {time.perf_counter() - start:.1f}s: {shown} · "
             f"{counted_trials(study)[0]}/{spec.n_trials} done")
     return summary
+
+
+def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` without Optuna's warning that heartbeats are meant for ``Study.optimize``: this loop
+    is the ask-and-tell equivalent of ``optimize``, and it runs the heartbeat itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return fn(*args, **kwargs)
 
 
 def _format_values(values: Any) -> str:

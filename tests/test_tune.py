@@ -220,3 +220,5 @@ def test_resuming_a_study_adds_only_the_missing_trials(tmp_path: Path, tiny: Pat
     assert main(["tune", str(spec_path), "--storage", storage, "--n-trials", "3"]) == 0
     study = optuna.load_study(study_name="resume", storage=open_storage(storage).storage)
     assert len(study.get_trials()) == 3
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials()]
+    assert len(set(params)) == 3, "the resumed run replayed an earlier trial's parameters"
