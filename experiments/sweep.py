@@ -423,6 +423,13 @@ def run_sweep(
             try:
                 for future in cf.as_completed(futures):
                     record(futures[future], future.result())
+            except cf.process.BrokenProcessPool as err:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(
+                    f"a sweep worker process died (killed, or out of memory) after {finished} of {len(todo)} "
+                    f"cells; every finished cell is stored in {store.path}: run the sweep again to continue "
+                    "(with fewer --jobs if memory is short)"
+                ) from err
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
