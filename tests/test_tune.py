@@ -100,9 +100,9 @@ def two_workers(spec_path: Path, storage: str) -> list[str]:
 
 
 def concurrent_spec(tiny: Path, name: str) -> dict:
-    # trials of ~1 s: six of them outlast the difference in start-up time between the two processes
+    # trials of ~0.5-1 s: six of them outlast the difference in start-up time between the two processes
     data = spec_data(tiny, name)
-    data["overrides"] = {"data": {"path": str(tiny)}, "train": {"max_steps": 60}}
+    data["overrides"] = {"data": {"path": str(tiny)}, "train": {"max_steps": 40}}
     return data
 
 
