@@ -83,6 +83,8 @@ def test_prepare_converts_the_real_samples_and_generates(tmp_path: Path, capsys)
     assert data_prep.load_meta(tmp_path / "c").protocol == "random"
     assert data_prep.load_meta(tmp_path / "a").source.startswith("avazu")
     assert main(["prepare", "avazu", "x.csv", "y.csv", "--out", str(tmp_path / "z")]) == 2
+    assert main(["prepare", "generate", "--preset", "tiny", "--out", str(tmp_path / "g")]) == 0
+    assert data_prep.load_meta(tmp_path / "g").bayes_auc is not None
 
 
 def test_bad_input_is_one_line_naming_the_problem(tmp_path: Path, capsys) -> None:
