@@ -311,13 +311,13 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _execute(config_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
+def _execute(config_dict: dict[str, Any], out_dir: str, progress: bool = False) -> dict[str, Any]:
     """Run one cell (in this process or a worker); an exception becomes an ``error`` record."""
     from experiments.train import run  # imported here: workers import torch only when they run a cell
 
     try:
         config = RunConfig.from_dict(config_dict, source="sweep cell")
-        return run(config, out_dir=out_dir, resume=True, progress=False).to_dict()
+        return run(config, out_dir=out_dir, resume=True, progress=progress).to_dict()
     except Exception as err:  # recorded and shown; the sweep goes on with the other cells
         return {"status": "error", "failure_reason": f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(), "config": config_dict}
@@ -414,8 +414,9 @@ def run_sweep(
             f"ETA {format_duration(eta)} · {cell.describe()}: {what}")
 
     if jobs == 1:
+        bar = sys.stderr.isatty()  # the run's own progress bar (batches/s, loss) on a terminal
         for cell in todo:
-            record(cell, _execute(cell.config.to_dict(), str(out / "runs" / cell.key)))
+            record(cell, _execute(cell.config.to_dict(), str(out / "runs" / cell.key), bar))
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
