@@ -1,0 +1,107 @@
+"""Markdown tables of a benchmark: a sweep's results store, OptEmbed runner results beside it, and the
+interleaved speed measurements of :mod:`experiments.bench_methods_speed` (not a test).
+
+One row per (method, budget): inference bytes (fraction of the full tables), test AUC and logloss as
+mean ± std over seeds, the seeds, the in-run train samples/s relative to the full table of the same seed
+(``train_samples_per_s`` of the run / that of ``full``), and, when a speed JSON is given, the median
+interleaved step speed relative to full. Failed cells (infeasible budgets) are listed with their reason.
+
+    python -m experiments.bench_tables runs/sweeps/bench_methods_ii/results.sqlite \\
+        --optembed 'runs/optembed/s*_*/optembed_result.json' --speed runs/speed/bench_ii.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from experiments.results import load
+
+__all__ = ["bench_table", "main"]
+
+
+def _fraction(budget: Any) -> float:
+    if budget is None or (isinstance(budget, float) and np.isnan(budget)):
+        return 1.0
+    num, _, den = str(budget).partition("/")
+    return float(num) / float(den) if den else float("nan")
+
+
+def _optembed_rows(pattern: str, full_bytes: int) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(glob.glob(pattern)):
+        r = json.load(open(path))
+        frac = (r.get("budget_bytes") or full_bytes) / full_bytes
+        budget = next((b for b in ("1/2", "1/4", "1/8", "1/16", "1/32", "1/64") if abs(_fraction(b) - frac) < 1e-3),
+                      f"{frac:.4f}")
+        stages = r.get("stage_seconds", {})
+        rows.append({"label": "optembed (3 stages)", "budget": budget, "seed": r["seed"], "status": r["status"],
+                     "failure_reason": r.get("failure_reason"), "inference_bytes": r.get("inference_bytes"),
+                     "test_auc": r.get("test_auc"), "test_logloss": r.get("test_logloss"),
+                     "train_samples_per_s": r.get("train_samples_per_s"),
+                     "stages": " / ".join(f"{stages.get(s, float('nan')):.0f}"
+                                          for s in ("supernet", "search", "retrain"))})
+    return rows
+
+
+def bench_table(store: str, optembed: str | None = None, speed: str | None = None) -> tuple[str, str]:
+    """(results table, failed table) as Markdown."""
+    frame = load(store)
+    full_bytes = int(frame["full_table_bytes"].dropna().iloc[0])
+    frame = frame[["label", "budget", "seed", "status", "failure_reason", "inference_bytes", "test_auc",
+                   "test_logloss", "train_samples_per_s"]].copy()
+    frame["budget"] = frame["budget"].where(frame["budget"].notna(), None)
+    if optembed:
+        frame = pd.concat([frame, pd.DataFrame(_optembed_rows(optembed, full_bytes))], ignore_index=True)
+    full_speed = frame[(frame.label == "full") & (frame.status == "ok")].set_index("seed")["train_samples_per_s"]
+    frame["rel"] = [s / full_speed.get(seed, np.nan) for s, seed in zip(frame.train_samples_per_s, frame.seed)]
+    interleaved = {}
+    if speed:
+        for row in json.load(open(speed)):
+            interleaved[(row["method"], row["budget"])] = row.get("rel_full")
+    ok = frame[frame.status == "ok"]
+    lines = ["| budget | method | inference bytes (of full) | test AUC | test logloss | seeds | "
+             "samples/s vs full (in run) | step speed vs full (interleaved) | OptEmbed stages s (supernet / search / retrain) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    budgets = sorted({b for b in ok.budget}, key=lambda b: -_fraction(b))
+    for b in budgets:
+        cell = ok[ok.budget.apply(lambda x, b=b: x == b)]
+        groups = []
+        for label, g in cell.groupby("label"):
+            groups.append((g.test_auc.mean(), label, g))
+        for auc, label, g in sorted(groups, key=lambda t: -t[0]):
+            nbytes = int(g.inference_bytes.mean())
+            std = g.test_auc.std(ddof=0)
+            inter = interleaved.get((label, b))
+            stages = g["stages"].iloc[0] if "stages" in g and isinstance(g["stages"].iloc[0], str) else "-"
+            lines.append(
+                f"| {b or 'none'} | {label} | {nbytes:,} ({nbytes / full_bytes:.3f}) | {auc:.4f} ± {std:.4f} | "
+                f"{g.test_logloss.mean():.4f} ± {g.test_logloss.std(ddof=0):.4f} | {len(g)} | "
+                f"{g.rel.mean():.2f} ± {g.rel.std(ddof=0):.2f} | {'-' if inter is None else f'{inter:.2f}'} | {stages} |")
+    failed = frame[frame.status != "ok"].drop_duplicates(["label", "budget"])
+    flines = ["| method | budget | reason |", "|---|---|---|"]
+    for _, r in failed.sort_values(["label", "budget"]).iterrows():
+        flines.append(f"| {r.label} | {r.budget} | {r.failure_reason} |")
+    return "\n".join(lines), "\n".join(flines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("store")
+    parser.add_argument("--optembed", help="glob of optembed_result.json files to add")
+    parser.add_argument("--speed", help="JSON rows written by experiments.bench_methods_speed --out")
+    args = parser.parse_args(argv)
+    table, failed = bench_table(args.store, args.optembed, args.speed)
+    print(table)
+    print()
+    print(failed)
+
+
+if __name__ == "__main__":
+    main()
