@@ -1,0 +1,25 @@
+"""Post-training low-rank compression: train full, compress by SVD, fine-tune (tiny preset)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.config import load_config
+from experiments.low_rank_svd import RESULT, run_svd_finetune
+
+
+@pytest.mark.parametrize("moments", ["table", "data"])
+def test_train_compress_finetune(tmp_path, moments):
+    config = load_config("smoke", overrides=[f"data.data_dir={tmp_path / 'data'}", "train.max_steps=30",
+                                             "embedding.budget=1/4"])
+    result = run_svd_finetune(config, tmp_path / "run", moments=moments, finetune_steps=10, progress=False)
+    assert result["inference_bytes"] <= result["full_inference_bytes"] // 4
+    assert result["finetune_steps"] == 10
+    assert any(r is not None for r in result["ranks"].values())
+    for stage in ("compressed", "finetuned"):
+        assert 0.5 < result[stage]["test_auc"] < 1.0
+    # compression of a trained table keeps most of what it learned
+    assert result["compressed"]["test_auc"] > result["full"]["test_auc"] - 0.05
+    assert json.loads((tmp_path / "run" / RESULT).read_text()) == result
