@@ -322,7 +322,9 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike, sweep: st
     folder.mkdir(parents=True, exist_ok=True)
     png = _plot(summary, context)
     tables = {"Best method per budget": best, "Every method and budget": cells,
-              "Training speed (train samples/s, mean ± std)": speed, "Failed runs (not plotted)": failed}
+              "Training speed (train samples/s of the training steps, mean ± std; runs of a sweep may share "
+              "the CPU, so compare within this table only)": speed,
+              "Failed runs (not plotted)": failed}
     paths = {"png": folder / "pareto.png", "html": folder / "report.html", "md": folder / "report.md"}
     _atomic_write(paths["png"], png)
     _atomic_write(paths["html"], _html(context, png, tables).encode())
