@@ -2,7 +2,7 @@
 interleaved speed measurements of :mod:`experiments.bench_methods_speed` (not a test).
 
 One row per (method, budget): inference bytes (fraction of the full tables), test AUC and logloss as
-mean ± std over seeds, the seeds, the in-run train samples/s relative to the full table of the same seed
+mean ± sample std over seeds, the seeds, the in-run train samples/s relative to the full table of the same seed
 (``train_samples_per_s`` of the run / that of ``full``), and, when a speed JSON is given, the median
 interleaved step speed relative to full. Failed cells (infeasible budgets) are listed with their reason.
 
@@ -27,7 +27,7 @@ __all__ = ["bench_table", "main"]
 
 
 def _fraction(budget: Any) -> float:
-    if budget is None or (isinstance(budget, float) and np.isnan(budget)):
+    if budget is None or budget == "none" or (isinstance(budget, float) and np.isnan(budget)):
         return 1.0
     num, _, den = str(budget).partition("/")
     return float(num) / float(den) if den else float("nan")
@@ -56,7 +56,7 @@ def bench_table(store: str, optembed: str | None = None, speed: str | None = Non
     full_bytes = int(frame["full_table_bytes"].dropna().iloc[0])
     frame = frame[["label", "budget", "seed", "status", "failure_reason", "inference_bytes", "test_auc",
                    "test_logloss", "train_samples_per_s"]].copy()
-    frame["budget"] = frame["budget"].where(frame["budget"].notna(), None)
+    frame["budget"] = ["none" if b is None or (isinstance(b, float) and np.isnan(b)) else str(b) for b in frame.budget]
     if optembed:
         frame = pd.concat([frame, pd.DataFrame(_optembed_rows(optembed, full_bytes))], ignore_index=True)
     full_speed = frame[(frame.label == "full") & (frame.status == "ok")].set_index("seed")["train_samples_per_s"]
@@ -71,19 +71,21 @@ def bench_table(store: str, optembed: str | None = None, speed: str | None = Non
              "|---|---|---|---|---|---|---|---|---|"]
     budgets = sorted({b for b in ok.budget}, key=lambda b: -_fraction(b))
     for b in budgets:
-        cell = ok[ok.budget.apply(lambda x, b=b: x == b)]
+        cell = ok[[x == b for x in ok.budget]]
         groups = []
         for label, g in cell.groupby("label"):
             groups.append((g.test_auc.mean(), label, g))
         for auc, label, g in sorted(groups, key=lambda t: -t[0]):
             nbytes = int(g.inference_bytes.mean())
-            std = g.test_auc.std(ddof=0)
-            inter = interleaved.get((label, b))
-            stages = g["stages"].iloc[0] if "stages" in g and isinstance(g["stages"].iloc[0], str) else "-"
+            ddof = 1 if len(g) > 1 else 0  # sample std over seeds, as the report tool
+            std = g.test_auc.std(ddof=ddof)
+            inter = interleaved.get((label, None if b == "none" else b))
+            stages = "; ".join(f"s{seed}: {st}" for seed, st in zip(g.seed, g["stages"]) if isinstance(st, str)) \
+                if "stages" in g else ""
             lines.append(
-                f"| {b or 'none'} | {label} | {nbytes:,} ({nbytes / full_bytes:.3f}) | {auc:.4f} ± {std:.4f} | "
-                f"{g.test_logloss.mean():.4f} ± {g.test_logloss.std(ddof=0):.4f} | {len(g)} | "
-                f"{g.rel.mean():.2f} ± {g.rel.std(ddof=0):.2f} | {'-' if inter is None else f'{inter:.2f}'} | {stages} |")
+                f"| {b} | {label} | {nbytes:,} ({nbytes / full_bytes:.3f}) | {auc:.4f} ± {std:.4f} | "
+                f"{g.test_logloss.mean():.4f} ± {g.test_logloss.std(ddof=ddof):.4f} | {len(g)} | "
+                f"{g.rel.mean():.2f} ± {g.rel.std(ddof=ddof):.2f} | {'-' if inter is None else f'{inter:.2f}'} | {stages or '-'} |")
     failed = frame[frame.status != "ok"].drop_duplicates(["label", "budget"])
     flines = ["| method | budget | reason |", "|---|---|---|"]
     for _, r in failed.sort_values(["label", "budget"]).iterrows():
