@@ -164,10 +164,11 @@ CASES: dict[str, MethodCase] = {
         degenerate=_unified_degenerate,
         invalid=[
             lambda: embtable.UnifiedConfig(num_probes=0),
-            lambda: embtable.UnifiedConfig(num_rows=-5),
+            lambda: embtable.UnifiedConfig(num_rows=-5, num_probes=1),
             lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_probes=3), budget=100),
-            lambda: embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)], embtable.UnifiedConfig()),
-            lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_rows=11)),
+            lambda: embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)],
+                                   embtable.UnifiedConfig(num_probes=1)),
+            lambda: embtable.build([FeatureSpec("a", 10, 8)], embtable.UnifiedConfig(num_rows=11, num_probes=1)),
         ],
     ),
     "mixed_dim": MethodCase(

@@ -14,6 +14,7 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 import embtable
 from embtable import FeatureSpec, UnifiedConfig
 from embtable.hashing import PRIME, hash_coefficients
+from embtable.methods.unified import unified_layout
 
 FEATURES = [FeatureSpec("a", 40, 8), FeatureSpec("b", 2**33 + 7, 16), FeatureSpec("tiny", 5, 8),
             FeatureSpec("c", 300, 16)]
@@ -143,9 +144,9 @@ def test_mapper_output_is_one_key_per_table_with_a_bag_per_sample_and_probe():
 
 def test_identity_layout_gives_each_feature_its_own_rows():
     features = [FeatureSpec("x", 30, 8), FeatureSpec("y", 20, 8)]
-    module = embtable.build(features, UnifiedConfig(num_rows=50))  # = sum n: every feature owns its rows
+    module = embtable.build(features, UnifiedConfig(num_rows=50, num_probes=1))  # = sum n: every feature owns its rows
     assert module.layout.own_rows == (True, True) and module.layout.hashed_rows == 0
-    plan = embtable.plan(features, UnifiedConfig(num_rows=50))
+    plan = embtable.plan(features, UnifiedConfig(num_rows=50, num_probes=1))
     assert [p.compressed for p in plan.features] == [False, False] and plan.shared_bytes == {}
     mapped = module.mapper(KeyedJaggedTensor.from_lengths_sync(["x", "y"], torch.tensor([29, 0, 19]),
                                                                torch.tensor([1, 1, 1, 0])))
@@ -164,13 +165,13 @@ def test_planner_rows_from_budget_and_memory_formula():
         assert plan.total_bytes == rows * c * 4 + 48 * K <= budget
         assert plan.total_bytes >= 0.95 * budget
     # a budget that holds the unshared layout caps the rows there: every feature is identity-mapped
-    plan = embtable.plan(features, UnifiedConfig(), 10**9)
+    plan = embtable.plan(features, UnifiedConfig(num_probes=1), 10**9)
     assert plan.config.num_rows == 1_020_200 and not any(p.compressed for p in plan.features)
     # keep_full_below: small features own their rows, the rest share what is left
-    plan = embtable.plan(features, UnifiedConfig(keep_full_below=1000), "1/100")
+    plan = embtable.plan(features, UnifiedConfig(keep_full_below=1000, num_probes=1), "1/100")
     assert [p.compressed for p in plan.features] == [True, True, False]
     assert plan.features[2].bytes == 200 * 32 * 4 + 48
-    module = embtable.build(features, UnifiedConfig(keep_full_below=1000), "1/100", device="meta")
+    module = embtable.build(features, UnifiedConfig(keep_full_below=1000, num_probes=1), "1/100", device="meta")
     assert embtable.memory_report(module).inference_bytes == plan.total_bytes
 
 
@@ -188,18 +189,18 @@ def test_errors_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match=r"feature 'b' has embedding_dim 16, not divisible by its num_probes 3"):
         embtable.build([FeatureSpec("b", 10, 16)], UnifiedConfig(num_rows=5, num_probes=3))
     with pytest.raises(ValueError, match=r"chunk dim 8: \['a'\]; chunk dim 16: \['b'\].*more probes"):
-        embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)], UnifiedConfig(num_rows=5))
+        embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 10, 16)], UnifiedConfig(num_rows=5, num_probes=1))
     with pytest.raises(ValueError, match="num_rows=31 is more than the 30 rows"):
-        embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 20, 8)], UnifiedConfig(num_rows=31))
+        embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 20, 8)], UnifiedConfig(num_rows=31, num_probes=1))
     with pytest.raises(ValueError, match="leaves no shared rows"):
         embtable.build([FeatureSpec("a", 10, 8), FeatureSpec("b", 20, 8)], UnifiedConfig(num_rows=10,
-                                                                                            keep_full_below=15))
+                                                                                            keep_full_below=15, num_probes=1))
     with pytest.raises(ValueError, match="num_rows is not set"):
         embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig())
     with pytest.raises(ValueError, match="cannot fill num_tables=4"):
-        embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig(num_rows=3, num_tables=4))
+        embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig(num_rows=3, num_tables=4, num_probes=1))
     with pytest.raises(embtable.BudgetError, match="holds 1 rows of dim 8 .* needs at least 2 rows"):
-        embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig(num_tables=2), budget=48 + 32 + 10)
+        embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig(num_tables=2, num_probes=1), budget=48 + 32 + 10)
     with pytest.raises(ValueError, match="num_probes must give a value for every feature"):
         embtable.build([FeatureSpec("a", 10, 8)], UnifiedConfig(num_rows=3, num_probes={"z": 1}))
     for bad in [dict(num_tables=0), dict(num_probes=True), dict(keep_full_below=-1), dict(num_rows=2.5)]:
@@ -254,10 +255,10 @@ def test_collision_rates_match_a_brute_force_count(num_rows, keep_full_below):
 def test_collision_rate_falls_with_more_rows_and_is_zero_unshared():
     features = [FeatureSpec("u", 5000, 8), FeatureSpec("v", 3000, 8)]
     data = {"u": np.arange(5000), "v": np.arange(3000)}
-    low = embtable.build(features, UnifiedConfig(num_rows=2000)).collision_rates(data)
-    high = embtable.build(features, UnifiedConfig(num_rows=7999)).collision_rates(data)
+    low = embtable.build(features, UnifiedConfig(num_rows=2000, num_probes=1)).collision_rates(data)
+    high = embtable.build(features, UnifiedConfig(num_rows=7999, num_probes=1)).collision_rates(data)
     assert low["u"] > 0.95 and 0 < high["u"] < low["u"]
-    assert embtable.build(features, UnifiedConfig(num_rows=8000)).collision_rates(data) == {"u": 0.0, "v": 0.0}
+    assert embtable.build(features, UnifiedConfig(num_rows=8000, num_probes=1)).collision_rates(data) == {"u": 0.0, "v": 0.0}
 
 
 def test_storage_is_a_plain_embedding_bag_collection_for_torchrec_sharding():
@@ -267,3 +268,15 @@ def test_storage_is_a_plain_embedding_bag_collection_for_torchrec_sharding():
     assert [(c.name, c.feature_names, c.embedding_dim) for c in configs] == [
         ("unified_0", ["unified_0"], 8), ("unified_1", ["unified_1"], 8)]
     assert [name for name, _ in module.named_buffers()] == ["mapper.slot_params"]
+
+
+def test_default_is_multi_probe():
+    same = [FeatureSpec("a", 1000, 16), FeatureSpec("b", 500, 16)]
+    layout = unified_layout(same, embtable.plan(same, UnifiedConfig(), "1/4").config)
+    assert layout.probes == (2, 2) and layout.chunk_dim == 8
+    mixed = [FeatureSpec("a", 1000, 16), FeatureSpec("b", 500, 32)]
+    layout = unified_layout(mixed, embtable.plan(mixed, UnifiedConfig(), "1/4").config)
+    assert layout.probes == (2, 4) and layout.chunk_dim == 8
+    assert embtable.plan([FeatureSpec("a", 1000, 4)], UnifiedConfig(), "1/4").features[0].detail.startswith("1 ")
+    with pytest.raises(ValueError, match="embedding_dim / num_probes must be the same"):
+        embtable.plan([FeatureSpec("a", 1000, 4), FeatureSpec("b", 500, 6)], UnifiedConfig(), "1/4")

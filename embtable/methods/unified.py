@@ -71,6 +71,7 @@ machine and raise it to let TorchRec spread the rows over ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -102,9 +103,15 @@ class UnifiedConfig(MethodConfig):
         num_rows: rows of the one logical shared table (all ``num_tables`` tables together); ``None`` lets
             the planner size it from the budget. At most ``sum_f num_embeddings_f * num_probes_f``, which
             is the unshared identity layout (testing/reference).
-        num_probes: probes ``k`` per feature: one int for all features (what models with one dim need) or
-            a ``{feature: k}`` mapping. Each probe looks up a chunk of ``embedding_dim / k``; every
-            feature's chunk dim must be equal (it is the table's dim).
+        num_probes: probes ``k`` per feature: one int for all features (what models with one dim need), a
+            ``{feature: k}`` mapping, or ``None`` (default): multi-probe, chunk dim ``c = g / 2`` where ``g``
+            is the gcd of the features' dims (``c = g`` when ``g`` is odd or below 8), ``k_f = d_f / c``;
+            so two probes per feature when all dims are equal, even and at least 8. Different dims whose
+            chunk would be below 4 need explicit probes. Each probe looks up a chunk of
+            ``embedding_dim / k``; every feature's chunk dim must be equal (it is the table's dim). With
+            one probe, two ids that collide share their whole vector, which models that take dot products
+            of raw embeddings (DLRM, FM) cannot undo; with two, they must collide in both probes (see
+            experiments/BENCHMARKS.md: one probe loses to per-feature hashing under DLRM, two win).
         num_tables: the logical table is split round-robin into this many TorchRec tables, so
             TorchRec's planner can place them on different ranks (1 = one table).
         keep_full_below: features with fewer ids than this keep their own identity-mapped rows inside the
@@ -114,7 +121,7 @@ class UnifiedConfig(MethodConfig):
 
     method = "unified"
     num_rows: int | None = None
-    num_probes: int | Mapping[str, int] = 1
+    num_probes: int | Mapping[str, int] | None = None
     num_tables: int = 1
     keep_full_below: int = 0
     seed: int = 0
@@ -123,7 +130,7 @@ class UnifiedConfig(MethodConfig):
         if self.num_rows is not None:
             _positive_int(self.num_rows, "num_rows")
         probes = self.num_probes.values() if isinstance(self.num_probes, Mapping) else [self.num_probes]
-        for k in probes:
+        for k in probes if self.num_probes is not None else []:
             _positive_int(k, "num_probes (probes per feature)")
         _positive_int(self.num_tables, "num_tables")
         _positive_int(self.keep_full_below, "keep_full_below", minimum=0)
@@ -162,7 +169,13 @@ class UnifiedLayout:
 
 def _probes_and_chunk_dim(features: Sequence[FeatureSpec], config: UnifiedConfig) -> tuple[tuple[int, ...], int]:
     """Probes per feature and the one chunk dim they imply (errors say how to fix a mismatch)."""
-    probes_by_name = config_field_per_feature(config.num_probes, features, "num_probes", "unified")
+    if config.num_probes is None:  # multi-probe: half the dims' gcd per chunk when it stays >= 4 and even
+        g = math.gcd(*(f.embedding_dim for f in features))
+        c = g // 2 if g % 2 == 0 and g >= 8 else g
+        if c >= 4 or len({f.embedding_dim for f in features}) == 1:
+            return tuple(f.embedding_dim // c for f in features), c
+        # chunks below 4 dims would take many probes per feature: ask the user (error below)
+    probes_by_name = config_field_per_feature(config.num_probes or 1, features, "num_probes", "unified")
     probes = tuple(int(probes_by_name[f.name]) for f in features)
     chunks: dict[int, list[str]] = {}
     for f, k in zip(features, probes):
