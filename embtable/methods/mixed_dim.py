@@ -409,6 +409,14 @@ def solve_block_dims(
         return layout.dims_for(a, p_max ** -a, dim_multiple)
 
     if layout.total(dims_at(alpha_hi)) > budget_bytes:
+        floor = layout.total(layout.dims_for(1.0, 0.0, dim_multiple))
+        if floor > budget_bytes:  # no alpha can help: every row keeps at least the smallest dim
+            raise BudgetError(
+                f"mixed_dim: even the smallest dims (every compressible block at dim {dim_multiple}) need "
+                f"{floor:,} bytes, over the budget of {budget_bytes:,}: mixed dimensions keep every row, so they "
+                "cannot go below about 1/embedding_dim of the full tables; raise the budget, or choose a method "
+                "that also shrinks rows (hash, qr, unified, optembed)"
+            )
         raise BudgetError(
             f"mixed_dim: with alpha solved, the most popular block keeps the base dim; even the steepest "
             f"power rule (all other blocks at dim {dim_multiple}) needs {layout.total(dims_at(alpha_hi)):,} "
