@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-	$(PIP) install --quiet --no-deps $(TORCHREC)
 	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps $(TORCHREC)
 	$(PY) -c "import torchrec, fbgemm_gpu, embtable; print('embtable installed: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
