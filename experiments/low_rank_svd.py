@@ -103,6 +103,7 @@ def run_svd_finetune(config: RunConfig, out_dir: str | os.PathLike, *, moments: 
         "compressed": {f"{s}_{k}": before[s][k] for s in before for k in ("auc", "logloss")},
         "finetuned": {f"{s}_{k}": after[s][k] for s in after for k in ("auc", "logloss")},
         "finetune_steps": state.step, "seconds": times,
+        "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (RESULT + ".tmp")

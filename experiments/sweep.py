@@ -6,6 +6,9 @@ A spec (``experiments/configs/sweeps/<name>.yaml``)::
     configs: [demo]                  # run configs under every cell (base.yaml + these), e.g. the data
     overrides: {train: {epochs: 1}}  # then these fields, for every cell
     methods: registered              # every registered method, or a list: [hash, {method: qr, ...}]
+                                     # an entry may name a multi-stage runner (experiments.sweep_runners):
+                                     # {label: optembed_search, method: optembed, runner: optembed,
+                                     #  runner_options: {population: 10}}
     reference: [full]                # run once per model and seed WITHOUT a budget (the uncompressed point)
     budgets: ["1/4", "1/16", "1/64"] # fractions of the full tables, bytes, or "64MiB"
     models: [dlrm]                   # names, or {name: dcn_v2, options: {...}, embedding_dim: 16}
@@ -46,6 +49,7 @@ import embtable
 from experiments.config import CONFIG_DIR, ConfigError, RunConfig, load_config
 from experiments.results import ResultStore
 from experiments.specfile import read_spec, resolve_spec, where_of
+from experiments.sweep_runners import check_runner
 
 __all__ = [
     "SWEEP_DIR",
@@ -79,28 +83,41 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MethodChoice:
-    """One method of a sweep: ``label`` (its name in tables and plots) and its config as plain data."""
+    """One method of a sweep: ``label`` (its name in tables and plots) and its config as plain data.
+
+    ``runner`` names a multi-stage pipeline of :mod:`experiments.sweep_runners` (``None``: one training
+    run of the method's module); ``runner_options`` are its settings.
+    """
 
     label: str
     method: dict[str, Any]
+    runner: str | None = None
+    runner_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, item: Any, where: str) -> MethodChoice:
-        """``"hash"``, or ``{method: qr, combiner: concat}``, or ``{label: qr_cat, method: qr, ...}``."""
+        """``"hash"``, or ``{method: qr, combiner: concat}``, or ``{label: qr_cat, method: qr, ...}``, or
+        ``{label: optembed_search, method: optembed, runner: optembed, runner_options: {...}}``."""
         if isinstance(item, str):
             item = {"method": item}
         if not isinstance(item, Mapping) or "method" not in item:
             raise ConfigError(f"{where}: a method is a name or a mapping with a 'method' key, got {item!r}")
         data = dict(item)
         label = data.pop("label", None)
+        runner = data.pop("runner", None)
+        options = data.pop("runner_options", None)
+        if runner is None and options is not None:
+            raise ConfigError(f"{where}: runner_options without a runner in {dict(item)!r}")
         try:
             embtable.method_config_from_dict(data, source=where)
+            if runner is not None:
+                check_runner(str(runner), data, options if options is not None else {})
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
         if label is None:
             knobs = ",".join(f"{k}={v}" for k, v in data.items() if k != "method")
-            label = data["method"] + (f"({knobs})" if knobs else "")
-        return cls(str(label), data)
+            label = data["method"] + (f"({knobs})" if knobs else "") + (f"[{runner}]" if runner else "")
+        return cls(str(label), data, None if runner is None else str(runner), dict(options or {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +156,8 @@ class Cell:
     seed: int
     config: RunConfig
     key: str
+    runner: str | None = None
+    runner_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         budget = "no budget" if self.budget is None else f"@ {self.budget}"
@@ -246,7 +265,8 @@ class SweepSpec:
                         "train": {"seed": seed},
                     }, source=self.source)
                     out.append(Cell(method.label, method.method["method"], budget, model.name, seed, config,
-                                    cell_key(config)))
+                                    cell_key(config, method.runner, method.runner_options),
+                                    method.runner, method.runner_options))
         return out
 
 
@@ -272,9 +292,13 @@ def _assignment(item: str) -> tuple[str, str, Any]:
     return section, field, yaml.safe_load(raw) if raw.strip() else None
 
 
-def cell_key(config: RunConfig) -> str:
-    """A stable 16-hex-digit hash of what a run computes (its config, minus names and logging)."""
+def cell_key(config: RunConfig, runner: str | None = None, runner_options: Mapping[str, Any] | None = None) -> str:
+    """A stable 16-hex-digit hash of what a run computes (its config, minus names and logging; plus the
+    runner and its options for a runner cell, so it never shares a key with the single-stage cell)."""
     data = config.to_dict()
+    if runner is not None:
+        options = {k: v for k, v in (runner_options or {}).items() if k != "checkpoint_every"}
+        data["runner"] = {"name": runner, "options": options}
     for path in _KEY_IGNORES:
         node = data
         for part in path[:-1]:
@@ -311,16 +335,22 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _execute(config_dict: dict[str, Any], out_dir: str, progress: bool = False) -> dict[str, Any]:
-    """Run one cell (in this process or a worker); an exception becomes an ``error`` record."""
+def _execute(config_dict: dict[str, Any], out_dir: str, progress: bool = False, runner: str | None = None,
+             runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one cell (in this process or a worker): one training run, or ``runner``'s stages; an exception
+    becomes an ``error`` record."""
+    from experiments.sweep_runners import run_runner
     from experiments.train import run  # imported here: workers import torch only when they run a cell
 
     try:
         config = RunConfig.from_dict(config_dict, source="sweep cell")
+        if runner is not None:
+            return run_runner(runner, config, runner_options or {}, out_dir, progress=progress)
         return run(config, out_dir=out_dir, resume=True, progress=progress).to_dict()
     except Exception as err:  # recorded and shown; the sweep goes on with the other cells
         return {"status": "error", "failure_reason": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc(), "config": config_dict}
+                "traceback": traceback.format_exc(), "config": config_dict,
+                **({"runner": runner} if runner is not None else {})}
 
 
 def _source_name(meta: Any, presets: Mapping[str, Any]) -> str:
@@ -416,11 +446,13 @@ def run_sweep(
     if jobs == 1:
         bar = sys.stderr.isatty()  # the run's own progress bar (batches/s, loss) on a terminal
         for cell in todo:
-            record(cell, _execute(cell.config.to_dict(), str(out / "runs" / cell.key), bar))
+            record(cell, _execute(cell.config.to_dict(), str(out / "runs" / cell.key), bar, cell.runner,
+                                  cell.runner_options))
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_execute, c.config.to_dict(), str(out / "runs" / c.key)): c for c in todo}
+            futures = {pool.submit(_execute, c.config.to_dict(), str(out / "runs" / c.key), False, c.runner,
+                                   c.runner_options): c for c in todo}
             try:
                 for future in cf.as_completed(futures):
                     record(futures[future], future.result())
