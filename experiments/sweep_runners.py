@@ -63,6 +63,25 @@ class Runner:
     run: Callable[[RunConfig, Mapping[str, Any], Path, bool], dict[str, Any]]
 
 
+def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_bytes: int) -> int:
+    """``training_bytes`` as :func:`experiments.train.run` counts it, for the runner's final tables
+    (``method``: their config as plain data): inference bytes, the table optimizer's state, Adam's state
+    for dense parameters inside the embedding module."""
+    import data_prep
+    import embtable
+    from experiments.train import _adam_bytes, dataset_path
+
+    features = data_prep.load_meta(dataset_path(config.data)).feature_specs(config.model.embedding_dim)
+    module = embtable.build(features, embtable.method_config_from_dict(dict(method), source="runner tables"),
+                            pooling=config.embedding.pooling)
+    built = embtable.memory_report(module).inference_bytes
+    if built != inference_bytes:
+        raise AssertionError(f"rebuilt {method.get('method')} tables hold {built} bytes, the runner reported "
+                             f"{inference_bytes}")
+    state = embtable.optimizer_state_bytes(module, config.train.embedding_optimizer, tables_only=True)
+    return inference_bytes + state + _adam_bytes(embtable.dense_parameters(module))
+
+
 # ---- optembed: supernet -> search -> retrain ----
 
 def _optembed_options() -> tuple[str, ...]:
@@ -78,16 +97,22 @@ def _optembed_check(options: Mapping[str, Any]) -> None:
 
 
 def _optembed_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress: bool) -> dict[str, Any]:
+    from experiments.checkpoint import load_checkpoint
     from experiments.optembed import OptEmbedStages, run_optembed
 
     stages = OptEmbedStages(**{"checkpoint_every": config.train.checkpoint_every, **options})
     record = run_optembed(config, stages, out, progress=progress)
     ok = record["status"] == "ok"
+    training = None
+    if ok:
+        compact = load_checkpoint(out / "compact.pt")
+        training = _training_bytes(config, compact["config"], record["inference_bytes"])
     return {
         "dataset": record["dataset"],
         "status": record["status"],
         "failure_reason": record.get("failure_reason"),
         "inference_bytes": record.get("inference_bytes") if ok else None,
+        "training_bytes": training,
         "full_table_bytes": record.get("full_table_bytes"),
         "budget_bytes": record.get("budget_bytes"),
         "valid_auc": record.get("valid_auc"),
@@ -140,6 +165,8 @@ def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress:
         "status": "ok",
         "failure_reason": None,
         "inference_bytes": record["inference_bytes"],
+        "training_bytes": _training_bytes(config, {"method": "low_rank", "rank": record["ranks"]},
+                                          record["inference_bytes"]),
         "full_table_bytes": record["full_inference_bytes"],
         "valid_auc": tuned["valid_auc"],
         "valid_logloss": tuned["valid_logloss"],
@@ -196,8 +223,8 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
         progress: progress bars.
 
     Returns:
-        The fields of :class:`experiments.train.RunResult` (``training_bytes``, ``dense_*`` and
-        ``bayes_auc`` are ``None``: the runners do not measure them), plus ``runner``, ``runner_options``,
+        The fields of :class:`experiments.train.RunResult` (``dense_*`` and ``bayes_auc`` are ``None``:
+        the runners do not measure them), plus ``runner``, ``runner_options``,
         ``stage_seconds`` and ``runner_record``. Metrics are ``None`` unless ``status == "ok"``.
     """
     from experiments.train import _versions

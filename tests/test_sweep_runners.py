@@ -78,7 +78,7 @@ def test_optembed_runner_cell_records_one_ok_row_within_budget_and_reruns_skip(t
     features = __import__("data_prep").load_meta(tiny).feature_specs(16)
     budget_bytes = embtable.as_budget("1/4").resolve(features)
     assert record["runner_record"]["budget_bytes"] == budget_bytes
-    assert 0 < row["inference_bytes"] <= budget_bytes
+    assert 0 < row["inference_bytes"] <= budget_bytes and row["training_bytes"] > row["inference_bytes"]
     assert row["full_table_bytes"] == sum(f.full_table_bytes for f in features)
     assert 0.0 < row["test_auc"] < 1.0 and 0.0 < row["valid_auc"] < 1.0
     assert row["test_logloss"] > 0 and row["valid_logloss"] > 0
@@ -104,6 +104,7 @@ def test_svd_runner_cell_records_finetuned_metrics(tmp_path: Path, tiny: Path) -
     record = json.loads(row["record"])
     assert row["label"] == "low_rank_svd" and row["method"] == "low_rank"
     assert 0 < row["inference_bytes"] <= row["full_table_bytes"] // 4
+    assert row["training_bytes"] > row["inference_bytes"]
     assert row["test_auc"] == record["runner_record"]["finetuned"]["test_auc"] and row["steps"] == 4
     assert row["train_samples_per_s"] > 0
     assert set(record["stage_seconds"]) == {"full", "compress", "finetune"}
