@@ -57,7 +57,7 @@ from .textparse import (
     parse_chunk,
     read_header,
 )
-from .vocab import KeyCounter, build_vocab, map_keys
+from .vocab import KeyCounter, build_vocab, lookup_ids
 
 __all__ = ["convert_criteo", "convert_avazu", "MAX_LISTED_MALFORMED"]
 
@@ -203,7 +203,7 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
 
 
 def _warm_up(_: int) -> int:
-    import pandas  # noqa: F401  (map_keys needs it)
+    import pandas  # noqa: F401  (_pass1 needs it)
 
     return 0
 
@@ -382,17 +382,30 @@ def _pass1(job: dict) -> int:
     first_data_line = 2 if fmt.header else 1
     codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
     chunk = job["chunk"]
-    write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
-                 keys=parsed.keys, split=codes)
     rec: dict[str, np.ndarray] = {
         "bad_lines": parsed.bad_lines, "bad_kinds": parsed.bad_kinds,
         "rows": np.array([(codes == i).sum() for i in range(3)], dtype=np.int64),
         "positives": np.array([parsed.labels[codes == i].sum(dtype=np.int64) for i in range(3)], dtype=np.int64),
     }
-    train = parsed.keys[codes == SPLIT_CODES["train"]]
-    for f in range(train.shape[1]):
-        k, v = np.unique(train[:, f], return_counts=True)
-        rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = k, v.astype(np.int64)
+    import pandas as pd
+
+    # Each feature's column becomes its sorted distinct keys and an int32 index into them: the
+    # training counts are a bincount, and pass 3 maps only the distinct keys to ids.
+    train = codes == SPLIT_CODES["train"]
+    all_train = bool(train.all())
+    n, num_features = parsed.keys.shape
+    index = np.empty((num_features, n), dtype=np.int32)
+    uniques = []
+    for f in range(num_features):
+        idx, uniq = pd.factorize(parsed.keys[:, f], sort=True)
+        index[f] = idx
+        uniques.append(np.asarray(uniq, dtype=np.int64))
+        cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
+        seen = cnt > 0
+        rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = uniques[-1][seen], cnt[seen].astype(np.int64)
+    write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
+                 index=index, uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
+                 unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return job["nbytes"]
 
@@ -419,10 +432,10 @@ def _pass2(job: dict) -> int:
     vocab = _load_vocab(out / "_work" / "vocab.rec", len(fmt.feature_names))
     raw_file = out / "_work" / f"raw-{chunk:05d}.rec"
     raw = read_record(raw_file)
-    keys = raw["keys"]
-    ids = np.empty_like(keys)
-    for f in range(keys.shape[1]):
-        ids[:, f] = map_keys(vocab[f], keys[:, f])
+    index, bounds = raw["index"], np.concatenate([[0], np.cumsum(raw["unique_sizes"])])
+    ids = np.empty(index.shape, dtype=np.int64).T  # [n, F], each feature's column contiguous
+    for f in range(index.shape[0]):
+        ids[:, f] = lookup_ids(vocab[f], raw["uniques"][bounds[f]: bounds[f + 1]])[index[f]]
     entries = write_split_shards(out, chunk, raw["split"], raw["labels"], raw["dense"], ids,
                                  fmt.dense, fmt.feature_names, [len(v["counts"]) for v in vocab])
     write_record(out / "_work" / f"p2-{chunk:05d}.rec", **entries_to_arrays(entries))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KeyCounter", "build_vocab", "map_keys"]
+__all__ = ["KeyCounter", "build_vocab", "map_keys", "lookup_ids"]
 
 
 class KeyCounter:
@@ -89,5 +89,22 @@ def map_keys(vocab: dict, keys: np.ndarray) -> np.ndarray:
             vocab["_index"] = pd.Index(sk)
         pos = vocab["_index"].get_indexer(keys)
         return np.where(pos >= 0, vocab["sorted_ids"][pos], 0)
+    pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
+    return np.where(sk[pos] == keys, vocab["sorted_ids"][pos], 0)
+
+
+def lookup_ids(vocab: dict, keys: np.ndarray) -> np.ndarray:
+    """Ids of ``keys`` under ``vocab`` by binary search (0 = out of vocabulary), as :func:`map_keys`.
+
+    No hash table is built: this suits few keys (a chunk's distinct keys) against a large vocabulary.
+
+    Example:
+        >>> v = build_vocab(np.array([3, 8, 9]), np.array([5, 1, 7]), min_count=2)
+        >>> lookup_ids(v, np.array([9, 3, 8, 4])).tolist()
+        [1, 2, 0, 0]
+    """
+    sk = vocab["sorted_keys"]
+    if len(sk) == 0:
+        return np.zeros(len(keys), dtype=np.int64)
     pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
     return np.where(sk[pos] == keys, vocab["sorted_ids"][pos], 0)

@@ -117,3 +117,32 @@ def test_strict_names_file_and_line():
     with pytest.raises(MalformedRowError, match=r"f\.txt:8: malformed row \(non_integer_dense\)"):
         parse_chunk((good + "\n" + good.replace("\t1\t", "\tone\t", 1) + "\n").encode(), 7, CRITEO,
                     file="f.txt", strict=True)
+
+
+def test_criteo_fast_path_matches_exact_parser(monkeypatch):
+    """Well-formed chunks go through pyarrow.csv; the result equals the exact numpy parser's."""
+    import data_prep.textparse as tp
+
+    rng = np.random.default_rng(2)
+    dense_cells = ["", "0", "-1", "+12", "-00000000042", "123456789", "999999999999999999", "00000042", "7"]
+    lines = []
+    for i in range(300):
+        dense = [dense_cells[int(j)] for j in rng.integers(0, len(dense_cells), 13)]
+        cats = [f"{int(v):08x}" if v % 7 else "" for v in rng.integers(0, 2**32, 26)]
+        lines.append(_row(str(i % 2), dense, cats))
+    data = ("\n".join(lines)).encode()  # the last line without a newline
+    fast_path = tp._criteo_fast
+    assert fast_path(data, 3) is not None
+    fast = parse_chunk(data, 3, CRITEO)
+    monkeypatch.setattr(tp, "_criteo_fast", lambda data, first_line: None)
+    exact = parse_chunk(data, 3, CRITEO)
+    for name in ("labels", "dense", "keys", "lines", "bad_lines", "bad_kinds"):
+        a, b = getattr(fast, name), getattr(exact, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert len(fast.labels) == 300 and (fast.keys == MISSING_KEY).any()
+    # anything unusual sends the chunk to the exact parser: upper case, a blank line, a CR, a bad field
+    good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
+    assert fast_path(f"{good}\n{good}\n".encode(), 1) is not None
+    for bad in [good.replace("0a0b0c0d", "0A0B0C0D", 1), "", good + "\r", good + "\tx",
+                good.replace("\t", "\t1.5", 1), good.replace("\t", "\t1234567890123456789", 1)]:
+        assert fast_path(f"{good}\n{bad}\n{good}\n".encode(), 1) is None, repr(bad[:20])
