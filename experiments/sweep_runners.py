@@ -145,12 +145,13 @@ def _svd_check(options: Mapping[str, Any]) -> None:
 def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress: bool) -> dict[str, Any]:
     import embtable
     from experiments.low_rank_svd import run_svd_finetune
-    from experiments.train import RunFailed, dataset_path
+    from experiments.train import RunFailed, _deterministic, dataset_path
 
     base = {"dataset": str(dataset_path(config.data))}
-    try:
-        record = run_svd_finetune(config, out, moments=options.get("moments", "table"),
-                                  finetune_steps=options.get("finetune_steps"), progress=progress)
+    try:  # the run's thread count and deterministic kernels for every stage, as experiments.train.run does
+        with _deterministic(config.train.num_threads):
+            record = run_svd_finetune(config, out, moments=options.get("moments", "table"),
+                                      finetune_steps=options.get("finetune_steps"), progress=progress)
     except RunFailed as failure:
         return {**base, "status": "failed", "failure_reason": failure.reason}
     except embtable.BudgetError as err:
