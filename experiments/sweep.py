@@ -208,6 +208,10 @@ class SweepSpec:
         reference = tuple(MethodChoice.parse(m, at("reference")) for m in (data.get("reference") or []))
         if "reference" not in data:
             reference = cls.reference
+        for ref in reference:
+            if ref.runner is not None:
+                raise ConfigError(f"{at('reference')}: {ref.label!r} names runner {ref.runner!r}; runners compress to "
+                                  "a budget, so they belong in 'methods', not in 'reference' (run without a budget)")
         methods_data = data["methods"]
         if isinstance(methods_data, str):
             if methods_data != "registered":

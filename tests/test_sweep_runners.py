@@ -64,6 +64,8 @@ def test_runner_entries_are_checked_and_keyed_apart_from_the_single_stage_method
     for entry, message in bad:
         with pytest.raises(ConfigError, match=message):
             SweepSpec.from_dict(spec_dict(tiny, methods=[entry]))
+    with pytest.raises(ConfigError, match="belong in 'methods', not in 'reference'"):
+        SweepSpec.from_dict(spec_dict(tiny, reference=[SVD]))
 
 
 def test_optembed_runner_cell_records_one_ok_row_within_budget_and_reruns_skip(tmp_path: Path, tiny: Path) -> None:
