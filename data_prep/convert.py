@@ -276,7 +276,8 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: 
     """Chunks of all inputs: file index, offset, bytes, first line number, number of lines.
 
     Plain files are cut at the first newline after every ``chunk_bytes`` (a few seeks) and the chunks'
-    lines are counted by the workers in parallel; gzip files are decompressed once, in order.
+    lines are counted by this process while the workers start up, then by the workers in parallel;
+    gzip files are decompressed once, in order.
     """
     from tqdm.auto import tqdm
 
@@ -300,7 +301,10 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: 
             else:
                 ranges = _byte_ranges(path, header_len, job.chunk_bytes)
                 counts: list[int] = []
-                pool.run(_count_job, [(path, o, n) for o, n in ranges], _Collect(counts, bar))
+                done = _Collect(counts, bar)
+                while len(counts) < len(ranges) and not pool.ready():  # while the workers start up
+                    done.update(_count_job((path, *ranges[len(counts)])))
+                pool.run(_count_job, [(path, o, n) for o, n in ranges[len(counts):]], done)
                 pieces = [(o, n, c) for (o, n), c in zip(ranges, counts)]
         for offset, nbytes, n in pieces:
             plan.append({"chunk": len(plan), "file_idx": i, "offset": offset, "nbytes": nbytes,

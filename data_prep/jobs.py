@@ -24,6 +24,7 @@ class Workers:
     def __init__(self, workers: int) -> None:
         self.workers = int(workers)
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._warming: list[cf.Future] = []
 
     def __enter__(self) -> Workers:
         return self
@@ -38,15 +39,19 @@ class Workers:
         if self.workers > 1 and self._pool is None:
             ctx = multiprocessing.get_context(_start_method())
             self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-            for i in range(self.workers):
-                self._pool.submit(warm_up, i)
+            self._warming = [self._pool.submit(warm_up, i) for i in range(self.workers)]
+
+    def ready(self) -> bool:
+        """True once the started workers have run their warm-up (always True without worker processes)."""
+        return self.workers <= 1 or all(f.done() for f in self._warming)
 
     def run(self, fn: Callable, jobs: Iterable, bar=None, parallel: bool = True) -> None:
         """Run ``fn(job)`` for every job, ``bar.update(result)`` after each, results taken in job order.
 
         At most ``2 * workers`` jobs are in flight, so a lazy ``jobs`` iterator carrying data keeps
         memory bounded; errors surface in job order (in strict mode the first malformed row of the
-        file is the one reported).
+        file is the one reported). While workers started by :meth:`start` are still warming up (and
+        already have a job each), this process runs the next jobs itself.
         """
         if self.workers <= 1 or not parallel:
             for job in jobs:
@@ -60,7 +65,11 @@ class Workers:
         window: collections.deque = collections.deque()
         try:
             for job in jobs:
-                window.append(self._pool.submit(fn, job))
+                if len(window) >= self.workers and not self.ready():
+                    # the workers are still starting and have jobs queued: this process lends a hand
+                    window.append(_Inline(fn, job))
+                else:
+                    window.append(self._pool.submit(fn, job))
                 if len(window) >= 2 * self.workers:
                     r = window.popleft().result()
                     if bar is not None:
@@ -73,6 +82,25 @@ class Workers:
             for fut in window:
                 fut.cancel()
             raise
+
+
+class _Inline:
+    """A job run in this process, holding its result or exception like a finished future."""
+
+    def __init__(self, fn: Callable, job) -> None:
+        self._result, self._error = None, None
+        try:
+            self._result = fn(job)
+        except Exception as e:  # raised when its turn comes, so errors still surface in job order
+            self._error = e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> bool:
+        return False
 
 
 def run_ordered(fn: Callable, jobs: Iterable, workers: int, bar=None) -> None:

@@ -270,3 +270,27 @@ def test_resume_after_kill_gives_same_manifest(tmp_path):
     assert files == sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
     # A finished directory is returned at once, and a different job there is refused.
     assert convert_criteo(src, out, workers=1, chunk_bytes=chunk, progress=False) == out
+
+
+def test_workers_lend_a_hand_while_starting_and_keep_job_order():
+    """While the workers warm up, this process runs jobs too; results and errors still come in job order."""
+    from data_prep.jobs import Workers
+
+    class Bar:
+        def __init__(self):
+            self.got = []
+
+        def update(self, r):
+            self.got.append(r)
+
+    bar = Bar()
+    with Workers(2) as pool:
+        pool.start(time.sleep)  # worker i sleeps i seconds: not ready for a while
+        pool.run(int, ["1", "2", "3", "4", "5", "6"], bar)
+    assert bar.got == [1, 2, 3, 4, 5, 6]
+    with Workers(2) as pool:
+        pool.start(time.sleep)
+        # jobs 0 and 1 go to the (starting) workers, the next ones run here first: the error of job 1
+        # (in a worker) must be the one reported, not the later one of job 3 (run here)
+        with pytest.raises(ValueError, match="early"):
+            pool.run(int, ["1", "early", "3", "late", "5"], Bar())
