@@ -32,6 +32,7 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from .jobs import Workers, check_or_claim
 from .meta import SPLITS, atomic_write_json
@@ -203,8 +204,7 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
 
 
 def _warm_up(_: int) -> int:
-    import pandas  # noqa: F401  (_pass1 needs it)
-
+    """Worker start-up: importing this module (to unpickle this function) is the work."""
     return 0
 
 
@@ -302,7 +302,8 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: 
                 ranges = _byte_ranges(path, header_len, job.chunk_bytes)
                 counts: list[int] = []
                 done = _Collect(counts, bar)
-                while len(counts) < len(ranges) and not pool.ready():  # while the workers start up
+                # while the workers start up, and for the last few ranges (a round trip costs more)
+                while len(counts) < len(ranges) and (not pool.ready() or len(ranges) - len(counts) <= 4):
                     done.update(_count_job((path, *ranges[len(counts)])))
                 pool.run(_count_job, [(path, o, n) for o, n in ranges[len(counts):]], done)
                 pieces = [(o, n, c) for (o, n), c in zip(ranges, counts)]
@@ -391,19 +392,17 @@ def _pass1(job: dict) -> int:
         "rows": np.array([(codes == i).sum() for i in range(3)], dtype=np.int64),
         "positives": np.array([parsed.labels[codes == i].sum(dtype=np.int64) for i in range(3)], dtype=np.int64),
     }
-    import pandas as pd
-
-    # Each feature's column becomes its sorted distinct keys and an int32 index into them: the
-    # training counts are a bincount, and pass 3 maps only the distinct keys to ids.
+    # Each feature's column becomes its distinct keys and an int32 index into them (pyarrow's hash
+    # table): the training counts are a bincount, and pass 3 maps only the distinct keys to ids.
     train = codes == SPLIT_CODES["train"]
     all_train = bool(train.all())
     n, num_features = parsed.keys.shape
     index = np.empty((num_features, n), dtype=np.int32)
     uniques = []
     for f in range(num_features):
-        idx, uniq = pd.factorize(parsed.keys[:, f], sort=True)
+        idx, uniq = _dictionary_encode(parsed.keys[:, f])
         index[f] = idx
-        uniques.append(np.asarray(uniq, dtype=np.int64))
+        uniques.append(uniq)
         cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
         seen = cnt > 0
         rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = uniques[-1][seen], cnt[seen].astype(np.int64)
@@ -412,6 +411,19 @@ def _pass1(job: dict) -> int:
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return job["nbytes"]
+
+
+def _dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index int32 [n], distinct keys int64)`` with ``distinct[index] == keys`` (pyarrow's hash table).
+
+    Arrays move through their buffers: ``pa.array`` / ``to_numpy`` would import pandas (~0.2 s of
+    every worker's start).
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    enc = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)]).dictionary_encode()
+    idx, uniq = enc.indices, enc.dictionary
+    return (np.frombuffer(idx.buffers()[1], dtype=np.int32, count=len(idx), offset=idx.offset * 4),
+            np.frombuffer(uniq.buffers()[1], dtype=np.int64, count=len(uniq), offset=uniq.offset * 8))
 
 
 _VOCAB_CACHE: dict[str, list[dict[str, np.ndarray]]] = {}

@@ -553,13 +553,13 @@ def _criteo_fast(data: bytes, first_line: int) -> ParsedChunk | None:
         value[:, j] = np.where(signed & (c0 == 45), 0, v)
     dense = np.log1p(value.astype(np.float64)).astype(np.float32)
     # categorical: 8 lowercase hex digits or empty (missing)
-    keys = np.empty((n, len(fmt.feature_names)), dtype=np.int64)
+    keys = np.empty((len(fmt.feature_names), n), dtype=np.int64).T  # [n, F], each column contiguous
     for j, name in enumerate(fmt.categorical):
         lens, chars = _binary_column(table, name)
         present = lens == 8
         if not (present | (lens == 0)).all():
             return None
-        vals, exact = _swar_hex8(np.frombuffer(chars.tobytes(), dtype="<u8"))
+        vals, exact = _swar_hex8(chars.view("<u8"))
         if not exact.all():
             return None
         if len(vals) == n:
