@@ -33,7 +33,15 @@ from embtable.methods.low_rank import low_rank_from_trained, output_second_momen
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from experiments.config import RunConfig, load_config
 from experiments.distributed import build_model
-from experiments.train import TrainState, dataset_path, evaluate, make_optimizers, run, train_steps
+from experiments.train import (
+    TrainState,
+    _deterministic,
+    dataset_path,
+    evaluate,
+    make_optimizers,
+    run,
+    train_steps,
+)
 
 __all__ = ["run_svd_finetune", "main"]
 
@@ -42,6 +50,13 @@ RESULT = "svd_result.json"
 
 def run_svd_finetune(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table",
                      finetune_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """See :func:`_run`; runs with the config's thread count and deterministic kernels, as ``run`` does."""
+    with _deterministic(config.train.num_threads):
+        return _run(config, out_dir, moments=moments, finetune_steps=finetune_steps, progress=progress)
+
+
+def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table",
+         finetune_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``config`` with full tables, compress them to ``config.embedding.budget`` by SVD, fine-tune.
 
     Args:
