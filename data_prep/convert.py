@@ -195,17 +195,37 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
                 raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header "
                                  f"{list(fmt.columns)[:5]}...")
     work = out / "_work"
-    with Workers(workers) as pool:
+    with Workers(workers, initializer=_tune_malloc) as pool:
         pool.start(_warm_up)  # the workers import their modules while this process plans
         plan = _plan(job, fmt, work, progress, pool)
         _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress)
-    _finish(out, fp, fmt, job, plan, files, source)
+        pool.release()  # the workers exit while this process writes the metadata
+        _finish(out, fp, fmt, job, plan, files, source)
     return out
 
 
 def _warm_up(_: int) -> int:
     """Worker start-up: importing this module (to unpickle this function) is the work."""
     return 0
+
+
+def _tune_malloc() -> None:
+    """Initializer of the worker processes: keep big freed blocks in the heap (glibc only).
+
+    A chunk's big arrays (tens of MB) are above glibc's mmap threshold, so every chunk would map fresh
+    pages and fault them in again (~15% of a chunk's time); in the worker processes only, such blocks
+    stay in the heap and are reused. Peak memory is unchanged.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):
+            pass
 
 
 def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress):

@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterable
 
 __all__ = ["Workers", "run_ordered", "check_or_claim"]
@@ -18,27 +19,41 @@ __all__ = ["Workers", "run_ordered", "check_or_claim"]
 class Workers:
     """A lazily started pool of ``workers`` spawned processes, reused by several :meth:`run` calls.
 
-    With ``workers <= 1`` jobs run in this process. Use as a context manager.
+    With ``workers <= 1`` jobs run in this process. ``initializer`` runs once in every worker process.
+    Use as a context manager.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, initializer: Callable[[], None] | None = None) -> None:
         self.workers = int(workers)
+        self.initializer = initializer
         self._pool: cf.ProcessPoolExecutor | None = None
         self._warming: list[cf.Future] = []
+        self._closing: threading.Thread | None = None
 
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._closing is not None:
+            self._closing.join()
+            self._closing = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            self._pool = None
+
+    def release(self) -> None:
+        """Let the worker processes exit in the background (no more :meth:`run`); the context exit waits."""
+        if self._pool is not None and self._closing is None:
+            self._closing = threading.Thread(target=self._pool.shutdown, name="workers-shutdown")
+            self._closing.start()
             self._pool = None
 
     def start(self, warm_up: Callable) -> None:
         """Start the worker processes now (each runs ``warm_up(i)``), so their start-up overlaps other work."""
         if self.workers > 1 and self._pool is None:
             ctx = multiprocessing.get_context(_start_method())
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                initializer=self.initializer)
             self._warming = [self._pool.submit(warm_up, i) for i in range(self.workers)]
 
     def ready(self) -> bool:
@@ -61,7 +76,8 @@ class Workers:
             return
         if self._pool is None:
             ctx = multiprocessing.get_context(_start_method())
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                initializer=self.initializer)
         window: collections.deque = collections.deque()
         try:
             for job in jobs:
