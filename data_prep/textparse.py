@@ -9,6 +9,12 @@ A chunk is parsed in three steps, all vectorized:
 3. categorical values become int64 keys: hexadecimal Criteo values are decoded, arbitrary strings
    (Avazu) are hashed (FNV-1a + SplitMix64); a missing value is the key :data:`MISSING_KEY`.
 
+Criteo chunks first try a fast path (:func:`_criteo_fast`): ``pyarrow.csv`` (C++) splits the lines
+into binary columns and numpy decodes them with the same arithmetic as the exact parser
+(:func:`_criteo_fields`). It accepts a chunk only when every line is well-formed; on any doubt (a CR, a
+wrong field count, an empty or bad label, a value it does not decode exactly) the chunk is re-parsed by
+the exact parser, which finds and classifies the malformed lines. Both give identical results.
+
 Every rejected line keeps its 1-based line number in the file and a reason (:data:`MALFORMED_KINDS`).
 """
 
