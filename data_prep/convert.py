@@ -259,18 +259,17 @@ def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, c
 def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_count, progress) -> None:
     from tqdm.auto import tqdm
 
+    # ---- pass 2: vocabularies, counted while pass 1 runs (this process is idle then) ----------------
+    vocab_file = work / "vocab.rec"
+    counters = None if vocab_file.is_file() else [KeyCounter() for _ in fmt.feature_names]
     with tqdm(total=sum(c["nbytes"] for c in todo), unit="B", unit_scale=True, desc="parse",
               disable=not progress) as bar:
-        pool.run(_pass1, pass1_jobs, bar, parallel=len(todo) > 1)
-
-    # ---- pass 2: vocabularies ------------------------------------------------------------------------
-    vocab_file = work / "vocab.rec"
-    if not vocab_file.is_file():
-        counters = [KeyCounter() for _ in fmt.feature_names]
-        for c in tqdm(plan, desc="vocabulary", disable=not progress):
-            rec = read_record(work / f"p1-{c['chunk']:05d}.rec")
-            for f, counter in enumerate(counters):
-                counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
+        done = _CountKeys(work, counters, bar)
+        pool.run(_pass1, pass1_jobs, done, parallel=len(todo) > 1)
+    if counters is not None:
+        for c in plan:  # chunks parsed by an earlier (interrupted) run
+            if c["chunk"] not in done.counted:
+                done.add(c["chunk"])
         arrays = {}
         for f, counter in enumerate(counters):
             v = build_vocab(*counter.result(), min_count)
@@ -283,6 +282,26 @@ def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_coun
     jobs3 = [{"chunk": c["chunk"], "out": str(out), "fmt": fmt_name} for c in todo3]
     with tqdm(total=len(jobs3), unit="chunk", desc="write", disable=not progress) as bar:
         pool.run(_pass2, jobs3, bar, parallel=len(jobs3) > 1)
+
+
+class _CountKeys:
+    """Progress "bar" of pass 1: adds every finished chunk's training key counts to the counters."""
+
+    def __init__(self, work: pathlib.Path, counters: list[KeyCounter] | None, bar) -> None:
+        self.work, self.counters, self.bar = work, counters, bar
+        self.counted: set[int] = set()
+
+    def update(self, result: tuple[int, int]) -> None:
+        chunk, nbytes = result
+        self.bar.update(nbytes)
+        if self.counters is not None:
+            self.add(chunk)
+
+    def add(self, chunk: int) -> None:
+        rec = read_record(self.work / f"p1-{chunk:05d}.rec")
+        for f, counter in enumerate(self.counters):
+            counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
+        self.counted.add(chunk)
 
 
 def _sort_days(files: list[pathlib.Path]) -> list[pathlib.Path]:
@@ -322,8 +341,8 @@ def _plan(job: _Job, fmt: TextFormat, work: pathlib.Path, progress: bool, pool: 
                 ranges = _byte_ranges(path, header_len, job.chunk_bytes)
                 counts: list[int] = []
                 done = _Collect(counts, bar)
-                # while the workers start up, and for the last few ranges (a round trip costs more)
-                while len(counts) < len(ranges) and (not pool.ready() or len(ranges) - len(counts) <= 4):
+                # while the workers start up, and the last range (a round trip would cost more)
+                while len(counts) < len(ranges) and (not pool.ready() or len(ranges) - len(counts) <= 1):
                     done.update(_count_job((path, *ranges[len(counts)])))
                 pool.run(_count_job, [(path, o, n) for o, n in ranges[len(counts):]], done)
                 pieces = [(o, n, c) for (o, n), c in zip(ranges, counts)]
@@ -395,7 +414,7 @@ def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: 
 
 
 def _pass1(job: dict) -> int:
-    """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns the chunk's bytes."""
+    """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns (chunk, bytes)."""
     fmt = _FORMATS[job["fmt"]]
     out = pathlib.Path(job["out"])
     data = job["data"]
@@ -430,7 +449,7 @@ def _pass1(job: dict) -> int:
                  index=index, uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
-    return job["nbytes"]
+    return chunk, job["nbytes"]
 
 
 def _dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
