@@ -517,7 +517,7 @@ def _criteo_fast(data: bytes, first_line: int) -> ParsedChunk | None:
     value that is not an integer, a category that is not 8 lowercase hex digits -- returns None, and
     the caller re-parses the chunk with the exact parser, which finds and classifies the lines.
     """
-    if data.find(b"\r") >= 0:
+    if data.find(b"\r") >= 0 or len(data) >= 1 << 31:  # (int32 offsets of one binary column)
         return None
     fmt = CRITEO
     try:
