@@ -116,9 +116,24 @@ def _mixed_dim_degenerate(features, ebc, build_kwargs):
     config = embtable.MixedDimConfig(block_dims={f.name: (f.embedding_dim,) for f in features})
     module = embtable.build(features, config, **build_kwargs)
     assert not module.projections
-    module.storage.load_state_dict(ebc.state_dict())
-    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    with torch.no_grad():
+        for n, w in _weights(ebc).items():
+            module.block_weight(n).copy_(w)  # the feature's rows inside its dim's stacked table
+    pairs = [(_StackedRows(module, n), w) for n, w in _weights(ebc).items()]
     return module, pairs
+
+
+class _StackedRows:
+    """``.grad``: the gradient rows of one feature's slice of a mixed_dim stacked table."""
+
+    def __init__(self, module, name):
+        table, self.start, self.end = module.block_location(name)
+        self.weight = module.storage.embedding_bags[table].weight
+
+    @property
+    def grad(self):
+        g = self.weight.grad
+        return (g.to_dense() if g.is_sparse else g)[self.start:self.end]
 
 
 def _qr_degenerate(features, ebc, build_kwargs):

@@ -213,7 +213,7 @@ def _effective_table(module, i: int, feature: FeatureSpec) -> torch.Tensor:
     dims = module.block_dims[i]
     D = feature.embedding_dim
     if len(dims) == 1:
-        w = module.storage.embedding_bags[feature.name].weight
+        w = module.block_weight(feature.name, 0)
         return w @ module.projections[feature.name] if feature.name in module.projections else w
     bounds = popularity_blocks(feature, module.config.num_blocks).bounds
     if feature.counts is not None and feature.counts.sum() > 0:
@@ -225,7 +225,7 @@ def _effective_table(module, i: int, feature: FeatureSpec) -> torch.Tensor:
     table = torch.zeros(feature.num_embeddings, D)
     for j in range(len(dims)):
         key = f"{feature.name}__block{j}"
-        w = module.storage.embedding_bags[key].weight
+        w = module.block_weight(feature.name, j)
         rows = w @ module.projections[key] if key in module.projections else w
         table = table.index_put((torch.tensor(order[bounds[j]:bounds[j + 1]]),), rows)
     return table
@@ -281,7 +281,8 @@ def test_projections_are_dense_parameters_and_tables_sparse():
     assert len(embtable.sparse_parameters(module)) == len(module.storage.embedding_bag_configs())
     # a compressed block's projected rows start at the scale of its stored rows (variance-preserving init)
     key = next(iter(module.projections))
-    w = module.storage.embedding_bags[key].weight.detach()
+    feature, block = key.split("__block")
+    w = module.block_weight(feature, int(block)).detach()
     ratio = (w @ module.projections[key].detach()).var() / w.var()
     assert 0.5 < float(ratio) < 2.0
 
@@ -309,3 +310,43 @@ def test_mapper_sends_every_id_to_its_block_once(counts):
         mine = set(ranked[blocks.bounds[j]:blocks.bounds[j + 1]])
         assert rows == [rank_of[i] - blocks.bounds[j] for i in ids.tolist() if i in mine]
     assert embtable.memory_report(mapper).inference_bytes == 8 * len(blocks.bounds) + blocks.remap_bytes
+
+
+def test_storage_is_one_stacked_table_per_dim():
+    feats = [FeatureSpec("u", 400, 8, counts=zipf_counts(400, 4)), FeatureSpec("n", 500, 8),
+             FeatureSpec("p", 200, 8), FeatureSpec("s", 20, 8)]
+    config = MixedDimConfig(num_blocks=3, block_dims={"u": (8, 4, 2), "n": (8, 3, 4), "p": (4,), "s": (8,)})
+    module = embtable.build(feats, config, seed=0)
+    tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in module.storage.embedding_bag_configs()}
+    rows = {f.name: popularity_blocks(f, 3).rows if len(config.block_dims[f.name]) > 1 else (f.num_embeddings,)
+            for f in feats}
+    want: dict[int, int] = {}
+    for f in feats:
+        for n, d in zip(rows[f.name], config.block_dims[f.name]):
+            want[d] = want.get(d, 0) + n
+    assert tables == {f"d{d}": (n, d) for d, n in want.items()}, "one table per distinct block dim"
+    assert len(embtable.sparse_parameters(module)) == 4
+    # the blocks tile their tables exactly, each a view of its stacked weight
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for f in feats:
+        for j, d in enumerate(config.block_dims[f.name]):
+            table, start, end = module.block_location(f.name, j)
+            assert table == f"d{d}" and end - start == rows[f.name][j]
+            assert module.block_weight(f.name, j)._base is module.storage.embedding_bags[table].weight
+            spans.setdefault(table, []).append((start, end))
+    for table, s in spans.items():
+        s.sort()
+        assert s[0][0] == 0 and s[-1][1] == tables[table][0] and all(a[1] == b[0] for a, b in zip(s, s[1:]))
+    with pytest.raises(ValueError, match="has 3 block"):
+        module.block_weight("u", 3)
+    # a lookup's gradient lands only on the rows of its own block: n's coldest id, s's id 3
+    kjt = KeyedJaggedTensor(keys=["u", "n", "p", "s"], values=torch.tensor([499, 3]),
+                            lengths=torch.tensor([0, 0, 1, 0, 0, 0, 0, 1]))
+    module(kjt).values().sum().backward()
+    table, start, _ = module.block_location("n", 2)
+    grad = module.storage.embedding_bags[table].weight.grad.to_dense()
+    rank = 499 - popularity_blocks(feats[1], 3).bounds[2]
+    assert grad.abs().sum(1).nonzero().flatten().tolist() == [start + rank]
+    table, start, _ = module.block_location("s")
+    grad = module.storage.embedding_bags[table].weight.grad.to_dense()
+    assert grad.abs().sum(1).nonzero().flatten().tolist() == [start + 3]

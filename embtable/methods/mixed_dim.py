@@ -464,28 +464,47 @@ def _block_dims(features: Sequence[FeatureSpec], config: MixedDimConfig) -> list
 
 
 class MixedDimIdMapper(nn.Module):
-    """Maps logical ids to ``(block table, row in block)``: a KJT over the features in, a KJT over the
-    storage's ``(feature, block)`` keys out (bags keep their sample; ids move to their block's bag).
+    """Maps logical ids to rows of the stacked block tables: a KJT over the features in, a KJT over the
+    storage keys out (bags keep their sample; ids move to their block's bag).
+
+    The ``(feature, block)`` pairs ("members", feature order, hottest block first; one member for a
+    feature without blocks) are laid out by ``layout``: member ``m`` is stored in storage key
+    ``key_m`` at bag slot ``slot_m`` and rows ``offset_m ..`` of that key's table. Every storage key
+    has ``S = slots * B`` bags for a batch of ``B`` (``slots`` the largest slot + 1): the bag of an id
+    of member ``m`` in sample ``s`` is ``slot_m * B + s`` (unused bags stay empty). Default layout:
+    one storage key per member, one slot, no row offset.
 
     Buffers, for each feature ``i`` with blocks: ``bounds_{i}`` (int64 ``[B_i + 1]``, rank boundaries);
     with a ``"dense"`` remap ``rank_{i}`` (``[n_i]``: id -> popularity rank); with a ``"hot"`` remap
     ``hot_ids_{i}`` (the ``H_i`` ids outside the coldest block, sorted) and ``hot_rank_{i}`` (their
-    ranks). Integers are int32 where the values fit, else int64.
+    ranks). Integers are int32 where the values fit, else int64. The layout is Python integers (no bytes).
+
+    The mapping is vectorised over all features: ids (remapped to popularity ranks feature by feature
+    only where a remap exists) are shifted into one global rank space (feature ``i`` starts at
+    ``sum_{j<i} n_j``), one ``searchsorted`` over the members' first ranks finds every id's member.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], blocks: Sequence[PopularityBlocks | None],
-                 storage_keys: list[str], device: torch.device | None = None) -> None:
+                 storage_keys: list[str], device: torch.device | None = None,
+                 layout: Sequence[tuple[int, int, int]] | None = None) -> None:
         super().__init__()
         self.storage_keys = list(storage_keys)
         self.blocked: list[bool] = []
         self.remaps: list[str | None] = []
         self.key_offsets: list[int] = []
         offset = 0
+        feature_base = 0
+        self.feature_base: list[int] = []  # first global rank of each feature
+        self.member_base: list[int] = []  # first rank of each member within its feature's base
         for i, (f, b) in enumerate(zip(features, blocks)):
             self.key_offsets.append(offset)
             self.blocked.append(b is not None)
             self.remaps.append(None if b is None else b.remap)
-            offset += 1 if b is None else len(b.rows)
+            self.feature_base.append(feature_base)
+            count = 1 if b is None else len(b.rows)
+            self.member_base.extend([feature_base] * count)
+            offset += count
+            feature_base += f.num_embeddings
             if b is None:
                 continue
             self.register_buffer(f"bounds_{i}", torch.tensor(b.bounds, dtype=torch.int64, device=device))
@@ -503,6 +522,16 @@ class MixedDimIdMapper(nn.Module):
                 hot_rank = by_id.astype(_int_dtype(hot))
                 self.register_buffer(f"hot_ids_{i}", torch.from_numpy(hot_ids).to(device))
                 self.register_buffer(f"hot_rank_{i}", torch.from_numpy(hot_rank).to(device))
+        layout = [(m, 0, 0) for m in range(offset)] if layout is None else [tuple(map(int, t)) for t in layout]
+        if len(layout) != offset:
+            raise ValueError(f"MixedDimIdMapper: layout gives {len(layout)} members, the features have {offset} "
+                             "(feature, block) pairs")
+        if any(not 0 <= k < len(self.storage_keys) for k, _, _ in layout):
+            raise ValueError(f"MixedDimIdMapper: layout names a storage key outside 0..{len(self.storage_keys) - 1}")
+        self.slots = 1 + max((s for _, s, _ in layout), default=0)
+        self.codes = [k * self.slots + s for k, s, _ in layout]  # bag of member m, sample s: code * B + s
+        self.row_offsets = [o for _, _, o in layout]
+        self._identity = all(t == (m, 0, 0) for m, t in enumerate(layout)) and len(layout) == len(self.storage_keys)
 
     def _rank(self, i: int, ids: torch.Tensor) -> torch.Tensor:
         """Popularity rank (row space of the concatenated blocks) of feature ``i``'s ids."""
@@ -518,52 +547,61 @@ class MixedDimIdMapper(nn.Module):
         return torch.where(found, hot_rank[at].to(torch.int64), hot + ids - pos)
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        if not any(self.blocked):
+        if self._identity and not any(self.blocked):
             return with_values(kjt, kjt.values(), self.storage_keys)
         values, weights = kjt.values(), kjt.weights_or_none()
         stride, num_features = kjt.stride(), len(self.blocked)
-        offsets = kjt.offset_per_key()
-        keys, rows = [], []
-        for i in range(num_features):
-            ids = values[offsets[i]:offsets[i + 1]]
-            if not self.blocked[i]:
-                keys.append(torch.full_like(ids, self.key_offsets[i]))
-                rows.append(ids)
-                continue
-            bounds = getattr(self, f"bounds_{i}")
-            rank = self._rank(i, ids)
-            block = torch.searchsorted(bounds, rank, right=True) - 1
-            keys.append(block + self.key_offsets[i])
-            rows.append(rank - bounds[block])
-        # every id's bag is (storage key, sample); a stable sort groups them as the storage KJT wants
-        sample = torch.repeat_interleave(
-            torch.arange(num_features * stride, device=values.device) % stride, kjt.lengths(),
-            output_size=values.numel(),
+        device = values.device
+        rank = values.to(torch.int64)
+        if any(r is not None for r in self.remaps):
+            offsets = kjt.offset_per_key()
+            rank = rank.clone()
+            for i, remap in enumerate(self.remaps):
+                if remap is not None and offsets[i + 1] > offsets[i]:
+                    rank[offsets[i]:offsets[i + 1]] = self._rank(i, rank[offsets[i]:offsets[i + 1]])
+        bag_of_id = torch.repeat_interleave(  # feature * B + sample of every id
+            torch.arange(num_features * stride, device=device), kjt.lengths(), output_size=values.numel(),
         )
-        bag = torch.cat(keys) * stride + sample
+        feature, sample = bag_of_id // stride, bag_of_id % stride
+        global_rank = rank + torch.tensor(self.feature_base, dtype=torch.int64, device=device)[feature]
+        # first global rank of every member: the feature's base plus its block bounds (0 without blocks)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        local = torch.cat([getattr(self, f"bounds_{i}")[:-1] if blocked else zero
+                           for i, blocked in enumerate(self.blocked)])
+        table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
+        starts = local + table[0]
+        member = torch.searchsorted(starts, global_rank, right=True) - 1
+        rows = global_rank - starts[member] + table[2][member]
+        bag = table[1][member] * stride + sample
+        # a stable sort groups the ids by (storage key, bag), as the storage KJT wants
         bag_sorted, perm = torch.sort(bag, stable=True)
-        lengths = torch.bincount(bag_sorted, minlength=len(self.storage_keys) * stride)
+        lengths = torch.bincount(bag_sorted, minlength=len(self.storage_keys) * self.slots * stride)
         return KeyedJaggedTensor(
             keys=self.storage_keys,
-            values=torch.cat(rows)[perm],
+            values=rows[perm],
             weights=None if weights is None else weights[perm],
             lengths=lengths,
-            stride=stride,
+            stride=self.slots * stride,
         )
 
     def extra_repr(self) -> str:
         remapped = sum(r is not None for r in self.remaps)
-        return f"blocked={sum(self.blocked)}/{len(self.blocked)}, remapped={remapped}"
+        return (f"blocked={sum(self.blocked)}/{len(self.blocked)}, remapped={remapped}, "
+                f"storage_keys={len(self.storage_keys)}, slots={self.slots}")
 
 
 @register_method(MixedDimConfig)
 class MixedDimEmbeddingBagCollection(EmbeddingModule):
     """Mixed-dimension embedding tables with learned projections (Ginart et al., 2021).
 
-    Storage is one TorchRec ``EmbeddingBagCollection`` with a table per (feature, block), sum-pooled;
-    the projections ``projections[key]`` (``d x D``, trained by the dense optimizer) are applied to the
-    pooled block sums (pooling is linear, so this equals projecting each row first). Mean pooling
-    divides the sum over all blocks by the bag's total id count.
+    Storage is one TorchRec ``EmbeddingBagCollection`` with ONE table per distinct block dim ``d``
+    (named ``d{d}``): the rows of every (feature, block) pair of that dim are stacked in it, in feature
+    order, hottest block first (:meth:`block_weight` gives one pair's rows). The mapper adds each pair's
+    row offset and gives it its own bag slot, so one lookup per dim pools every pair's bags (sum); few
+    tables keep the per-table cost of the sparse optimizers low. The projections ``projections[key]``
+    (``d x D``, ``key`` = the feature name, or ``{feature}__block{j}`` for a feature with blocks; trained
+    by the dense optimizer) are applied to the pooled block sums (pooling is linear, so this equals
+    projecting each row first). Mean pooling divides the sum over all blocks by the bag's total id count.
 
     Args:
         features, config: the features and a sized :class:`MixedDimConfig`.
@@ -580,6 +618,10 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
         >>> m = embtable.build(feats, MixedDimConfig(alpha=0.3, num_blocks=3), budget="1/4", seed=0)
         >>> m.config.block_dims
         {'user': (16, 16, 3), 'country': (16,)}
+        >>> [(c.name, c.num_embeddings) for c in m.storage.embedding_bag_configs()]  # stacked per dim
+        [('d3', 97846), ('d16', 2354)]
+        >>> tuple(m.block_weight("user", 2).shape)  # the coldest 97,846 user rows at dim 3
+        (97846, 3)
         >>> embtable.memory_report(m).inference_bytes <= embtable.Budget(fraction=1 / 4).resolve(feats)
         True
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([5, 99_999, 42]),
@@ -596,42 +638,86 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
         dims = _block_dims(self.features, config)
         blocks = [popularity_blocks(f, config.num_blocks) if len(d) > 1 else None
                   for f, d in zip(self.features, dims)]
-        tables: list[tuple[str, int, int, list[str]]] = []
-        self.feature_keys: list[list[str]] = []
         self.projections = nn.ParameterDict()
+        members: list[tuple[str, int, int]] = []  # (name, rows, dim) of every (feature, block), feature order
+        self.feature_members: list[list[int]] = []
         for f, d, b in zip(self.features, dims, blocks):
-            keys = [f.name] if b is None else [f"{f.name}__block{j}" for j in range(len(d))]
+            names = [f.name] if b is None else [f"{f.name}__block{j}" for j in range(len(d))]
             rows = [f.num_embeddings] if b is None else list(b.rows)
-            for key, n, dim in zip(keys, rows, d):
-                tables.append((key, n, dim, [key]))
+            self.feature_members.append(list(range(len(members), len(members) + len(d))))
+            for name, n, dim in zip(names, rows, d):
+                members.append((name, n, dim))
                 if dim < f.embedding_dim:
-                    self.projections[key] = nn.Parameter(torch.empty(dim, f.embedding_dim, device=self.device))
-            self.feature_keys.append(keys)
-        storage_keys = [t[0] for t in tables]
-        if len(set(storage_keys)) != len(storage_keys):
-            clash = sorted({k for k in storage_keys if storage_keys.count(k) > 1})
+                    self.projections[name] = nn.Parameter(torch.empty(dim, f.embedding_dim, device=self.device))
+        names = [m[0] for m in members]
+        if len(set(names)) != len(names):
+            clash = sorted({k for k in names if names.count(k) > 1})
             raise ValueError(f"mixed_dim: block table names {clash} collide with feature names; rename the "
                              "features so none ends in '__block<k>'")
+        table_dims = sorted({dim for _, _, dim in members})
+        key_of = {dim: k for k, dim in enumerate(table_dims)}
+        table_rows, slots_used = [0] * len(table_dims), [0] * len(table_dims)
+        self.member_names = names
+        self.member_layout: list[tuple[int, int, int]] = []  # (storage key, bag slot, first row) per member
+        for _, n, dim in members:
+            k = key_of[dim]
+            self.member_layout.append((k, slots_used[k], table_rows[k]))
+            slots_used[k] += 1
+            table_rows[k] += n
+        self.member_rows = [n for _, n, _ in members]
+        self.storage_keys = [f"d{dim}" for dim in table_dims]
+        tables = [(key, rows, dim, [key]) for key, rows, dim in zip(self.storage_keys, table_rows, table_dims)]
         self.block_dims = [tuple(d) for d in dims]
-        self.mapper = MixedDimIdMapper(self.features, blocks, storage_keys, self.device)
+        self.mapper = MixedDimIdMapper(self.features, blocks, self.storage_keys, self.device, self.member_layout)
         # per-block sums: the blocks of one bag are added (and divided by the bag size for mean) in pooled
         self.storage = storage_collection(tables, Pooling.SUM, self._is_weighted, self.device)
         self.reset_parameters()
 
+    def block_location(self, feature: str, block: int = 0) -> tuple[str, int, int]:
+        """Where ``feature``'s block ``block`` (hottest first; 0 for a feature without blocks) is stored:
+        ``(storage table name, first row, end row)`` of its stacked table."""
+        if feature not in self.feature_names:
+            raise KeyError(f"mixed_dim: no feature {feature!r}; features are {self.feature_names}")
+        owned = self.feature_members[self.feature_names.index(feature)]
+        if not 0 <= block < len(owned):
+            raise ValueError(f"mixed_dim: feature {feature!r} has {len(owned)} block(s); got block {block}")
+        m = owned[block]
+        k, _, start = self.member_layout[m]
+        return self.storage_keys[k], start, start + self.member_rows[m]
+
+    def block_weight(self, feature: str, block: int = 0) -> torch.Tensor:
+        """The rows of ``feature``'s block ``block`` in popularity-rank order: a view into its stacked
+        table (shape ``[n_{f,b}, d_{f,b}]``; see :meth:`block_location`)."""
+        table, start, end = self.block_location(feature, block)
+        return self.storage.embedding_bags[table].weight[start:end]
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Projections start at ``U(-sqrt(3/d), sqrt(3/d))`` (variance ``1/d``), so a projected row keeps
-        the scale its stored row was initialised with."""
+        """Every (feature, block) rows start at ``U(-sqrt(1/n), sqrt(1/n))``, ``n`` its row count (TorchRec's
+        default for a table of its own). Projections start at ``U(-sqrt(3/d), sqrt(3/d))`` (variance ``1/d``),
+        so a projected row keeps the scale its stored row was initialised with."""
+        if self.device.type == "meta":
+            return
+        for f, owned in zip(self.features, self.feature_members):
+            for j, m in enumerate(owned):
+                bound = math.sqrt(1.0 / self.member_rows[m])
+                self.block_weight(f.name, j).uniform_(-bound, bound)
         for p in self.projections.values():
             bound = math.sqrt(3.0 / p.shape[0])
             nn.init.uniform_(p, -bound, bound)
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        pieces = self.storage(self.mapper(kjt)).to_dict()  # key -> [B, d_{f,b}]
+        pieces = self.storage(self.mapper(kjt)).to_dict()  # key -> [slots * B, d]: bag slot * B + sample
+        B = kjt.stride()
         out = []
-        for keys in self.feature_keys:
+        for owned in self.feature_members:
             acc = None
-            for key in keys:
-                x = pieces[key] @ self.projections[key] if key in self.projections else pieces[key]  # [B, D]
+            for m in owned:
+                k, slot, _ = self.member_layout[m]
+                x = pieces[self.storage_keys[k]][slot * B:(slot + 1) * B]  # [B, d]
+                name = self.member_names[m]
+                if name in self.projections:
+                    x = x @ self.projections[name]  # [B, D]
                 acc = x if acc is None else acc + x
             out.append(acc)
         values = torch.cat(out, dim=1)  # [B, sum(D_f)]
