@@ -43,7 +43,7 @@ import data_prep
 import embtable
 from embtable.sharding import shard
 from experiments.config import RunConfig, load_config
-from experiments.train import dataset_path, evaluate
+from experiments.train import _write_json, dataset_path, evaluate
 
 __all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
@@ -191,9 +191,7 @@ def train_distributed(config: RunConfig, out_dir: str | os.PathLike, *, world_si
               "train_samples_per_s": info["samples_per_s"], "train_seconds": info["train_seconds"],
               "sharding": info["plan"], "inference_bytes": embtable.memory_report(model.embedding).inference_bytes
               if hasattr(model, "embedding") else None, **metrics}
-    tmp = out / (RESULT + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / RESULT)
+    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 

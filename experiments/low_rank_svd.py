@@ -36,6 +36,7 @@ from experiments.distributed import build_model
 from experiments.train import (
     TrainState,
     _deterministic,
+    _write_json,
     dataset_path,
     evaluate,
     make_optimizers,
@@ -121,9 +122,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
         "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RESULT + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / RESULT)
+    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 
