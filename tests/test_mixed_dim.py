@@ -350,3 +350,28 @@ def test_storage_is_one_stacked_table_per_dim():
     table, start, _ = module.block_location("s")
     grad = module.storage.embedding_bags[table].weight.grad.to_dense()
     assert grad.abs().sum(1).nonzero().flatten().tolist() == [start + 3]
+
+
+def test_mapper_over_many_features_matches_one_feature_at_a_time():
+    # two "hot" remaps (searched together in one global array), a "dense" one, a plain and an id-order feature
+    feats = [FeatureSpec("h1", 700, 8, counts=zipf_counts(700, 3)), FeatureSpec("pl", 50, 8),
+             FeatureSpec("d", 300, 8, counts=np.random.default_rng(2).integers(1, 4, 300)),
+             FeatureSpec("h2", 900, 8, counts=zipf_counts(900, 9)), FeatureSpec("n", 400, 8)]
+    blocks = [popularity_blocks(f, 3) if f.name != "pl" else None for f in feats]
+    assert [b and b.remap for b in blocks] == ["hot", None, "dense", "hot", None]
+    keys = [k for f, b in zip(feats, blocks) for k in ([f.name] if b is None else
+                                                       [f"{f.name}__block{j}" for j in range(len(b.rows))])]
+    mapper = MixedDimIdMapper(feats, blocks, keys)
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 6, (len(feats) * 8,), generator=g)
+    values = torch.cat([torch.randint(0, f.num_embeddings, (int(ls.sum()),), generator=g)
+                        for f, ls in zip(feats, lengths.view(len(feats), 8))])
+    kjt = KeyedJaggedTensor(keys=[f.name for f in feats], values=values, lengths=lengths)
+    out = mapper(kjt)
+    for f, b in zip(feats, blocks):
+        own = [f.name] if b is None else [f"{f.name}__block{j}" for j in range(len(b.rows))]
+        alone = MixedDimIdMapper([f], [b], own)(KeyedJaggedTensor(keys=[f.name], values=kjt[f.name].values(),
+                                                                  lengths=kjt[f.name].lengths()))
+        for key in own:
+            assert out[key].values().tolist() == alone[key].values().tolist(), key
+            assert out[key].lengths().tolist() == alone[key].lengths().tolist(), key

@@ -546,6 +546,25 @@ class MixedDimIdMapper(nn.Module):
         found = hot_ids[at] == ids
         return torch.where(found, hot_rank[at].to(torch.int64), hot + ids - pos)
 
+    def _hot_ranks(self, ids: torch.Tensor, feature: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Ranks of every id, the ``"hot"``-remapped features' all at once (other ids pass through): their
+        hot lists, shifted to global ids, are one sorted array, searched once."""
+        hot = [i for i, r in enumerate(self.remaps) if r == "hot"]
+        hot_ids = torch.cat([getattr(self, f"hot_ids_{i}").to(torch.int64) + self.feature_base[i] for i in hot])
+        hot_rank = torch.cat([getattr(self, f"hot_rank_{i}").to(torch.int64) for i in hot])
+        counts = [getattr(self, f"hot_ids_{i}").numel() for i in hot]
+        per_feature = torch.zeros(3, len(self.remaps), dtype=torch.int64, device=ids.device)  # is hot, start, count
+        starts = np.cumsum([0, *counts[:-1]]).tolist()
+        per_feature[:, hot] = torch.tensor([[1] * len(hot), starts, counts], dtype=torch.int64, device=ids.device)
+        is_hot, start, count = per_feature.index_select(1, feature)  # index_select: faster than [] on CPU
+        global_id = ids + base.index_select(0, feature)
+        pos = torch.searchsorted(hot_ids, global_id)  # hot ids (of all features) below each id
+        at = pos.clamp(max=hot_ids.numel() - 1)
+        found = hot_ids.index_select(0, at) == global_id
+        # a cold id's row follows the feature's hot rows in id order: id - (its feature's hot ids below it)
+        ranked = torch.where(found, hot_rank.index_select(0, at), count + ids - (pos - start))
+        return torch.where(is_hot.bool(), ranked, ids)
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if self._identity and not any(self.blocked):
             return with_values(kjt, kjt.values(), self.storage_keys)
@@ -553,17 +572,21 @@ class MixedDimIdMapper(nn.Module):
         stride, num_features = kjt.stride(), len(self.blocked)
         device = values.device
         rank = values.to(torch.int64)
-        if any(r is not None for r in self.remaps):
-            offsets = kjt.offset_per_key()
-            rank = rank.clone()
-            for i, remap in enumerate(self.remaps):
-                if remap is not None and offsets[i + 1] > offsets[i]:
-                    rank[offsets[i]:offsets[i + 1]] = self._rank(i, rank[offsets[i]:offsets[i + 1]])
         bag_of_id = torch.repeat_interleave(  # feature * B + sample of every id
             torch.arange(num_features * stride, device=device), kjt.lengths(), output_size=values.numel(),
         )
-        feature, sample = bag_of_id // stride, bag_of_id % stride
-        global_rank = rank + torch.tensor(self.feature_base, dtype=torch.int64, device=device)[feature]
+        feature = bag_of_id // stride
+        sample = bag_of_id - feature * stride
+        base = torch.tensor(self.feature_base, dtype=torch.int64, device=device)
+        if "dense" in self.remaps:  # a gather per feature
+            offsets = kjt.offset_per_key()
+            rank = rank.clone()
+            for i, remap in enumerate(self.remaps):
+                if remap == "dense" and offsets[i + 1] > offsets[i]:
+                    rank[offsets[i]:offsets[i + 1]] = self._rank(i, rank[offsets[i]:offsets[i + 1]])
+        if "hot" in self.remaps:
+            rank = self._hot_ranks(rank, feature, base)
+        global_rank = rank + base.index_select(0, feature)
         # first global rank of every member: the feature's base plus its block bounds (0 without blocks)
         zero = torch.zeros(1, dtype=torch.int64, device=device)
         local = torch.cat([getattr(self, f"bounds_{i}")[:-1] if blocked else zero
@@ -571,15 +594,16 @@ class MixedDimIdMapper(nn.Module):
         table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
         starts = local + table[0]
         member = torch.searchsorted(starts, global_rank, right=True) - 1
-        rows = global_rank - starts[member] + table[2][member]
-        bag = table[1][member] * stride + sample
+        code, row_offset = table[1:].index_select(1, member)
+        rows = global_rank - (starts.index_select(0, member) - row_offset)
+        bag = code * stride + sample
         # a stable sort groups the ids by (storage key, bag), as the storage KJT wants
         bag_sorted, perm = torch.sort(bag, stable=True)
         lengths = torch.bincount(bag_sorted, minlength=len(self.storage_keys) * self.slots * stride)
         return KeyedJaggedTensor(
             keys=self.storage_keys,
-            values=rows[perm],
-            weights=None if weights is None else weights[perm],
+            values=rows.index_select(0, perm),
+            weights=None if weights is None else weights.index_select(0, perm),
             lengths=lengths,
             stride=self.slots * stride,
         )
