@@ -21,7 +21,6 @@ import html
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_prep.meta import atomic_write_bytes
 from experiments.results import load
 
 __all__ = ["Report", "summarize", "best_per_budget", "speed_table", "pareto_front", "write_report"]
@@ -273,17 +273,6 @@ def _html(context: dict[str, Any], png: bytes, tables: dict[str, pd.DataFrame]) 
     return "\n".join(parts)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(store: str | os.PathLike, out_dir: str | os.PathLike, sweep: str | None = None) -> Report:
     """Write ``pareto.png``, ``report.html`` and ``report.md`` for one sweep of a results store.
 
@@ -326,8 +315,8 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike, sweep: st
               "the CPU, so compare within this table only)": speed,
               "Failed runs (not plotted)": failed}
     paths = {"png": folder / "pareto.png", "html": folder / "report.html", "md": folder / "report.md"}
-    _atomic_write(paths["png"], png)
-    _atomic_write(paths["html"], _html(context, png, tables).encode())
+    atomic_write_bytes(paths["png"], png)
+    atomic_write_bytes(paths["html"], _html(context, png, tables).encode())
     lo, hi = context["seeds_per_cell"]
     md = [f"# sweep {sweep}", "",
           f"Data {context['source']}, protocol {context['protocol']}; test AUC mean ± std over "
@@ -337,5 +326,5 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike, sweep: st
         md.append(f"Bayes AUC (test): {context['bayes_auc_test']:.4f}.")
     for title, table in tables.items():
         md += ["", f"## {title}", "", _markdown(table)]
-    _atomic_write(paths["md"], ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(paths["md"], ("\n".join(md) + "\n").encode())
     return Report(folder, paths["png"], paths["html"], paths["md"], summary, best, speed, failed, context)
