@@ -22,6 +22,7 @@ __all__ = [
     "dense_parameters",
     "optimizer_state_bytes",
     "training_bytes",
+    "training_only_names",
     "OPTIMIZERS",
 ]
 
@@ -58,12 +59,29 @@ def memory_report(module: nn.Module) -> MemoryReport:
     >>> memory_report(m).inference_bytes
     3200
     """
+    return _report(module, training=False)
+
+
+def training_only_names(module: nn.Module) -> set[str]:
+    """Qualified names of the tensors only training needs (a module lists its own in
+    ``training_only_tensors``; see :meth:`embtable.EmbeddingModule.register_training_buffer`)."""
+    out: set[str] = set()
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name in getattr(sub, "training_only_tensors", ()):
+            out.add(f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _report(module: nn.Module, training: bool) -> MemoryReport:
     tensors: dict[str, int] = {}
     seen: set[tuple[int, int]] = set()
     named = list(module.named_parameters(remove_duplicate=False)) + list(
         module.named_buffers(remove_duplicate=False)
     )
+    skip = set() if training else training_only_names(module)
     for name, t in named:
+        if name in skip:
+            continue
         if t is None:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
@@ -139,5 +157,6 @@ def optimizer_state_bytes(module: nn.Module, optimizer: str, *, tables_only: boo
 
 
 def training_bytes(module: nn.Module, optimizer: str) -> int:
-    """Inference bytes plus the optimizer state for training ``module`` with ``optimizer``."""
-    return memory_report(module).inference_bytes + optimizer_state_bytes(module, optimizer)
+    """Every tensor training holds (inference bytes plus training-only tensors such as sketches or query
+    tables) plus the optimizer state for training ``module`` with ``optimizer``."""
+    return _report(module, training=True).inference_bytes + optimizer_state_bytes(module, optimizer)

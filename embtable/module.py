@@ -239,9 +239,59 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
         """Exact bytes of every tensor this module needs at inference."""
         return memory_report(self)
 
+    # ----- optional hooks: each has a default here; the trainer, compress() and export call these, and
+    # nothing outside embtable/methods/ names a method or tests a method's class -----
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A regulariser the trainer adds to the loss (methods that learn their own size); default none."""
         return None
+
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Initialise feature ``name`` from a trained full table ``weight`` ``[n, d]`` (used by ``compress``).
+
+        Runs under ``torch.no_grad()``. Returns a short description of what was done (it goes into the
+        compression report). The default raises ``NotImplementedError``: the method starts at random.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no initialisation from a trained table")
+
+    def inference_module(self) -> nn.Module:
+        """The module a server loads (used by ``embtable.export``): by default this module itself.
+
+        A method whose training state differs from its serving state (a supernet, a query table behind
+        codes, a sketch) returns the compact module, with the same ``forward`` contract.
+        """
+        return self
+
+    def train_step_end(self, step: int) -> None:
+        """Per-step work after the optimizer step of training step ``step`` (0-based); default none.
+
+        The trainer calls it on every ``EmbeddingModule`` in the model, e.g. CAFE's hot-id migration or PEP's
+        stop of pruning once the target sparsity is reached. It must not run in ``forward``'s traced path.
+        """
+
+    def training_stages(self) -> Sequence[str]:
+        """Names of the training stages this method runs in order (default: one plain stage, ``()``).
+
+        A multi-stage method (supernet -> search -> retrain) declares them and the trainer runs,
+        checkpoints and resumes each one; see ``experiments`` for the stage runner.
+        """
+        return ()
+
+    def register_training_buffer(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Register a buffer that training needs and serving does not (a sketch, counters).
+
+        It is saved in ``state_dict`` (so a resumed run equals an uninterrupted one) and counted by
+        :func:`embtable.training_bytes`, not by :func:`embtable.memory_report`'s inference bytes.
+        """
+        self.register_buffer(name, tensor)
+        self.training_only_tensors = tuple(self.training_only_tensors) + (name,)
+
+    def register_training_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """Register a parameter only training needs (DPQ's query table): counted as training bytes only."""
+        self.register_parameter(name, param)
+        self.training_only_tensors = tuple(self.training_only_tensors) + (name,)
+
+    #: names of this module's own (direct) parameters/buffers that only training needs
+    training_only_tensors: tuple[str, ...] = ()
 
     def _select(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()

@@ -48,7 +48,9 @@ def build(method: str, features=None, seed=0, **kwargs):
 def storage_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind the module's tensors (independent of memory_report)."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    skip = embtable.memory.training_only_names(module)  # sketches, query tables: training bytes only
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    for t in [t for name, t in named if name not in skip]:
         s = t.untyped_storage()
         if s.data_ptr() not in seen:
             seen.add(s.data_ptr())
@@ -148,7 +150,10 @@ def test_reported_bytes_equal_storage_and_plan_and_fit_budget(method):
             opt2.step()
         state = sum(t.numel() * t.element_size() for o in [opt, opt2] if o is not None
                     for s in o.state.values() for t in s.values() if torch.is_tensor(t))
-        assert embtable.training_bytes(module, name) == report.inference_bytes + state, name
+        training_only = sum(t.numel() * t.element_size() for n, t in
+                            list(module.named_parameters()) + list(module.named_buffers())
+                            if n in embtable.memory.training_only_names(module))
+        assert embtable.training_bytes(module, name) == report.inference_bytes + training_only + state, name
 
 
 @pytest.mark.parametrize("method", METHODS)
