@@ -121,3 +121,24 @@ def test_docstring_examples_run(module: str) -> None:
     mod = importlib.import_module(f"ctr_models.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_deepfm_scales_the_second_order_term_by_the_field_count():
+    # the FM term sums F(F-1)/2 dot products; DeepFM scales it by 1/F (F = sparse fields + the dense field)
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+    from ctr_models import DeepFM
+    from ctr_models.blocks import FMInteraction
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=10, embedding_dim=4, feature_names=[f]) for f in "abc"])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list("abc"), values=torch.tensor([1, 2, 3, 4, 5, 6]),
+                                              lengths=torch.ones(6, dtype=torch.int64))
+    dense = torch.randn(2, 3)
+    scaled, plain = DeepFM(ebc, num_dense=3, hidden_sizes=[8]), DeepFM(ebc, num_dense=3, hidden_sizes=[8], fm_scale=1.0)
+    plain.load_state_dict(scaled.state_dict())
+    assert scaled.fm_scale == 0.25
+    fields = torch.cat([scaled.dense_field(dense).unsqueeze(1), ebc(kjt).values().view(2, 3, 4)], dim=1)
+    fm = FMInteraction()(fields)
+    torch.testing.assert_close(plain(dense, kjt) - scaled(dense, kjt), 0.75 * fm)
