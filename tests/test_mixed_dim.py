@@ -154,13 +154,19 @@ def test_infeasible_budgets_raise_before_allocating():
     feats = [FeatureSpec("big", 2**33 + 7, 8), FeatureSpec("small", 100, 8)]
     start = time.perf_counter()
     with pytest.raises(BudgetError, match=r"smallest dims .* need [\d,]+ bytes, over the budget of 1,048,576"):
-        embtable.plan(feats, MixedDimConfig(alpha=0.3, num_blocks=4), 2**20)
+        embtable.plan(feats, MixedDimConfig(alpha=0.3, num_blocks=4, tail="none"), 2**20)
     with pytest.raises(BudgetError, match="keep every row"):  # no alpha can fit: the message does not suggest one
-        embtable.plan(feats, MixedDimConfig(num_blocks=4), 2**20)
+        embtable.plan(feats, MixedDimConfig(num_blocks=4, tail="none"), 2**20)
     with pytest.raises(BudgetError, match="num_blocks=1 or ids in frequency order"):
         embtable.plan([FeatureSpec("u", 1000, 4, counts=zipf_counts(1000, 0))],
-                      MixedDimConfig(alpha=0.3, num_blocks=4), "1/16")
+                      MixedDimConfig(alpha=0.3, num_blocks=4, tail="none"), "1/16")
     assert time.perf_counter() - start < 0.5
+    # with the hashed tail (the default) the same budgets plan, rarest ids sharing rows
+    for config in (MixedDimConfig(alpha=0.3, num_blocks=4), MixedDimConfig(num_blocks=4)):
+        plan = embtable.plan(feats, config, 2**20)
+        assert 0.95 * 2**20 <= plan.total_bytes <= 2**20 and "big" in plan.config.tail_rows
+    with pytest.raises(BudgetError, match="even with hashed tails"):
+        embtable.plan(feats, MixedDimConfig(num_blocks=4), 64)
     # the same huge feature plans fine at a budget that can hold it
     plan = embtable.plan(feats, MixedDimConfig(num_blocks=4), "1/4")
     assert plan.total_bytes <= plan.budget_bytes
