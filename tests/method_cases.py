@@ -229,9 +229,8 @@ CASES: dict[str, MethodCase] = {
                                                                                           block_dims={"a": (4, 2, 1)})),
             lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.MixedDimConfig()),
         ],
-        # every row is stored (at >= 1 dim): 2**33 rows cannot fit a 1 MiB budget; the 2**33-id planning
-        # and integer block mapping are tested in tests/test_mixed_dim.py
-        huge_ids=False,
+        # a 2**33-id feature fits the 1 MiB budget with the hashed tail (tail="hash", the default): its
+        # rarest ids share hashed rows
     ),
     "optembed": MethodCase(
         # pruned ids hash into 16 OOV rows here, so that distinct pruned ids (the huge-id check) differ;
