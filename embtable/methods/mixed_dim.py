@@ -48,6 +48,23 @@ Memory (fp32 weights, int64 bounds)::
                                          coldest block and their ranks; the cold ids take the rows
                                          after them in id order (row = id - number of hot ids below it)
 
+**Hashed tail** (``tail="hash"``, the default; the paper's suggestion to combine mixed dims with hashing).
+Mixed dims keep every row, so they cannot go below about ``1/D`` of the full tables. Below that, a
+feature of ``n_f`` ids stores ``K_f + T_f < n_f`` rows: its ``K_f`` most popular ids own rows, the others
+share ``T_f`` tail rows by a salted universal hash; the stored rows, in popularity order (the tail rows
+last, so in the coldest block), are then split into blocks and given dims as above::
+
+    id ──► exclusive? (sorted list of the K_f exclusive ids, or id < K_f when the ids are in count order)
+             yes: its rank r < K_f                      no: K_f + hash(id) mod T_f
+    stored rows of f:  [ exclusive rows, hottest first .......... | T_f tail rows ]
+                       [ block 0 @ d0 | block 1 @ d1 | ...  block B-1 @ d_{B-1}   ]
+
+and adds ``48 + [counts not in id order] * K_f * (s(n_f) + s(K_f))`` bytes (hash parameters ``a0, a1, a2,
+b, T_f, K_f`` as int64, and the exclusive ids with their ranks) to the formula above, where ``n_f``
+becomes ``K_f + T_f``. The planner (:func:`solve_tail`, only when the budget is below what mixed dims
+reach, so every plan that fitted before is unchanged) chooses ``K_f`` and ``T_f`` (half the stored rows)
+by water-filling a row cap.
+
 where ``B_f`` is the number of blocks of feature ``f`` (1 for a plain or single-dim table), the
 ``(B_f + 1) * 8`` bytes are its block bounds, ``s(x)`` is 4 bytes (int32) for ``x <= 2**31 - 1``, else
 8, and the planner takes the cheaper remap (the hot list wins when fewer than about half the ids lie
