@@ -47,6 +47,7 @@ from .methods.low_rank import (
     low_rank_from_trained,
     output_second_moments,
 )
+from .methods.managed_collision import ManagedCollisionConfig, ManagedCollisionEmbeddingBagCollection
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
@@ -74,6 +75,8 @@ __all__ = [
     "LowRankEmbeddingBagCollection",
     "MemoryReport",
     "MethodConfig",
+    "ManagedCollisionConfig",
+    "ManagedCollisionEmbeddingBagCollection",
     "MixedDimConfig",
     "MixedDimEmbeddingBagCollection",
     "OptEmbedConfig",

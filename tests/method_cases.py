@@ -31,6 +31,8 @@ class MethodCase:
     # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
     # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
     sharded: tuple[embtable.MethodConfig, object] | None = None
+    # False: embtable.sharding.shard() must refuse the module with a clear error (the method says why)
+    shardable: bool = True
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -136,6 +138,30 @@ class _StackedRows:
         return (g.to_dense() if g.is_sparse else g)[self.start:self.end]
 
 
+def _managed_collision_degenerate(features, ebc, build_kwargs):
+    # n + 1 rows per feature, warm-started: every id owns its row (id i -> row i), row n is the unused miss row
+    config = embtable.ManagedCollisionConfig(zch_size={f.name: f.num_embeddings + 1 for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    pairs = []
+    with torch.no_grad():
+        for n, w in _weights(ebc).items():
+            module.table_weight(n)[:-1].copy_(w)
+            pairs.append((_LeadingRows(module.table_weight(n), w.shape[0]), w))
+    return module, pairs
+
+
+class _LeadingRows:
+    """``.grad``: the first ``n`` gradient rows of a table (a managed-collision table's owned rows)."""
+
+    def __init__(self, weight, n):
+        self.weight, self.n = weight, n
+
+    @property
+    def grad(self):
+        g = self.weight.grad
+        return (g.to_dense() if g.is_sparse else g)[:self.n]
+
+
 def _qr_degenerate(features, ebc, build_kwargs):
     # one partition: every feature keeps its plain table under its own name, identity mapping
     module = embtable.build(features, embtable.QRConfig(num_partitions=1), **build_kwargs)
@@ -203,9 +229,8 @@ CASES: dict[str, MethodCase] = {
                                                                                           block_dims={"a": (4, 2, 1)})),
             lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.MixedDimConfig()),
         ],
-        # every row is stored (at >= 1 dim): 2**33 rows cannot fit a 1 MiB budget; the 2**33-id planning
-        # and integer block mapping are tested in tests/test_mixed_dim.py
-        huge_ids=False,
+        # a 2**33-id feature fits the 1 MiB budget with the hashed tail (tail="hash", the default): its
+        # rarest ids share hashed rows
     ),
     "optembed": MethodCase(
         # pruned ids hash into 16 OOV rows here, so that distinct pruned ids (the huge-id check) differ;
@@ -254,5 +279,19 @@ CASES: dict[str, MethodCase] = {
         # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
         # checked in tests/test_low_rank.py
         huge_ids=False,
+    ),
+    "managed_collision": MethodCase(
+        # TorchRec's MCH modules (LFU); ids are admitted by warm start and by eviction at every training step
+        config=embtable.ManagedCollisionConfig(),
+        budget="1/4",
+        degenerate=_managed_collision_degenerate,
+        invalid=[
+            lambda: embtable.ManagedCollisionConfig(zch_size=1),
+            lambda: embtable.ManagedCollisionConfig(eviction_policy="fifo"),
+            lambda: embtable.ManagedCollisionConfig(eviction_interval=0),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.ManagedCollisionConfig()),
+            lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.ManagedCollisionConfig(zch_size={"b": 2})),
+        ],
+        shardable=False,
     ),
 }

@@ -154,13 +154,19 @@ def test_infeasible_budgets_raise_before_allocating():
     feats = [FeatureSpec("big", 2**33 + 7, 8), FeatureSpec("small", 100, 8)]
     start = time.perf_counter()
     with pytest.raises(BudgetError, match=r"smallest dims .* need [\d,]+ bytes, over the budget of 1,048,576"):
-        embtable.plan(feats, MixedDimConfig(alpha=0.3, num_blocks=4), 2**20)
+        embtable.plan(feats, MixedDimConfig(alpha=0.3, num_blocks=4, tail="none"), 2**20)
     with pytest.raises(BudgetError, match="keep every row"):  # no alpha can fit: the message does not suggest one
-        embtable.plan(feats, MixedDimConfig(num_blocks=4), 2**20)
+        embtable.plan(feats, MixedDimConfig(num_blocks=4, tail="none"), 2**20)
     with pytest.raises(BudgetError, match="num_blocks=1 or ids in frequency order"):
         embtable.plan([FeatureSpec("u", 1000, 4, counts=zipf_counts(1000, 0))],
-                      MixedDimConfig(alpha=0.3, num_blocks=4), "1/16")
+                      MixedDimConfig(alpha=0.3, num_blocks=4, tail="none"), "1/16")
     assert time.perf_counter() - start < 0.5
+    # with the hashed tail (the default) the same budgets plan, rarest ids sharing rows
+    for config in (MixedDimConfig(alpha=0.3, num_blocks=4), MixedDimConfig(num_blocks=4)):
+        plan = embtable.plan(feats, config, 2**20)
+        assert 0.95 * 2**20 <= plan.total_bytes <= 2**20 and "big" in plan.config.tail_rows
+    with pytest.raises(BudgetError, match="even with hashed tails"):
+        embtable.plan(feats, MixedDimConfig(num_blocks=4), 64)
     # the same huge feature plans fine at a budget that can hold it
     plan = embtable.plan(feats, MixedDimConfig(num_blocks=4), "1/4")
     assert plan.total_bytes <= plan.budget_bytes
@@ -375,3 +381,65 @@ def test_mapper_over_many_features_matches_one_feature_at_a_time():
         for key in own:
             assert out[key].values().tolist() == alone[key].values().tolist(), key
             assert out[key].lengths().tolist() == alone[key].lengths().tolist(), key
+
+
+# ----- the hashed tail and single tables -----
+def demo_features(with_counts: bool) -> list[FeatureSpec]:
+    from data_prep.generator import PRESETS
+
+    rng = np.random.default_rng(0)
+    return [FeatureSpec(f"C{i}", n, 16, counts=rng.zipf(1.2, n).clip(max=10**6) if with_counts else None)
+            for i, n in enumerate(PRESETS["demo"].cardinalities)]
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_tail_reaches_any_budget_with_95_percent_fill(with_counts):
+    feats = demo_features(with_counts)
+    for budget in ["1/16", "1/100", "1/1000"]:
+        with pytest.raises(BudgetError):  # below what mixed dims alone reach
+            embtable.plan(feats, MixedDimConfig(tail="none"), budget)
+        plan = embtable.plan(feats, MixedDimConfig(), budget)
+        assert 0.95 * plan.budget_bytes <= plan.total_bytes <= plan.budget_bytes, budget
+        assert plan.config.tail_rows, budget
+    # budgets that fit without a tail plan exactly as before
+    assert embtable.plan(feats, MixedDimConfig(), "1/4").config == \
+        embtable.plan(feats, MixedDimConfig(tail="none"), "1/4").config.replace(tail="hash")
+    module = embtable.build(feats, MixedDimConfig(), "1/100", seed=0)
+    assert embtable.memory_report(module).inference_bytes == embtable.plan(feats, MixedDimConfig(), "1/100").total_bytes
+
+
+def test_one_table_with_counts_splits_into_blocks_by_default():
+    counts = zipf_counts(100_000, 0)
+    bag = embtable.EmbeddingBag(100_000, 16, method=MixedDimConfig(), budget="1/4", counts=counts, seed=0)
+    config = bag.collection.config
+    assert config.num_blocks == 4 and len(config.block_dims["feature"]) == 4 and not config.tail_rows
+    out = bag(torch.tensor([0, 5, 99_999]), torch.tensor([0, 2]))
+    assert out.shape == (2, 16)
+    # several features keep the paper's one block per feature
+    assert embtable.plan([FeatureSpec("a", 1000, 8), FeatureSpec("b", 1000, 8)], MixedDimConfig(alpha=0.3),
+                         "1/2").config.num_blocks == 1
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_tail_mapping_is_exact_and_deterministic(ordered):
+    from embtable.hashing import hash_coefficients, universal_hash
+
+    n, exclusive, tail = 1000, 30, 20
+    counts = zipf_counts(n, 1, ordered=ordered)
+    feats = [FeatureSpec("a", n, 8, counts=counts)]
+    config = MixedDimConfig(num_blocks=2, tail_rows={"a": (exclusive, tail)}, block_dims={"a": (8, 2)})
+    a, b = (embtable.build(feats, config, seed=s) for s in (0, 1))
+    ids = torch.arange(n)
+    kjt = KeyedJaggedTensor(keys=["a"], values=ids, lengths=torch.ones(n, dtype=torch.int64))
+    ranks_a = a.mapper._tail_rank(0, ids)
+    assert torch.equal(ranks_a, b.mapper._tail_rank(0, ids))  # same mapping in every build
+    order = np.argsort(-counts, kind="stable")
+    expected = exclusive + universal_hash(ids, torch.tensor(hash_coefficients(0, "mixed_dim_tail", "a")), tail)
+    expected[torch.from_numpy(order[:exclusive])] = torch.arange(exclusive)
+    assert torch.equal(ranks_a, expected)
+    # the tail rows are the last rows of the coldest block: every id lands in its block's rows
+    out = a.mapper(kjt)
+    assert int(out.values().max()) < sum(a.member_rows)
+    plan = embtable.plan(feats, config)
+    assert plan.total_bytes == embtable.memory_report(a).inference_bytes
+    assert plan.features[0].rows == exclusive + tail

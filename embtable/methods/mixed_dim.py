@@ -48,6 +48,23 @@ Memory (fp32 weights, int64 bounds)::
                                          coldest block and their ranks; the cold ids take the rows
                                          after them in id order (row = id - number of hot ids below it)
 
+**Hashed tail** (``tail="hash"``, the default; the paper's suggestion to combine mixed dims with hashing).
+Mixed dims keep every row, so they cannot go below about ``1/D`` of the full tables. Below that, a
+feature of ``n_f`` ids stores ``K_f + T_f < n_f`` rows: its ``K_f`` most popular ids own rows, the others
+share ``T_f`` tail rows by a salted universal hash; the stored rows, in popularity order (the tail rows
+last, so in the coldest block), are then split into blocks and given dims as above::
+
+    id ──► exclusive? (sorted list of the K_f exclusive ids, or id < K_f when the ids are in count order)
+             yes: its rank r < K_f                      no: K_f + hash(id) mod T_f
+    stored rows of f:  [ exclusive rows, hottest first .......... | T_f tail rows ]
+                       [ block 0 @ d0 | block 1 @ d1 | ...  block B-1 @ d_{B-1}   ]
+
+and adds ``48 + [counts not in id order] * K_f * (s(n_f) + s(K_f))`` bytes (hash parameters ``a0, a1, a2,
+b, T_f, K_f`` as int64, and the exclusive ids with their ranks) to the formula above, where ``n_f``
+becomes ``K_f + T_f``. The planner (:func:`solve_tail`, only when the budget is below what mixed dims
+reach, so every plan that fitted before is unchanged) chooses ``K_f`` and ``T_f`` (half the stored rows)
+by water-filling a row cap.
+
 where ``B_f`` is the number of blocks of feature ``f`` (1 for a plain or single-dim table), the
 ``(B_f + 1) * 8`` bytes are its block bounds, ``s(x)`` is 4 bytes (int32) for ``x <= 2**31 - 1``, else
 8, and the planner takes the cheaper remap (the hot list wins when fewer than about half the ids lie
@@ -65,9 +82,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan
+from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
+from ..hashing import hash_coefficients, universal_hash
 from ..module import EmbeddingModule, storage_collection, with_values
 
 __all__ = [
@@ -82,6 +100,10 @@ __all__ = [
 ]
 
 BOUND_BYTES = 8  # block bounds are int64
+TAIL_PARAM_BYTES = 6 * 8  # a hashed tail's a0, a1, a2, b, tail rows, exclusive rows (int64)
+AUTO_BLOCKS = 4  # popularity blocks of a single table when num_blocks is not given
+TAIL_SHARE = 0.5  # a tail feature's stored rows that are shared tail rows (the rest are exclusive rows)
+TAIL_ROW_BUDGET = 0.5  # the tail planner's row cap: the smallest dims use at most this share of the budget
 INT32_MAX = 2**31 - 1
 _BISECTION_STEPS = 100  # halves the search interval to far below one dim step
 _EULER_GAMMA = 0.5772156649015329
@@ -100,7 +122,17 @@ class MixedDimConfig(MethodConfig):
             ``None`` (default): solved from the budget, with the most popular block kept at the base dim.
         num_blocks: popularity blocks per feature (``1``: one dim per feature, as in the paper's
             reference; ``> 1``: blocks of equal lookup mass, see the module docstring). A feature
-            has at most ``num_embeddings`` blocks.
+            has at most ``num_embeddings`` blocks. ``None`` (default): 1 per feature when there are
+            several features, ``AUTO_BLOCKS`` (4) for a single table (blocks inside one table are the
+            paper's point; with one block its only block would keep the base dim). The planner writes
+            the number it used into the sized config.
+        tail: ``"hash"`` (default): when the budget is below what mixed dims can reach (every row kept at
+            the smallest dim), the rarest ids of a feature share hashed tail rows (see the module
+            docstring); ``"none"``: such budgets raise :class:`BudgetError`. Budgets that fit without a
+            tail are planned exactly as with ``"none"``, so the default changes no plan that worked before.
+        tail_rows: the sized tail: ``{feature: (exclusive, tail)}`` for the features with a hashed tail
+            (``exclusive`` most popular ids own rows, the others hash into ``tail`` shared rows); features
+            left out keep every row. ``None``: planned.
         dim_multiple: block dims are multiples of this (below the base dim), e.g. 4 or 8 for
             vectorised kernels.
         block_dims: the sized field: ``{feature: (d_block0, d_block1, ...)}``, hottest block first, one
@@ -110,9 +142,11 @@ class MixedDimConfig(MethodConfig):
 
     method = "mixed_dim"
     alpha: float | None = None
-    num_blocks: int = 1
+    num_blocks: int | None = None
     dim_multiple: int = 1
     block_dims: Mapping[str, tuple[int, ...]] | None = None
+    tail: str = "hash"
+    tail_rows: Mapping[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.alpha is not None and (not isinstance(self.alpha, int | float) or not self.alpha >= 0
@@ -121,10 +155,25 @@ class MixedDimConfig(MethodConfig):
                 f"MixedDimConfig.alpha must be a finite number >= 0 (e.g. 0.3), or None to solve it from the "
                 f"budget; got {self.alpha!r}"
             )
+        if self.tail not in ("hash", "none"):
+            raise ValueError(f"MixedDimConfig.tail must be 'hash' (rarest ids share hashed rows) or 'none', "
+                             f"got {self.tail!r}")
+        if self.tail_rows is not None:
+            clean = {}
+            for name, pair in dict(self.tail_rows).items():
+                pair = tuple(pair)
+                if len(pair) != 2 or any(isinstance(v, bool) or int(v) != v or v < 1 for v in pair):
+                    raise ValueError(f"MixedDimConfig.tail_rows[{name!r}] must be (exclusive rows >= 1, tail rows "
+                                     f">= 1), got {pair!r}")
+                clean[name] = (int(pair[0]), int(pair[1]))
+            object.__setattr__(self, "tail_rows", clean)
         for name in ("num_blocks", "dim_multiple"):
             value = getattr(self, name)
+            if value is None and name == "num_blocks":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MixedDimConfig.{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"MixedDimConfig.{name} must be an integer >= 1{' or None' if name == 'num_blocks' else ''}, "
+                                 f"got {value!r}")
         if self.block_dims is not None:
             if not isinstance(self.block_dims, Mapping):
                 raise ValueError(
@@ -254,6 +303,81 @@ def mixed_dim_bytes(feature: FeatureSpec, blocks: PopularityBlocks | None, dims:
     total = sum(r * d * FP32 + (d * D * FP32 if d < D else 0) for r, d in zip(blocks.rows, dims))
     total += (len(dims) + 1) * BOUND_BYTES
     return total + blocks.remap_bytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hashed tail (pure)
+# ---------------------------------------------------------------------------------------------------
+def num_blocks_for(features: Sequence[FeatureSpec], num_blocks: int | None) -> int:
+    """``num_blocks``, or its default: 1 per feature for several features, ``AUTO_BLOCKS`` for one table."""
+    if num_blocks is not None:
+        return int(num_blocks)
+    return AUTO_BLOCKS if len(features) == 1 else 1
+
+
+def _has_counts(f: FeatureSpec) -> bool:
+    return f.counts is not None and int(f.counts.sum()) > 0
+
+
+def _tail_hot_list(f: FeatureSpec) -> bool:
+    """A tail feature needs the sorted list of its exclusive ids when its counts are not in id order."""
+    return _has_counts(f) and not bool(np.all(f.counts[:-1] >= f.counts[1:]))
+
+
+def tail_feature(f: FeatureSpec, exclusive: int, tail: int, ranked: np.ndarray | None = None) -> FeatureSpec:
+    """The rows a feature with a hashed tail stores, as a feature of ``exclusive + tail`` ids in popularity
+    order: rank ``r < exclusive`` is the ``r``-th most popular id, ranks ``exclusive ..`` are the tail rows.
+
+    Counts (when ``f`` has them): the exclusive ids' counts, then each tail row the tail's mass spread over
+    its rows (capped at the last exclusive count, so the counts stay in decreasing order and need no remap).
+    ``ranked``: ``f``'s counts sorted in decreasing order, if already at hand.
+
+    >>> tail_feature(FeatureSpec("a", 10, 4, counts=[1, 9, 0, 5, 0, 0, 2, 0, 0, 1]), 2, 2).counts.tolist()
+    [9, 5, 2, 2]
+    """
+    if not _has_counts(f):
+        return FeatureSpec(f.name, exclusive + tail, f.embedding_dim)
+    ranked = np.sort(f.counts)[::-1] if ranked is None else ranked
+    top = ranked[:exclusive].astype(np.int64)
+    mass = int(ranked[exclusive:].sum())
+    per = min(int(top[-1]), -(-mass // tail))
+    return FeatureSpec(f.name, exclusive + tail, f.embedding_dim,
+                       counts=np.concatenate([top, np.full(tail, per, dtype=np.int64)]))
+
+
+def tail_bytes(f: FeatureSpec, exclusive: int) -> int:
+    """Bytes a hashed tail adds beyond its rows: the hash parameters (``a0, a1, a2, b, tail, exclusive``, int64)
+    and, when the counts are not in id order, the exclusive ids sorted with their ranks."""
+    hot = exclusive * (_int_bytes(f.num_embeddings) + _int_bytes(exclusive)) if _tail_hot_list(f) else 0
+    return TAIL_PARAM_BYTES + hot
+
+
+def _tail_split(n: int, rows: int) -> tuple[int, int] | None:
+    """``(exclusive, tail)`` for a feature of ``n`` ids stored in ``rows < n`` rows (None: no tail)."""
+    if rows >= n:
+        return None
+    tail = max(1, int(rows * TAIL_SHARE))
+    return rows - tail, tail
+
+
+def stored_features(features: Sequence[FeatureSpec], tail_rows: Mapping[str, tuple[int, int]] | None
+                    ) -> list[FeatureSpec]:
+    """What each feature stores: itself, or its :func:`tail_feature` when it has a hashed tail."""
+    tail_rows = tail_rows or {}
+    unknown = sorted(set(tail_rows) - {f.name for f in features})
+    if unknown:
+        raise ValueError(f"mixed_dim: tail_rows names unknown feature(s) {unknown}")
+    out = []
+    for f in features:
+        if f.name not in tail_rows:
+            out.append(f)
+            continue
+        exclusive, tail = tail_rows[f.name]
+        if exclusive + tail >= f.num_embeddings or tail > INT32_MAX:
+            raise ValueError(f"mixed_dim: feature {f.name!r}: tail_rows {tail_rows[f.name]} must store fewer rows "
+                             f"than its {f.num_embeddings} ids (and at most 2**31 - 1 tail rows)")
+        out.append(tail_feature(f, exclusive, tail))
+    return out
 
 
 def _quantize(target: float, D: int, rows: int, multiple: int) -> int:
@@ -434,6 +558,77 @@ def solve_block_dims(
     return layout.as_config_dims(best), hi
 
 
+def solve_tail(
+    features: Sequence[FeatureSpec], budget_bytes: int, *, alpha: float | None = None, num_blocks: int = 1,
+    dim_multiple: int = 1,
+) -> tuple[dict[str, tuple[int, ...]], float, dict[str, tuple[int, int]]]:
+    """The planner below the mixed-dimension floor: rows of the rarest ids become shared, hashed tail rows.
+
+    Water-filling on a row cap ``R``: a feature of ``n > R`` ids stores ``R`` rows, ``TAIL_SHARE`` of them
+    tail rows and the rest exclusive rows of its most popular ids (:func:`tail_feature`); smaller features
+    keep every row. ``R`` is the largest cap at which the smallest dims (every compressible block at
+    ``dim_multiple``) use at most ``TAIL_ROW_BUDGET`` of the budget, so rows and dims share it; then
+    :func:`solve_block_dims` sizes the dims of the stored rows in what the tails' parameters and id lists
+    leave (halving ``R`` if that still cannot fit). Returns ``(block_dims, alpha, tail_rows)``.
+
+    >>> feats = [FeatureSpec("small", 10, 16), FeatureSpec("big", 100_000, 16)]
+    >>> dims, alpha, tails = solve_tail(feats, budget_bytes=64_000, alpha=0.3)
+    >>> tails, dims
+    ({'big': (7906, 7906)}, {'small': (16,), 'big': (1,)})
+    """
+    ranked = {f.name: np.sort(f.counts)[::-1] for f in features if _has_counts(f)}
+
+    def at(cap: int) -> tuple[dict[str, tuple[int, int]], list[FeatureSpec], int]:
+        tails, stored, fixed = {}, [], 0
+        for f in features:
+            split = _tail_split(f.num_embeddings, cap)
+            if split is None:
+                stored.append(f)
+                continue
+            tails[f.name] = split
+            stored.append(tail_feature(f, *split, ranked.get(f.name)))
+            fixed += tail_bytes(f, split[0])
+        return tails, stored, fixed
+
+    def floor(cap: int) -> int:
+        _, stored, fixed = at(cap)
+        layout = _Layout(stored, num_blocks)
+        return layout.total(layout.dims_for(1.0, 0.0, dim_multiple)) + fixed
+
+    if floor(2) > budget_bytes:
+        raise BudgetError(
+            f"mixed_dim: even with hashed tails (2 rows per large feature, at dim {dim_multiple}, with their "
+            f"projections and hash parameters) the tables need {floor(2):,} bytes, over the budget of "
+            f"{budget_bytes:,}; raise the budget or embed fewer features"
+        )
+    cap = largest_feasible(floor, int(TAIL_ROW_BUDGET * budget_bytes), 2, max(f.num_embeddings for f in features)) or 2
+    while True:
+        tails, stored, fixed = at(cap)
+        try:
+            dims, solved = solve_block_dims(stored, budget_bytes - fixed, alpha=alpha, num_blocks=num_blocks,
+                                            dim_multiple=dim_multiple)
+            break
+        except BudgetError:
+            if cap <= 2:
+                raise
+            cap = max(2, cap // 2)
+
+    def total_with_dims(c: int) -> int:  # the solved dims kept, more rows (inf when the blocks change)
+        _, stored, fixed = at(c)
+        total = fixed
+        for f in stored:
+            d = dims[f.name]
+            blocks = popularity_blocks(f, num_blocks) if len(d) > 1 else None
+            if blocks is not None and len(blocks.rows) != len(d) or max(d) > f.embedding_dim:
+                return budget_bytes + 1
+            total += mixed_dim_bytes(f, blocks, d)
+        return total
+
+    # dim steps are coarse (one more dim for every row of a block): what they leave goes to more rows
+    cap = largest_feasible(total_with_dims, budget_bytes, cap, max(f.num_embeddings for f in features)) or cap
+    return dims, solved, at(cap)[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------
@@ -452,11 +647,11 @@ def _block_dims(features: Sequence[FeatureSpec], config: MixedDimConfig) -> list
             raise ValueError(f"mixed_dim: feature {f.name!r}: block dims {d} exceed its embedding_dim "
                              f"{f.embedding_dim}; dims must be in [1, {f.embedding_dim}]")
         if len(d) > 1:
-            expected = len(popularity_blocks(f, config.num_blocks).rows)
+            expected = len(popularity_blocks(f, num_blocks_for(features, config.num_blocks)).rows)
             if len(d) != expected:
                 raise ValueError(
                     f"mixed_dim: feature {f.name!r} has {expected} popularity block(s) with "
-                    f"num_blocks={config.num_blocks}, but block_dims gives {len(d)} dims {d}; give {expected} "
+                    f"num_blocks={num_blocks_for(features, config.num_blocks)}, but block_dims gives {len(d)} dims {d}; give {expected} "
                     "dims (hottest block first) or one dim for a single table"
                 )
         out.append(_effective_dims(f.embedding_dim, d))
@@ -486,9 +681,27 @@ class MixedDimIdMapper(nn.Module):
 
     def __init__(self, features: Sequence[FeatureSpec], blocks: Sequence[PopularityBlocks | None],
                  storage_keys: list[str], device: torch.device | None = None,
-                 layout: Sequence[tuple[int, int, int]] | None = None) -> None:
+                 layout: Sequence[tuple[int, int, int]] | None = None,
+                 tails: Sequence[tuple[FeatureSpec, int, int] | None] | None = None) -> None:
         super().__init__()
         self.storage_keys = list(storage_keys)
+        # hashed tails: (exclusive, tail rows, has a hot list) per feature, None without a tail
+        self.tails: list[tuple[int, int, bool] | None] = []
+        for i, t in enumerate(tails or [None] * len(features)):
+            if t is None:
+                self.tails.append(None)
+                continue
+            real, exclusive, tail = t
+            params = hash_coefficients(0, "mixed_dim_tail", real.name) + [tail, exclusive]
+            self.register_buffer(f"tail_params_{i}", torch.tensor(params, dtype=torch.int64, device=device))
+            hot = _tail_hot_list(real)
+            if hot:  # the exclusive ids, sorted, and their popularity ranks
+                order = np.argsort(-real.counts, kind="stable")[:exclusive]
+                by_id = np.argsort(order, kind="stable")
+                ids = order[by_id].astype(_int_dtype(real.num_embeddings))
+                self.register_buffer(f"tail_ids_{i}", torch.from_numpy(ids).to(device))
+                self.register_buffer(f"tail_rank_{i}", torch.from_numpy(by_id.astype(_int_dtype(exclusive))).to(device))
+            self.tails.append((exclusive, tail, hot))
         self.blocked: list[bool] = []
         self.remaps: list[str | None] = []
         self.key_offsets: list[int] = []
@@ -533,6 +746,21 @@ class MixedDimIdMapper(nn.Module):
         self.row_offsets = [o for _, _, o in layout]
         self._identity = all(t == (m, 0, 0) for m, t in enumerate(layout)) and len(layout) == len(self.storage_keys)
 
+    def _tail_rank(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        """Rank in feature ``i``'s stored rows: an exclusive id's popularity rank (``< exclusive``), else
+        ``exclusive + hash(id) mod tail``."""
+        exclusive, tail, hot = self.tails[i]
+        params = getattr(self, f"tail_params_{i}")
+        if hot:
+            hot_ids, hot_rank = getattr(self, f"tail_ids_{i}"), getattr(self, f"tail_rank_{i}")
+            at = torch.searchsorted(hot_ids, ids.to(hot_ids.dtype)).clamp(max=exclusive - 1)
+            found = hot_ids[at] == ids
+            rank = hot_rank[at].to(torch.int64)
+        else:  # ids in popularity order: the first `exclusive` ids own rows
+            found = ids < exclusive
+            rank = ids
+        return torch.where(found, rank, exclusive + universal_hash(ids, params[:4], tail))
+
     def _rank(self, i: int, ids: torch.Tensor) -> torch.Tensor:
         """Popularity rank (row space of the concatenated blocks) of feature ``i``'s ids."""
         if self.remaps[i] is None:
@@ -566,7 +794,8 @@ class MixedDimIdMapper(nn.Module):
         return torch.where(is_hot.bool(), ranked, ids)
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        if self._identity and not any(self.blocked):
+        has_tail = any(t is not None for t in self.tails)
+        if self._identity and not any(self.blocked) and not has_tail:
             return with_values(kjt, kjt.values(), self.storage_keys)
         values, weights = kjt.values(), kjt.weights_or_none()
         stride, num_features = kjt.stride(), len(self.blocked)
@@ -578,6 +807,12 @@ class MixedDimIdMapper(nn.Module):
         feature = bag_of_id // stride
         sample = bag_of_id - feature * stride
         base = torch.tensor(self.feature_base, dtype=torch.int64, device=device)
+        if has_tail:  # a gather per tail feature: ids -> ranks of its stored rows (exclusive, then tail rows)
+            offsets = kjt.offset_per_key()
+            rank = rank.clone()
+            for i, t in enumerate(self.tails):
+                if t is not None and offsets[i + 1] > offsets[i]:
+                    rank[offsets[i]:offsets[i + 1]] = self._tail_rank(i, rank[offsets[i]:offsets[i + 1]])
         if "dense" in self.remaps:  # a gather per feature
             offsets = kjt.offset_per_key()
             rank = rank.clone()
@@ -659,13 +894,14 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
         if config.block_dims is None:
             config = self.size_config(self.features, config, None)
             self.config = config
-        dims = _block_dims(self.features, config)
-        blocks = [popularity_blocks(f, config.num_blocks) if len(d) > 1 else None
-                  for f, d in zip(self.features, dims)]
+        stored = stored_features(self.features, config.tail_rows)  # a tail feature: its stored rows
+        num_blocks = num_blocks_for(self.features, config.num_blocks)
+        dims = _block_dims(stored, config)
+        blocks = [popularity_blocks(f, num_blocks) if len(d) > 1 else None for f, d in zip(stored, dims)]
         self.projections = nn.ParameterDict()
         members: list[tuple[str, int, int]] = []  # (name, rows, dim) of every (feature, block), feature order
         self.feature_members: list[list[int]] = []
-        for f, d, b in zip(self.features, dims, blocks):
+        for f, d, b in zip(stored, dims, blocks):
             names = [f.name] if b is None else [f"{f.name}__block{j}" for j in range(len(d))]
             rows = [f.num_embeddings] if b is None else list(b.rows)
             self.feature_members.append(list(range(len(members), len(members) + len(d))))
@@ -692,7 +928,8 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
         self.storage_keys = [f"d{dim}" for dim in table_dims]
         tables = [(key, rows, dim, [key]) for key, rows, dim in zip(self.storage_keys, table_rows, table_dims)]
         self.block_dims = [tuple(d) for d in dims]
-        self.mapper = MixedDimIdMapper(self.features, blocks, self.storage_keys, self.device, self.member_layout)
+        tails = [(f, *config.tail_rows[f.name]) if f.name in (config.tail_rows or {}) else None for f in self.features]
+        self.mapper = MixedDimIdMapper(stored, blocks, self.storage_keys, self.device, self.member_layout, tails)
         # per-block sums: the blocks of one bag are added (and divided by the bag size for mean) in pooled
         self.storage = storage_collection(tables, Pooling.SUM, self._is_weighted, self.device)
         self.reset_parameters()
@@ -756,32 +993,45 @@ class MixedDimEmbeddingBagCollection(EmbeddingModule):
     def size_config(cls, features, config, budget_bytes):
         if config.block_dims is not None:
             return config
+        num_blocks = num_blocks_for(features, config.num_blocks)
         if budget_bytes is None:
             if config.alpha is None:
                 raise ValueError(
                     "mixed_dim: give a byte budget (build(features, MixedDimConfig(), budget=...)), or alpha "
                     "(MixedDimConfig(alpha=0.3): the most popular block keeps the base dim), or block_dims"
                 )
-            dims = power_rule_dims(features, config.alpha, num_blocks=config.num_blocks,
-                                   dim_multiple=config.dim_multiple)
-            return dataclasses.replace(config, block_dims=dims)
-        dims, alpha = solve_block_dims(features, budget_bytes, alpha=config.alpha, num_blocks=config.num_blocks,
-                                       dim_multiple=config.dim_multiple)
-        return dataclasses.replace(config, alpha=alpha, block_dims=dims)
+            dims = power_rule_dims(features, config.alpha, num_blocks=num_blocks, dim_multiple=config.dim_multiple)
+            return dataclasses.replace(config, num_blocks=num_blocks, block_dims=dims)
+        try:
+            dims, alpha = solve_block_dims(features, budget_bytes, alpha=config.alpha, num_blocks=num_blocks,
+                                           dim_multiple=config.dim_multiple)
+            return dataclasses.replace(config, alpha=alpha, num_blocks=num_blocks, block_dims=dims)
+        except BudgetError:
+            if config.tail != "hash":
+                raise
+        dims, alpha, tails = solve_tail(features, budget_bytes, alpha=config.alpha, num_blocks=num_blocks,
+                                        dim_multiple=config.dim_multiple)
+        return dataclasses.replace(config, alpha=alpha, num_blocks=num_blocks, block_dims=dims, tail_rows=tails)
 
     @classmethod
     def describe(cls, features, config):
         if config.block_dims is None:
             config = cls.size_config(features, config, None)
         plans = []
-        for f, d in zip(features, _block_dims(features, config)):
-            blocks = popularity_blocks(f, config.num_blocks) if len(d) > 1 else None
-            nbytes = mixed_dim_bytes(f, blocks, d)
+        stored = stored_features(features, config.tail_rows)
+        num_blocks = num_blocks_for(features, config.num_blocks)
+        for f, sf, d in zip(features, stored, _block_dims(stored, config)):
+            blocks = popularity_blocks(sf, num_blocks) if len(d) > 1 else None
+            nbytes = mixed_dim_bytes(sf, blocks, d)
             if blocks is None:
                 detail = "full" if d[0] == f.embedding_dim else f"dim {d[0]} -> {f.embedding_dim}"
             else:
                 detail = (f"dims {'/'.join(map(str, d))} over rows {'/'.join(f'{r:,}' for r in blocks.rows)}"
                           + (f" + {blocks.remap} id remap" if blocks.remap else ""))
-            plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, max(d), nbytes,
-                                     d != (f.embedding_dim,), detail))
+            tail = (config.tail_rows or {}).get(f.name)
+            if tail is not None:
+                nbytes += tail_bytes(f, tail[0])
+                detail += f"; {tail[0]:,} exclusive ids, the rest hashed into {tail[1]:,} tail rows"
+            plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, sf.num_embeddings, max(d), nbytes,
+                                     d != (f.embedding_dim,) or tail is not None, detail))
         return plans, {}
