@@ -120,7 +120,8 @@ def shard(
     ``"rowwise_adagrad"``, applied in
     backward, as TorchRec does); optimise the remaining (dense) parameters yourself, e.g. with
     ``torchrec.optim.optimizers.in_backward_optimizer_filter(dmp.named_parameters())``.
-    The model's weights are loaded into the shards after wrapping.
+    The model's weights are loaded into the shards after wrapping. A module whose storage DMP cannot
+    shard says why in its ``sharding_unsupported`` attribute, and ``shard`` raises that as a ``ValueError``.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -130,6 +131,10 @@ def shard(
             f"fused optimizer {optimizer!r} is not available on CPU; choose one of {sorted(_OPTIMIZERS)} "
             "(TorchRec's fused Adam needs a GPU)"
         )
+    for path, sub in model.named_modules():
+        reason = getattr(sub, "sharding_unsupported", None)
+        if reason:
+            raise ValueError(f"{path or 'model'}: {reason}")
     if not torch.distributed.is_initialized():
         raise RuntimeError("shard() needs an initialised process group (torch.distributed.init_process_group)")
     device = device or torch.device("cpu")

@@ -31,6 +31,9 @@ class MethodCase:
     # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
     # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
     sharded: tuple[embtable.MethodConfig, object] | None = None
+    # False: the method's rows are not nn.Embedding weights that a sparse optimizer updates (it updates them
+    # itself, e.g. low-precision codes in train_step_end); test_sparse_updates_touch_only_used_rows is skipped
+    sparse_tables: bool = True
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -156,6 +159,28 @@ def _low_rank_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _low_precision_degenerate(features, ebc, build_kwargs):
+    # fp32 rows, every row kept, identity (modulo) mapping: a plain TorchRec table
+    config = embtable.LowPrecisionConfig(precision="fp32", hash_fn="modulo",
+                                         num_buckets={f.name: f.num_embeddings for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
+def _pep_degenerate(features, ebc, build_kwargs):
+    # pruning disabled (sigmoid(-inf) = 0) and every weight kept: the soft threshold is the identity
+    config = embtable.PEPConfig(target_nnz=sum(f.num_embeddings * f.embedding_dim for f in features),
+                                threshold_init=float("-inf"))
+    module = embtable.build(features, config, **build_kwargs)
+    with torch.no_grad():
+        for n, w in _weights(ebc).items():
+            module.tables[n].weight.copy_(w)
+    pairs = [(module.tables[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -253,6 +278,34 @@ CASES: dict[str, MethodCase] = {
         ],
         # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
         # checked in tests/test_low_rank.py
+        huge_ids=False,
+    ),
+    "low_precision": MethodCase(
+        # int8 rows (d + 8 bytes each) hashed to fit 1/4; fp16/int4 are covered in tests/test_low_precision.py
+        config=embtable.LowPrecisionConfig(),
+        budget="1/4",
+        degenerate=_low_precision_degenerate,
+        invalid=[
+            lambda: embtable.LowPrecisionConfig(precision="int2"),
+            lambda: embtable.LowPrecisionConfig(num_buckets=0),
+            lambda: embtable.LowPrecisionConfig(optimizer="adam"),
+            lambda: embtable.LowPrecisionConfig(lr=0.0),
+        ],
+        # int8 rows are buffers the module updates itself in train_step_end, not nn.Embedding weights
+        sparse_tables=False,
+    ),
+    "pep": MethodCase(
+        config=embtable.PEPConfig(),
+        budget="1/4",
+        degenerate=_pep_degenerate,
+        invalid=[
+            lambda: embtable.PEPConfig(target_nnz=0),
+            lambda: embtable.PEPConfig(threshold_init=float("nan")),
+            lambda: embtable.PEPConfig(retrain="never"),
+            lambda: embtable.PEPConfig(check_every=0),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.PEPConfig()),
+        ],
+        # every row has a CSR row pointer: 2**33 rows cannot fit a 1 MiB budget
         huge_ids=False,
     ),
 }
