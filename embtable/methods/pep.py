@@ -173,7 +173,7 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
     >>> feats = [embtable.FeatureSpec("user", 10_000, 16), embtable.FeatureSpec("country", 200, 16)]
     >>> m = embtable.build(feats, PEPConfig(check_every=1), budget="1/4", seed=0)
     >>> m.config.target_nnz, embtable.memory_report(m).inference_bytes   # (10200 + 1)·4 + nnz·5
-    (32479, 203199)
+    (24479, 163199)
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
     >>> m(kjt).values().shape

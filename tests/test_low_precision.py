@@ -1,0 +1,126 @@
+"""low_precision: int8/int4 rows with stochastic rounding updated in train_step_end, fp16 rows, hashing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+import embtable
+from embtable import FeatureSpec, LowPrecisionConfig
+from embtable.methods.low_precision import QuantizedRows, stochastic_round
+
+FEATURES = [FeatureSpec("a", 40, 6), FeatureSpec("b", 7, 5)]
+
+
+def _kjt(batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randint(0, f.num_embeddings, (batch,), generator=g) for f in FEATURES]
+    return KeyedJaggedTensor(keys=["a", "b"], values=torch.cat(values), lengths=torch.ones(2 * batch, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_error_is_within_half_a_step(bits):
+    q = QuantizedRows(50, 7, bits)
+    x = torch.randn(50, 7)
+    q.quantize_(torch.arange(50), x)
+    err = (q.dequantize(torch.arange(50)) - x).abs()
+    assert (err <= q.scale[:, None] / 2 + 1e-6).all()
+    # each row's min and max are exact (codes 0 and 2**bits - 1)
+    torch.testing.assert_close(q.dequantize(torch.arange(50)).min(1).values, x.min(1).values)
+    torch.testing.assert_close(q.dequantize(torch.arange(50)).max(1).values, x.max(1).values, rtol=1e-6, atol=1e-6)
+    assert q.codes.shape == (50, 7 if bits == 8 else 4) and q.codes.dtype == torch.uint8
+
+
+def test_int4_packing_is_exact():
+    q = QuantizedRows(10, 5, 4)
+    codes = torch.randint(0, 16, (10, 5))
+    packed = q.pack(codes)
+    assert packed.shape == (10, 3)
+    assert torch.equal(q.unpack(packed), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([0.1, 2.5, -1.7, 3.0])
+    mean = torch.stack([stochastic_round(x, g) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, x, atol=0.03, rtol=0)
+    # quantized rows: the mean of many stochastic write-backs is the value, to far below one step
+    q = QuantizedRows(1, 6, 8)
+    row = torch.tensor([[0.0, 0.3, 0.301, 0.7, 0.95, 1.0]])
+    outs = []
+    for seed in range(2000):
+        q.quantize_(torch.tensor([0]), row, torch.Generator().manual_seed(seed))
+        outs.append(q.dequantize(torch.tensor([0])))
+    step = 1 / 255
+    assert ((torch.cat(outs).mean(0) - row[0]).abs() < 0.1 * step).all()
+    q.quantize_(torch.tensor([0]), row)  # nearest: a biased single value (0.301 is 76.755 steps)
+    assert (q.dequantize(torch.tensor([0])) - row).abs().max() > 0.1 * step
+
+
+@pytest.mark.parametrize("precision,optimizer", [("int8", "sgd"), ("int4", "sgd"), ("int8", "rowwise_adagrad")])
+def test_training_reduces_loss_and_touches_only_looked_up_rows(precision, optimizer):
+    m = embtable.build(FEATURES, LowPrecisionConfig(precision=precision, lr=0.5, optimizer=optimizer), seed=0)
+    assert not list(m.parameters())
+    kjt = _kjt()
+    target = torch.linspace(-1, 1, 11)
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    losses = []
+    for step in range(30):
+        loss = ((m(kjt).values() - target) ** 2).sum(1).mean()
+        loss.backward()
+        m.train_step_end(step)
+        losses.append(float(loss))
+    assert losses[-1] < 0.3 * losses[0], losses
+    used = torch.unique(kjt["a"].values())
+    changed = (m.rows["a"].codes != before["rows.a.codes"]).any(1) | (m.rows["a"].scale != before["rows.a.scale"])
+    assert changed[used].all() and not changed[~torch.isin(torch.arange(40), used)].any()
+    assert not m._pending
+    # eval / no_grad records nothing
+    with torch.no_grad():
+        m(kjt)
+    m.eval()
+    m(kjt)
+    assert not m._pending
+
+
+def test_fp16_rows_train_with_a_sparse_optimizer():
+    m = embtable.build(FEATURES, LowPrecisionConfig(precision="fp16"), seed=0)
+    assert all(p.dtype == torch.float16 for p in m.parameters())
+    assert embtable.memory_report(m).inference_bytes == 40 * 6 * 2 + 7 * 5 * 2 + 2 * 48
+    opt = torch.optim.SGD(embtable.sparse_parameters(m), lr=2.0)
+    kjt, target = _kjt(), torch.linspace(-1, 1, 11)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        out = m(kjt).values()
+        assert out.dtype == torch.float32
+        loss = ((out - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_planner_uses_the_precision_first_then_hashes():
+    feats = [FeatureSpec("u", 10_000, 16), FeatureSpec("c", 100, 16)]
+    full = sum(f.full_table_bytes for f in feats)
+    p = embtable.plan(feats, LowPrecisionConfig(precision="int8"), budget="1/2")  # int8 rows: 24/64 of fp32
+    assert [f.rows for f in p.features] == [10_000, 100]
+    assert p.total_bytes == 10_100 * 24 + 2 * 48 <= full // 2
+    p = embtable.plan(feats, LowPrecisionConfig(precision="int4"), budget="1/16")  # int4: 16 B per row
+    assert p.features[0].rows < 10_000 and p.total_bytes >= 0.99 * p.budget_bytes
+    m = embtable.build(feats, LowPrecisionConfig(precision="int4"), budget="1/16")
+    assert embtable.memory_report(m).inference_bytes == p.total_bytes == sum(f.rows for f in p.features) * 16 + 96
+    with pytest.raises(embtable.BudgetError, match="one int8 row per feature"):
+        embtable.plan(feats, LowPrecisionConfig(), budget=100)
+
+
+def test_shard_refuses_quantized_rows():
+    from embtable.sharding import shard
+
+    m = embtable.build(FEATURES, LowPrecisionConfig(precision="int8"))
+    with pytest.raises(ValueError, match="DMP cannot shard"):
+        shard(m)
+    assert embtable.build(FEATURES, LowPrecisionConfig(precision="fp32")).sharding_unsupported is None
