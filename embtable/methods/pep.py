@@ -33,8 +33,9 @@ The CSR buffers are filled from the trained tables when the mask freezes, when t
 (CSR buffers only, same forward contract). Before the target is reached, filling keeps the ``nnz_cap``
 largest-magnitude weights of ``Ŵ``.
 
-Forward in training: dense rows are looked up, thresholded (or masked once frozen, selected with
-``torch.where`` on the ``frozen`` buffer, no Python branch) and pooled in fp32.
+Forward in training mode: dense rows are looked up, thresholded (or masked once frozen, selected with
+``torch.where`` on the ``frozen`` buffer, no Python branch) and pooled in fp32. In eval mode the forward
+decodes the CSR buffers, so evaluation measures exactly what is served at the budget.
 
 Sharding: not sharded by DMP (the training tables are plain ``nn.Embedding`` modules transformed per id before
 pooling, and the serving CSR is a module buffer); :func:`embtable.sharding.shard` refuses it.
@@ -227,6 +228,8 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         ids_per_feature, weights, lengths = _per_feature(kjt, len(self.features))
+        if not self.training:  # evaluate what a server holds: the CSR rows (filled by eval())
+            return _sparse_pooled(self, ids_per_feature, weights, lengths)
         out = []
         for i, f in enumerate(self.features):
             ids = ids_per_feature[i]
@@ -360,7 +363,10 @@ class PEPSparseEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
         self.sharding_unsupported = "pep's serving CSR rows are module buffers; DMP cannot shard them"
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        ids_per_feature, weights, lengths = _per_feature(kjt, len(self.features))
-        out = [_pool(self.sparse_rows(i, ids_per_feature[i]), lengths[i], weights[i], self.pooling.value == "mean")
-               for i in range(len(self.features))]
-        return torch.cat(out, dim=1)  # [B, sum d]
+        return _sparse_pooled(self, *_per_feature(kjt, len(self.features)))
+
+
+def _sparse_pooled(module: _CSRStorage, ids_per_feature, weights, lengths) -> torch.Tensor:
+    mean = module.pooling.value == "mean"
+    out = [_pool(module.sparse_rows(i, ids), lengths[i], weights[i], mean) for i, ids in enumerate(ids_per_feature)]
+    return torch.cat(out, dim=1)  # [B, sum d]
