@@ -31,9 +31,6 @@ class MethodCase:
     # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
     # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
     sharded: tuple[embtable.MethodConfig, object] | None = None
-    # False: the method's rows are not nn.Embedding weights that a sparse optimizer updates (it updates them
-    # itself, e.g. low-precision codes in train_step_end); test_sparse_updates_touch_only_used_rows is skipped
-    sparse_tables: bool = True
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -281,7 +278,8 @@ CASES: dict[str, MethodCase] = {
         huge_ids=False,
     ),
     "low_precision": MethodCase(
-        # int8 rows (d + 8 bytes each) hashed to fit 1/4; fp16/int4 are covered in tests/test_low_precision.py
+        # int8 codes with a learned per-row step (ALPT; d + 4 bytes a row), hashed to fit 1/4; fp16, int4 and
+        # the fitted scale/bias quantizer are covered in tests/test_low_precision.py
         config=embtable.LowPrecisionConfig(),
         budget="1/4",
         degenerate=_low_precision_degenerate,
@@ -290,9 +288,8 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.LowPrecisionConfig(num_buckets=0),
             lambda: embtable.LowPrecisionConfig(optimizer="adam"),
             lambda: embtable.LowPrecisionConfig(lr=0.0),
+            lambda: embtable.LowPrecisionConfig(step_size="lsq"),
         ],
-        # int8 rows are buffers the module updates itself in train_step_end, not nn.Embedding weights
-        sparse_tables=False,
     ),
     "pep": MethodCase(
         config=embtable.PEPConfig(),

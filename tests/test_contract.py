@@ -131,14 +131,10 @@ def test_reported_bytes_equal_storage_and_plan_and_fit_budget(method):
         assert report.inference_bytes <= budget
         assert report.inference_bytes >= 0.95 * budget, "the planner should use >= 95% of a reachable budget"
     # the training footprint adds the state of the optimizer actually used
-    params = list(module.parameters())  # none for a method that updates its own rows (low_precision int8)
-    if not params:
-        only = embtable.training_bytes(module, "sgd") - report.inference_bytes
-        assert only == sum(t.numel() * t.element_size() for n, t in module.named_buffers()
-                           if n in embtable.memory.training_only_names(module))
+    params = list(module.parameters())
     for name, opt in [("sgd", torch.optim.SGD(params, lr=0.1)), ("adagrad", torch.optim.Adagrad(params, lr=0.1)),
                       ("adam", torch.optim.Adam(params, lr=0.1)),
-                      ("rowwise_adagrad", None)] if params else []:
+                      ("rowwise_adagrad", None)]:
         if opt is None:
             tables = set(map(id, embtable.table_parameters(module)))
             opt = embtable.RowWiseAdagrad([p for p in params if id(p) in tables], lr=0.1)
@@ -281,8 +277,6 @@ def test_degenerate_equivalence_with_embedding_bag_collection(method, pooling, w
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_updates_touch_only_used_rows(method):
-    if not CASES[method].sparse_tables:
-        pytest.skip(f"{method} updates its own rows (train_step_end); see its MethodCase")
     features = make_features()
     module = build(method, features)
     tables = embtable.sparse_parameters(module)

@@ -20,15 +20,20 @@ def _kjt(batch=8, seed=0):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_round_trip_error_is_within_half_a_step(bits):
-    q = QuantizedRows(50, 7, bits)
+@pytest.mark.parametrize("learned", [True, False])
+def test_round_trip_error_is_within_half_a_step(bits, learned):
+    q = QuantizedRows(50, 7, bits, learned)
     x = torch.randn(50, 7)
-    q.quantize_(torch.arange(50), x)
-    err = (q.dequantize(torch.arange(50)) - x).abs()
-    assert (err <= q.scale[:, None] / 2 + 1e-6).all()
-    # each row's min and max are exact (codes 0 and 2**bits - 1)
-    torch.testing.assert_close(q.dequantize(torch.arange(50)).min(1).values, x.min(1).values)
-    torch.testing.assert_close(q.dequantize(torch.arange(50)).max(1).values, x.max(1).values, rtol=1e-6, atol=1e-6)
+    q.init_rows_(torch.arange(50), x)
+    with torch.no_grad():
+        y = q.dequantize(torch.arange(50))
+    step = q.log_step.weight.exp() if learned else q.scale[:, None]
+    assert ((y - x).abs() <= step / 2 + 1e-6).all()
+    if learned:  # the largest |value| of each row is exact (code Z - 1 or 1 = -(Z - 1) + Z)
+        torch.testing.assert_close(y.abs().max(1).values, x.abs().max(1).values, rtol=1e-6, atol=1e-6)
+    else:  # each row's min and max are exact (codes 0 and 2**bits - 1)
+        torch.testing.assert_close(y.min(1).values, x.min(1).values)
+        torch.testing.assert_close(y.max(1).values, x.max(1).values, rtol=1e-6, atol=1e-6)
     assert q.codes.shape == (50, 7 if bits == 8 else 4) and q.codes.dtype == torch.uint8
 
 
@@ -47,7 +52,7 @@ def test_stochastic_rounding_is_unbiased():
     mean = torch.stack([stochastic_round(x, g) for _ in range(4000)]).mean(0)
     torch.testing.assert_close(mean, x, atol=0.03, rtol=0)
     # quantized rows: the mean of many stochastic write-backs is the value, to far below one step
-    q = QuantizedRows(1, 6, 8)
+    q = QuantizedRows(1, 6, 8, learned=False)
     row = torch.tensor([[0.0, 0.3, 0.301, 0.7, 0.95, 1.0]])
     outs = []
     for seed in range(2000):
@@ -59,22 +64,34 @@ def test_stochastic_rounding_is_unbiased():
     assert (q.dequantize(torch.tensor([0])) - row).abs().max() > 0.1 * step
 
 
-@pytest.mark.parametrize("precision,optimizer", [("int8", "sgd"), ("int4", "sgd"), ("int8", "rowwise_adagrad")])
-def test_training_reduces_loss_and_touches_only_looked_up_rows(precision, optimizer):
-    m = embtable.build(FEATURES, LowPrecisionConfig(precision=precision, lr=0.5, optimizer=optimizer), seed=0)
-    assert not list(m.parameters())
+@pytest.mark.parametrize("precision,optimizer,step_size", [
+    ("int8", "sgd", "learned"), ("int4", "sgd", "learned"), ("int8", "rowwise_adagrad", "fit"), ("int4", "sgd", "fit"),
+])
+def test_training_reduces_loss_and_touches_only_looked_up_rows(precision, optimizer, step_size):
+    config = LowPrecisionConfig(precision=precision, lr=0.5, optimizer=optimizer, step_size=step_size)
+    m = embtable.build(FEATURES, config, seed=0)
+    params = embtable.sparse_parameters(m)  # the learned steps, trained by the trainer's sparse optimizer
+    assert len(params) == (2 if step_size == "learned" else 0) == len(list(m.parameters()))
+    opt = torch.optim.SGD(params, lr=0.1) if params else None
     kjt = _kjt()
     target = torch.linspace(-1, 1, 11)
-    before = {n: b.clone() for n, b in m.named_buffers()}
+    before = {n: b.clone() for n, b in m.state_dict().items()}
     losses = []
     for step in range(30):
         loss = ((m(kjt).values() - target) ** 2).sum(1).mean()
         loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad()
         m.train_step_end(step)
         losses.append(float(loss))
     assert losses[-1] < 0.3 * losses[0], losses
     used = torch.unique(kjt["a"].values())
-    changed = (m.rows["a"].codes != before["rows.a.codes"]).any(1) | (m.rows["a"].scale != before["rows.a.scale"])
+    after = m.state_dict()
+    changed = (after["rows.a.codes"] != before["rows.a.codes"]).any(1)
+    for key in ("rows.a.log_step.weight", "rows.a.scale", "rows.a.bias"):
+        if key in after:
+            changed |= (after[key] != before[key]).reshape(40, -1).any(1)
     assert changed[used].all() and not changed[~torch.isin(torch.arange(40), used)].any()
     assert not m._pending
     # eval / no_grad records nothing
@@ -106,13 +123,16 @@ def test_fp16_rows_train_with_a_sparse_optimizer():
 def test_planner_uses_the_precision_first_then_hashes():
     feats = [FeatureSpec("u", 10_000, 16), FeatureSpec("c", 100, 16)]
     full = sum(f.full_table_bytes for f in feats)
-    p = embtable.plan(feats, LowPrecisionConfig(precision="int8"), budget="1/2")  # int8 rows: 24/64 of fp32
+    p = embtable.plan(feats, LowPrecisionConfig(precision="int8"), budget="1/2")  # int8 rows: 20/64 of fp32
     assert [f.rows for f in p.features] == [10_000, 100]
-    assert p.total_bytes == 10_100 * 24 + 2 * 48 <= full // 2
-    p = embtable.plan(feats, LowPrecisionConfig(precision="int4"), budget="1/16")  # int4: 16 B per row
+    assert p.total_bytes == 10_100 * 20 + 2 * 48 <= full // 2
+    p = embtable.plan(feats, LowPrecisionConfig(precision="int4", step_size="fit"), budget="1/16")  # 16 B a row
     assert p.features[0].rows < 10_000 and p.total_bytes >= 0.99 * p.budget_bytes
-    m = embtable.build(feats, LowPrecisionConfig(precision="int4"), budget="1/16")
+    m = embtable.build(feats, LowPrecisionConfig(precision="int4", step_size="fit"), budget="1/16")
     assert embtable.memory_report(m).inference_bytes == p.total_bytes == sum(f.rows for f in p.features) * 16 + 96
+    m = embtable.build(feats, LowPrecisionConfig(precision="int4"), budget="1/16")  # learned step: 12 B a row
+    rows = sum(t.codes.shape[0] for t in m.rows.values())
+    assert embtable.memory_report(m).inference_bytes == rows * 12 + 96
     with pytest.raises(embtable.BudgetError, match="one int8 row per feature"):
         embtable.plan(feats, LowPrecisionConfig(), budget=100)
 

@@ -5,12 +5,25 @@ feature's rows fit: ``m = n``), and its ``m`` rows are stored at one of four pre
 
     id ──► hash / identity ──► row r ──► fp32 : weight[r]                          (TorchRec table, d·4 B)
                                          fp16 : weight16[r].float()                (fp16 table, d·2 B)
-                                         int8 : bias[r] + scale[r] · codes[r, :]    (d B + 8 B)
-                                         int4 : bias[r] + scale[r] · nibbles(r)     (⌈d/2⌉ B + 8 B)
+                                         int8 : step[r] · (codes[r, :] - 128)            (d B + 4 B)
+                                                or bias[r] + scale[r] · codes[r, :]     (d B + 8 B, "fit")
+                                         int4 : the same with 4-bit codes, zero point 8  (⌈d/2⌉ B + 4 or 8 B)
                                                  codes[r] = [hi(c1) lo(c0) | hi(c3) lo(c2) | ...]
 
-Quantization is per row and asymmetric: ``bias = min(row)``, ``scale = (max(row) - min(row)) / (2**bits - 1)``,
-codes in ``[0, 2**bits - 1]``; int4 packs two codes per byte (column ``2j`` in the low nibble).
+Two per-row quantizers (config ``step_size``), codes in ``[0, 2**bits - 1]``, int4 packing two codes per byte
+(column ``2j`` in the low nibble):
+
+- ``"learned"`` (default; ALPT, Li et al., AAAI 2023, "Adaptive Low-Precision Training for Embeddings in
+  Click-Through Rate Prediction"): symmetric codes around the zero point ``Z = 2**(bits-1)`` times a per-row
+  step size that is a trainable fp32 parameter — an ``nn.Embedding(m, 1)``, so the trainer's sparse optimizer
+  learns it; a write-back whose values leave ``[-(Z - 1), Z - 1] · step`` widens that row's step to fit them
+  (it never shrinks there), so the code updates are not clipped away. Unlike ALPT (which scales the step's gradient),
+  the step is learned in log space, ``step = exp(log_step)``: the gradient ``Σ_j g_j · value_j`` is
+  scale-free, so the trainer's embedding learning rate suits it, and the step stays positive.
+  Initial step: ``max|row| / (Z - 1)``.
+- ``"fit"``: asymmetric, re-fitted at every write-back: ``bias = min(row)``,
+  ``scale = (max(row) - min(row)) / (2**bits - 1)`` (fp32 buffers); no trainable parameter at all.
+
 Looked-up rows are dequantized to fp32 and pooled in fp32 (sum / mean / weighted sum).
 
 Training (after Zhang et al., VLDB 2024, "Experimental Analysis of Large-scale Learnable Vector Storage
@@ -21,16 +34,18 @@ Limited Numerical Precision", and low-precision embedding training as in ALPT, L
   which rounds to nearest); the compute path is fp32. FBGEMM's fused fp16 TBE is not used here: this module
   is not sharded by DMP (see below).
 - ``int8`` / ``int4``: the codes are buffers, not parameters. In training mode the forward records the
-  dequantized rows it looked up (leaf tensors that require grad); after the optimizer step the trainer calls
+  dequantized rows it looked up (with their gradient); after the optimizer step the trainer calls
   :meth:`LowPrecisionEmbeddingBagCollection.train_step_end`, which sums the row gradients per touched row,
   applies SGD (or row-wise Adagrad) with the config's ``lr``, and writes the rows back at low precision with
-  **stochastic rounding** (unbiased: ``E[dequant(quant(x))] = x``), re-fitting each touched row's scale and
-  bias. Rows not looked up are not touched. Without ``train_step_end`` the rows do not change.
+  **stochastic rounding** (unbiased: ``E[dequant(quant(x))] = x`` inside the range), on the row's learned
+  step (the trainer's optimizer has already updated the step) or re-fitting its scale and bias. Rows not
+  looked up are not touched. Without ``train_step_end`` the codes do not change.
 - ``fp32``: a plain TorchRec table (with ``m = n`` and ``hash_fn="modulo"``, exactly an
   ``EmbeddingBagCollection``: the degenerate setting).
 
 Memory (inference = training, plus row-wise Adagrad's ``m·4`` training-only state when chosen):
-``sum_f (m_f · row_bytes(d_f) + 48)`` with ``row_bytes = 4d | 2d | d + 8 | ⌈d/2⌉ + 8`` and 48 bytes of hash
+``sum_f (m_f · row_bytes(d_f) + 48)`` with ``row_bytes = 4d | 2d | d + 4 | ⌈d/2⌉ + 4`` (learned step) or
+``d + 8 | ⌈d/2⌉ + 8`` (fit: scale and bias) and 48 bytes of hash
 parameters per feature. The planner keeps every row at the chosen precision when that fits the budget and
 otherwise hashes (one row cap for all features, the largest that fits, as the hash method does).
 
@@ -66,18 +81,19 @@ __all__ = [
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
-SCALE_BIAS_BYTES = 8  # per row: fp32 scale + fp32 bias
+STEP_SIZES = ("learned", "fit")
+ROW_PARAM_BYTES = {"learned": 4, "fit": 8}  # per row: fp32 step, or fp32 scale + fp32 bias
 
 
-def row_bytes(precision: str, dim: int) -> int:
-    """Bytes of one stored row of ``dim`` values at ``precision`` (scale and bias included)."""
+def row_bytes(precision: str, dim: int, step_size: str = "learned") -> int:
+    """Bytes of one stored row of ``dim`` values at ``precision`` (its step, or scale and bias, included)."""
     if precision == "fp32":
         return dim * FP32
     if precision == "fp16":
         return dim * 2
     if precision == "int8":
-        return dim + SCALE_BIAS_BYTES
-    return (dim + 1) // 2 + SCALE_BIAS_BYTES
+        return dim + ROW_PARAM_BYTES[step_size]
+    return (dim + 1) // 2 + ROW_PARAM_BYTES[step_size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +106,13 @@ class LowPrecisionConfig(MethodConfig):
             row kept when it fits). Capped at the feature's ``num_embeddings``.
         hash_fn: ``"universal"`` or ``"modulo"`` (as in :class:`embtable.HashConfig`).
         seed: seed of the hash salts and of the stochastic rounding.
-        lr: learning rate of the int8/int4 row updates applied in ``train_step_end`` (the trainer's optimizer
-            never sees these rows; fp16/fp32 rows are parameters the trainer's optimizer updates).
+        lr: learning rate of the int8/int4 code updates applied in ``train_step_end`` (the trainer's optimizer
+            never sees the codes; it trains learned steps and fp16/fp32 rows, which are parameters).
         optimizer: ``"sgd"`` or ``"rowwise_adagrad"`` (one fp32 accumulator per row, training bytes) for
             the int8/int4 row updates.
         rounding: ``"stochastic"`` (default, unbiased) or ``"nearest"`` when writing rows back.
+        step_size: ``"learned"`` (ALPT: a trainable per-row step, symmetric codes) or ``"fit"`` (per-row
+            min/max scale and bias re-fitted at each write-back) for int8/int4.
     """
 
     method = "low_precision"
@@ -105,6 +123,7 @@ class LowPrecisionConfig(MethodConfig):
     lr: float = 0.05
     optimizer: str = "sgd"
     rounding: str = "stochastic"
+    step_size: str = "learned"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -117,6 +136,8 @@ class LowPrecisionConfig(MethodConfig):
             )
         if self.rounding not in ("stochastic", "nearest"):
             raise ValueError(f"LowPrecisionConfig.rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
+        if self.step_size not in STEP_SIZES:
+            raise ValueError(f"LowPrecisionConfig.step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
         if not (self.lr > 0):
             raise ValueError(f"LowPrecisionConfig.lr must be positive, got {self.lr!r}")
         values = self.num_buckets.values() if isinstance(self.num_buckets, Mapping) else [self.num_buckets]
@@ -144,19 +165,25 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 class QuantizedRows(nn.Module):
-    """``m`` rows of ``dim`` values as ``bits``-bit codes with a per-row fp32 scale and bias.
+    """``m`` rows of ``dim`` values as ``bits``-bit codes with a learned per-row step or a fitted scale and bias.
 
-    Buffers: ``codes`` uint8 ``[m, dim]`` (int8) or ``[m, ⌈dim/2⌉]`` (int4, two codes per byte), ``scale`` and
-    ``bias`` fp32 ``[m]``.
+    ``codes``: uint8 ``[m, dim]`` (int8) or ``[m, ⌈dim/2⌉]`` (int4, two codes per byte). ``learned=True``:
+    ``log_step`` is an ``nn.Embedding(m, 1)`` (a trainable table), value ``= exp(log_step) · (code - Z)``; else fp32
+    buffers ``scale`` and ``bias`` ``[m]``, value ``= bias + scale · code``.
     """
 
-    def __init__(self, rows: int, dim: int, bits: int, device: torch.device | None = None) -> None:
+    def __init__(self, rows: int, dim: int, bits: int, learned: bool = True,
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        self.dim, self.bits, self.levels = dim, bits, 2**bits - 1
+        self.dim, self.bits, self.levels, self.learned = dim, bits, 2**bits - 1, learned
+        self.zero = 2 ** (bits - 1) if learned else 0
         width = dim if bits == 8 else (dim + 1) // 2
         self.register_buffer("codes", torch.zeros(rows, width, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.zeros(rows, device=device))
-        self.register_buffer("bias", torch.zeros(rows, device=device))
+        if learned:
+            self.log_step = nn.Embedding(rows, 1, device=device)
+        else:
+            self.register_buffer("scale", torch.zeros(rows, device=device))
+            self.register_buffer("bias", torch.zeros(rows, device=device))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """uint8 codes ``[N, width]`` -> integer codes ``[N, dim]`` (int64)."""
@@ -175,29 +202,42 @@ class QuantizedRows(nn.Module):
         return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
 
     def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
-        """fp32 values ``[N, dim]`` of storage rows ``rows`` ``[N]``."""
+        """fp32 values ``[N, dim]`` of storage rows ``rows`` ``[N]`` (differentiable in a learned step)."""
         codes = self.unpack(self.codes[rows]).to(torch.float32)
+        if self.learned:
+            return torch.exp(self.log_step(rows)) * (codes - self.zero)
         return self.bias[rows, None] + self.scale[rows, None] * codes
+
+    @torch.no_grad()
+    def init_rows_(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Set rows from fp32 ``values`` (a learned step starts at ``max|row| / (Z - 1)``), rounding to nearest."""
+        if self.learned:
+            step = values.abs().max(dim=1).values / (self.zero - 1)
+            self.log_step.weight[rows] = torch.where(step > 0, step, torch.ones_like(step)).log()[:, None]
+        self.quantize_(rows, values)
 
     @torch.no_grad()
     def quantize_(self, rows: torch.Tensor, values: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Store fp32 ``values`` ``[N, dim]`` at the distinct storage rows ``rows`` ``[N]``.
 
-        Each row's scale and bias are re-fitted to its range; with a ``generator`` the codes are rounded
-        stochastically (unbiased), otherwise to nearest.
+        A learned step is kept (values outside its range are clipped); a fitted scale and bias are re-fitted to
+        each row's range. With a ``generator`` the codes are rounded stochastically (unbiased inside the
+        range), otherwise to nearest.
         """
-        lo, hi = values.min(dim=1).values, values.max(dim=1).values
-        scale = (hi - lo) / self.levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        x = (values - lo[:, None]) / safe[:, None]
+        if self.learned:
+            x = values / torch.exp(self.log_step.weight[rows]) + self.zero
+        else:
+            lo, hi = values.min(dim=1).values, values.max(dim=1).values
+            scale = (hi - lo) / self.levels
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            x = (values - lo[:, None]) / safe[:, None]
+            self.scale[rows] = scale
+            self.bias[rows] = lo
         q = stochastic_round(x, generator) if generator is not None else torch.round(x)
-        codes = q.clamp_(0, self.levels).to(torch.int64)
-        self.codes[rows] = self.pack(codes)
-        self.scale[rows] = scale
-        self.bias[rows] = lo
+        self.codes[rows] = self.pack(q.clamp_(0, self.levels).to(torch.int64))
 
     def extra_repr(self) -> str:
-        return f"rows={self.codes.shape[0]}, dim={self.dim}, bits={self.bits}"
+        return f"rows={self.codes.shape[0]}, dim={self.dim}, bits={self.bits}, learned_step={self.learned}"
 
 
 def _pool(rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
@@ -214,9 +254,9 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
     >>> import embtable
     >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
     >>> m = embtable.build(feats, LowPrecisionConfig(precision="int8"), budget="1/8", seed=0)
-    >>> m.config.num_buckets  # int8 rows are 24 B instead of 64 B: the user table is hashed as well
-    {'user': 33196, 'country': 200}
-    >>> embtable.memory_report(m).inference_bytes == (33196 + 200) * (16 + 8) + 2 * 48
+    >>> m.config.num_buckets  # int8 rows are 16 + 4 B instead of 64 B: the user table is hashed as well
+    {'user': 39875, 'country': 200}
+    >>> embtable.memory_report(m).inference_bytes == (39875 + 200) * (16 + 4) + 2 * 48
     True
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
@@ -255,11 +295,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
             return
         self.rows = nn.ModuleDict()
         for f, m in zip(self.features, buckets):
-            q = QuantizedRows(m, f.embedding_dim, BITS[self.precision], self.device)
+            q = QuantizedRows(m, f.embedding_dim, BITS[self.precision], config.step_size == "learned", self.device)
             if self.device.type != "meta":
                 bound = (1.0 / m) ** 0.5
-                q.quantize_(torch.arange(m, device=self.device),
-                            torch.empty(m, f.embedding_dim, device=self.device).uniform_(-bound, bound))
+                q.init_rows_(torch.arange(m, device=self.device),
+                             torch.empty(m, f.embedding_dim, device=self.device).uniform_(-bound, bound))
             if config.optimizer == "rowwise_adagrad":
                 q.register_buffer("adagrad_sum", torch.zeros(m, device=self.device))
                 q.training_only_tensors = ("adagrad_sum",)
@@ -283,7 +323,10 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
             else:
                 rows = self.rows[f.name].dequantize(ids)  # [N, d]
                 if record:
-                    rows.requires_grad_(True)
+                    if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
+                        rows.retain_grad()
+                    else:
+                        rows.requires_grad_(True)
                     self._pending.append((i, ids, rows))
             out.append(_pool(rows, lengths[i], weights_per_feature[i], self.pooling.value == "mean"))
         return torch.cat(out, dim=1)  # [B, sum d]
@@ -307,6 +350,10 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
                 q.adagrad_sum[touched] += grad.pow(2).mean(dim=1)
                 grad = grad / (q.adagrad_sum[touched].sqrt()[:, None] + 1e-10)
             updated = q.dequantize(touched) - self.config.lr * grad
+            if q.learned:  # widen (never shrink) a step whose range the update left, instead of clipping it
+                current = q.log_step.weight[touched, 0].exp()
+                need = updated.abs().amax(dim=1) / (q.zero - 1)
+                q.log_step.weight[touched, 0] = torch.maximum(current, need).log()
             generator = None
             if self.config.rounding == "stochastic":
                 generator = torch.Generator(device=updated.device)
@@ -322,7 +369,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         elif self.precision == "fp16":
             self.tables[name].weight.copy_(weight)
         else:
-            self.rows[name].quantize_(torch.arange(weight.shape[0], device=weight.device), weight)
+            self.rows[name].init_rows_(torch.arange(weight.shape[0], device=weight.device), weight)
         return f"rows quantized to {self.precision} (round to nearest)"
 
     @classmethod
@@ -331,7 +378,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
             return config
 
         def total(cap: int) -> int:
-            return sum(min(f.num_embeddings, cap) * row_bytes(config.precision, f.embedding_dim) + HASH_PARAM_BYTES
+            return sum(min(f.num_embeddings, cap) * row_bytes(config.precision, f.embedding_dim, config.step_size) + HASH_PARAM_BYTES
                        for f in features)
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
@@ -347,7 +394,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         plans = []
         for f, m in zip(features, _buckets(features, config)):
             hashed = m < f.num_embeddings
-            nbytes = m * row_bytes(config.precision, f.embedding_dim) + HASH_PARAM_BYTES
+            nbytes = m * row_bytes(config.precision, f.embedding_dim, config.step_size) + HASH_PARAM_BYTES
             detail = f"{config.precision} rows" + (f", {config.hash_fn} hash into {m:,} rows" if hashed else "")
             plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, m, f.embedding_dim, nbytes,
                                      hashed or config.precision != "fp32", detail))
