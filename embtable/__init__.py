@@ -40,6 +40,7 @@ from .memory import (
 )
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
+from .methods.low_precision import LowPrecisionConfig, LowPrecisionEmbeddingBagCollection
 from .methods.low_rank import (
     LowRankConfig,
     LowRankEmbeddingBagCollection,
@@ -50,6 +51,7 @@ from .methods.low_rank import (
 from .methods.managed_collision import ManagedCollisionConfig, ManagedCollisionEmbeddingBagCollection
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
+from .methods.pep import PEPConfig, PEPEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
@@ -71,6 +73,8 @@ __all__ = [
     "FullEmbeddingBagCollection",
     "HashConfig",
     "HashEmbeddingBagCollection",
+    "LowPrecisionConfig",
+    "LowPrecisionEmbeddingBagCollection",
     "LowRankConfig",
     "LowRankEmbeddingBagCollection",
     "MemoryReport",
@@ -82,6 +86,8 @@ __all__ = [
     "OptEmbedConfig",
     "OptEmbedEmbeddingBagCollection",
     "OutOfRange",
+    "PEPConfig",
+    "PEPEmbeddingBagCollection",
     "Plan",
     "Pooling",
     "QRConfig",

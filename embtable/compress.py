@@ -548,8 +548,11 @@ def _initialise(inner: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
         return "random (the trained table is on the meta device)"
     hook = getattr(inner, "init_from_weights", None)  # a method may define its own
     if callable(hook):
-        with torch.no_grad():
-            return str(hook(name, weight.detach()))
+        try:
+            with torch.no_grad():
+                return str(hook(name, weight.detach()))
+        except NotImplementedError:  # EmbeddingModule's default: fall back to the table below, or random
+            pass
     fn = _INITIALISERS.get(inner.config.method)
     if fn is None:
         return f"random (method {inner.config.method!r} has no initialisation from a trained table)"

@@ -293,6 +293,10 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
     #: names of this module's own (direct) parameters/buffers that only training needs
     training_only_tensors: tuple[str, ...] = ()
 
+    #: why DistributedModelParallel cannot shard this module (None: it can); :func:`embtable.sharding.shard`
+    #: raises it as its error. A method whose storage is not TorchRec tables sets it (class or instance).
+    sharding_unsupported: str | None = None
+
     def _select(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()
         if keys == self.feature_names:

@@ -31,8 +31,6 @@ class MethodCase:
     # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
     # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
     sharded: tuple[embtable.MethodConfig, object] | None = None
-    # False: embtable.sharding.shard() must refuse the module with a clear error (the method says why)
-    shardable: bool = True
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -182,6 +180,28 @@ def _low_rank_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _low_precision_degenerate(features, ebc, build_kwargs):
+    # fp32 rows, every row kept, identity (modulo) mapping: a plain TorchRec table
+    config = embtable.LowPrecisionConfig(precision="fp32", hash_fn="modulo",
+                                         num_buckets={f.name: f.num_embeddings for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
+def _pep_degenerate(features, ebc, build_kwargs):
+    # pruning disabled (sigmoid(-inf) = 0) and every weight kept: the soft threshold is the identity
+    config = embtable.PEPConfig(target_nnz=sum(f.num_embeddings * f.embedding_dim for f in features),
+                                threshold_init=float("-inf"))
+    module = embtable.build(features, config, **build_kwargs)
+    with torch.no_grad():
+        for n, w in _weights(ebc).items():
+            module.tables[n].weight.copy_(w)
+    pairs = [(module.tables[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -292,6 +312,33 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.ManagedCollisionConfig()),
             lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.ManagedCollisionConfig(zch_size={"b": 2})),
         ],
-        shardable=False,
+    ),
+    "low_precision": MethodCase(
+        # int8 codes with a learned per-row step (ALPT; d + 4 bytes a row), hashed to fit 1/4; fp16, int4 and
+        # the fitted scale/bias quantizer are covered in tests/test_low_precision.py
+        config=embtable.LowPrecisionConfig(),
+        budget="1/4",
+        degenerate=_low_precision_degenerate,
+        invalid=[
+            lambda: embtable.LowPrecisionConfig(precision="int2"),
+            lambda: embtable.LowPrecisionConfig(num_buckets=0),
+            lambda: embtable.LowPrecisionConfig(optimizer="adam"),
+            lambda: embtable.LowPrecisionConfig(lr=0.0),
+            lambda: embtable.LowPrecisionConfig(step_size="lsq"),
+        ],
+    ),
+    "pep": MethodCase(
+        config=embtable.PEPConfig(),
+        budget="1/4",
+        degenerate=_pep_degenerate,
+        invalid=[
+            lambda: embtable.PEPConfig(target_nnz=0),
+            lambda: embtable.PEPConfig(threshold_init=float("nan")),
+            lambda: embtable.PEPConfig(retrain="never"),
+            lambda: embtable.PEPConfig(check_every=0),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.PEPConfig()),
+        ],
+        # every row has a CSR row pointer: 2**33 rows cannot fit a 1 MiB budget
+        huge_ids=False,
     ),
 }

@@ -3,10 +3,12 @@
 from . import (  # noqa: F401  (registration side effect is the point of this package)
     full,
     hash,
+    low_precision,  # noqa: F401
     low_rank,  # noqa: F401
     managed_collision,  # noqa: F401
     mixed_dim,  # noqa: F401
     optembed,  # noqa: F401
+    pep,  # noqa: F401
     qr,  # noqa: F401
     unified,  # noqa: F401
 )
