@@ -1,6 +1,7 @@
 """``embtable``: the command-line tool for the whole workflow.
 
     embtable prepare generate --preset demo --out data/demo     # or: prepare criteo / prepare avazu FILES
+    embtable prepare table logs/ --label clicked --out data/mine  # any parquet / CSV (list columns: multi-hot)
     embtable plan --preset demo --method hash --budget 1/16     # bytes and sizes, without training
     embtable train hash demo --set train.seed=1                 # one run (named configs, overrides)
     embtable sweep demo --jobs 2                                # methods x budgets x models x seeds
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         conv.add_argument("--min-count", type=int, default=None,
                           help="ids seen fewer times in training become the out-of-vocabulary id (default: the protocol's)")
         conv.add_argument("--strict", action="store_true", help="stop at the first malformed row (file and line)")
+
+    _add_prepare_table(prep_sub)
 
     # plan ------------------------------------------------------------------------------------------
     plan = sub.add_parser("plan", help="bytes and table sizes each method would use, without training",
@@ -128,9 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_prepare_table(prep_sub: Any) -> None:
+    from data_prep.table import add_table_arguments
+
+    table = prep_sub.add_parser("table", help="parquet / CSV files of any schema (single- and multi-hot columns)",
+                                description="Convert parquet or CSV files (several, a directory, .gz) into a "
+                                            "dataset directory; column kinds are inferred unless given.")
+    add_table_arguments(table)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import data_prep
 
+    if args.source == "table":
+        from data_prep.table import prepare_table_from_args
+
+        try:
+            print(f"wrote {prepare_table_from_args(args)}")
+        except ValueError as err:  # a wrong column or type: one line naming it, not a traceback
+            print(f"embtable prepare table: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.source == "generate":
         if args.tsv:
             path = data_prep.generate_tsv(args.preset, args.out, seed=args.seed)
@@ -279,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StorageError, BudgetError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, BudgetError, FileNotFoundError, FileExistsError) as err:
         print(f"embtable {args.command}: {err}", file=sys.stderr)
         return 2
 
