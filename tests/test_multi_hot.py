@@ -107,8 +107,8 @@ def test_weighted_bags_from_a_table(tmp_path):
     w = [rng.random(len(h)).tolist() for h in hist]
     y = [int(sum(x < 10 for x in h) > 1) for h in hist]
     pq.write_table(pa.table({"y": y, "user": rng.integers(0, 30, n), "hist": hist, "hist_w": w}), tmp_path / "t.parquet")
-    path = data_prep.table.prepare_table(tmp_path / "t.parquet", tmp_path / "d", label="y",
-                                         weights={"hist": "hist_w"}, min_count=1, log=None)
+    path = data_prep.prepare_table(tmp_path / "t.parquet", tmp_path / "d", label="y",
+                                   weights={"hist": "hist_w"}, min_count=1, log=None)
     batch = next(iter(data_prep.BatchLoader(path, "train", 64, shuffle=False)))
     kjt = batch.sparse_features
     weights = kjt.weights()
