@@ -4,9 +4,10 @@ The public API::
 
     generate_dataset(preset_or_config, out_dir)   the generator straight to a dataset directory
     generate_tsv(preset_or_config, path)          the same rows as Criteo train.txt text (.gz ok)
-    PRESETS, GeneratorConfig                      "tiny" (tests), "demo" (make demo), "standard"
+    PRESETS, GeneratorConfig                      "tiny" (tests), "demo" (make demo), "standard", "*_multihot"
     convert_criteo(inputs, out_dir, protocol=)    Criteo Kaggle train.txt / 1TB day files
     convert_avazu(input, out_dir)                 Avazu train CSV
+    prepare_table(files, out_dir, label=)         any parquet / CSV table (single-, multi-hot, dense columns)
     load_meta(path) -> DatasetMeta                schema, num_embeddings, splits, counts, feature_specs()
     BatchLoader(path, split, batch_size)          TorchRec Batch iterator, shuffled per epoch
 
@@ -17,6 +18,7 @@ from .convert import convert_avazu, convert_criteo
 from .generator import PRESETS, GeneratorConfig, Teacher, generate_dataset, generate_tsv
 from .loader import BatchLoader
 from .meta import SPLITS, DatasetMeta, load_meta
+from .table import prepare_table
 from .textparse import MALFORMED_KINDS, MalformedRowError
 
 __all__ = [
@@ -33,4 +35,5 @@ __all__ = [
     "generate_dataset",
     "generate_tsv",
     "load_meta",
+    "prepare_table",
 ]

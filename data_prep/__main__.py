@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_prep {generate,tsv,convert-criteo,convert-avazu,info} ...``."""
+"""Command line: ``python -m data_prep {generate,tsv,convert-criteo,convert-avazu,table,info} ...``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
         c.add_argument("--chunk-mb", type=float, default=32)
         if name == "convert-criteo":
             c.add_argument("--layout", choices=["auto", "kaggle", "1tb"], default="auto")
+    from .table import add_table_arguments
+
+    add_table_arguments(sub.add_parser("table", help="convert parquet / CSV files of any schema"))
     i = sub.add_parser("info", help="summarize a dataset directory")
     i.add_argument("path")
     a = p.parse_args(argv)
@@ -59,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"path": str(out), "rows": PRESETS[a.preset].num_rows}
         print(json.dumps(result, indent=1))
         return result
+    elif a.cmd == "table":
+        from .table import prepare_table_from_args
+
+        path = prepare_table_from_args(a)
     elif a.cmd == "info":
         path = a.path
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import os
 import pathlib
 from collections.abc import Iterator
@@ -12,11 +13,17 @@ import pyarrow.parquet as pq
 
 from .meta import SPLITS, DatasetMeta, load_meta
 
-__all__ = ["BatchLoader", "read_shard"]
+__all__ = ["BatchLoader", "Bag", "read_block", "read_shard"]
 
 
 def read_shard(path: pathlib.Path, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One parquet shard as ``labels`` float32 ``[N]``, ``dense`` float32 ``[N, num_dense]``, ``ids`` int64 ``[N, F]``."""
+    """One parquet shard as ``labels`` float32 ``[N]``, ``dense`` float32 ``[N, num_dense]``, ``ids`` int64 ``[N, F]``.
+
+    One id per feature: a dataset with multi-hot features is read by :func:`read_block`.
+    """
+    if meta.multi_hot_features:
+        raise ValueError(f"{meta.path} has multi-hot features {meta.multi_hot_features}: read it with read_block "
+                         "(or BatchLoader), which keeps the bags")
     table = pq.read_table(path)
     n = table.num_rows
     labels = table[meta.label].to_numpy().astype(np.float32)
@@ -27,6 +34,77 @@ def read_shard(path: pathlib.Path, meta: DatasetMeta) -> tuple[np.ndarray, np.nd
     for j, name in enumerate(meta.categorical_features):
         ids[:, j] = table[name].to_numpy()
     return labels, dense, ids
+
+
+@dataclasses.dataclass
+class Bag:
+    """The ids of one multi-hot feature for ``N`` rows, jagged: row ``i`` holds ``values[offsets[i]:offsets[i+1]]``.
+
+    Shape:
+        ``offsets`` int64 ``[N + 1]``, ``values`` int64 ``[L]``, ``weights`` float32 ``[L]`` or ``None``.
+    """
+
+    offsets: np.ndarray
+    values: np.ndarray
+    weights: np.ndarray | None = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray) -> Bag:
+        """The bags of ``rows`` (any order, vectorised: no loop over rows)."""
+        lengths = self.lengths[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        index = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return Bag(offsets, self.values[index], None if self.weights is None else self.weights[index])
+
+    def slice(self, start: int, stop: int) -> Bag:
+        a, b = self.offsets[start], self.offsets[stop]
+        return Bag(self.offsets[start:stop + 1] - a, self.values[a:b],
+                   None if self.weights is None else self.weights[a:b])
+
+    @staticmethod
+    def concat(bags: list[Bag]) -> Bag:
+        shifts = np.cumsum([0] + [len(b.values) for b in bags[:-1]])
+        offsets = np.concatenate([bags[0].offsets[:1]] + [b.offsets[1:] + s for b, s in zip(bags, shifts)])
+        weights = None if bags[0].weights is None else np.concatenate([b.weights for b in bags])
+        return Bag(offsets.astype(np.int64), np.concatenate([b.values for b in bags]), weights)
+
+
+def _list_column(table, name: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    arr = table[name].combine_chunks()
+    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)
+    values = np.asarray(arr.values.to_numpy(), dtype=dtype)[offsets[0]:offsets[-1]]
+    return offsets - offsets[0], values
+
+
+def read_block(path: pathlib.Path, meta: DatasetMeta) -> tuple:
+    """One shard as ``(labels [N], dense [N, num_dense], ids [N, F1], bags)``.
+
+    ``ids`` holds the one-id features (in ``categorical_features`` order, multi-hot ones left out) and
+    ``bags`` one :class:`Bag` per multi-hot feature (in ``multi_hot_features`` order).
+    """
+    if not meta.multi_hot_features:
+        return (*read_shard(path, meta), [])
+    table = pq.read_table(path)
+    n = table.num_rows
+    labels = table[meta.label].to_numpy().astype(np.float32)
+    dense = np.empty((n, meta.num_dense), dtype=np.float32)
+    for j, name in enumerate(meta.dense_features):
+        dense[:, j] = table[name].to_numpy()
+    single = [f for f in meta.categorical_features if f not in meta.multi_hot_features]
+    ids = np.empty((n, len(single)), dtype=np.int64)
+    for j, name in enumerate(single):
+        ids[:, j] = table[name].to_numpy()
+    bags = []
+    for name in meta.multi_hot_features:
+        offsets, values = _list_column(table, name, np.int64)
+        weights = None
+        if name in meta.weighted_features:
+            _, weights = _list_column(table, meta.weighted_features[name], np.float32)
+        bags.append(Bag(offsets, values, weights))
+    return labels, dense, ids, bags
 
 
 class BatchLoader:
@@ -47,8 +125,10 @@ class BatchLoader:
 
     Shape:
         Each ``Batch`` has ``dense_features`` float32 ``[B, num_dense]``, ``sparse_features`` a
-        ``KeyedJaggedTensor`` with keys ``categorical_features`` (one id per bag: all lengths 1, values
-        int64, feature-major), ``labels`` float32 ``[B]``.
+        ``KeyedJaggedTensor`` with keys ``categorical_features`` (values int64, feature-major; lengths 1
+        for one-id features, the bag sizes (0 ..) for ``meta.multi_hot_features``; ``weights`` float32
+        when the dataset has ``weighted_features``, 1.0 for every id of the other features),
+        ``labels`` float32 ``[B]``.
 
     Example:
         >>> # loader = BatchLoader("data/demo", "train", 2048, seed=0)
@@ -90,36 +170,66 @@ class BatchLoader:
         full, rest = divmod(self.num_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def _make_batch(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray):
+    def _make_batch(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, bags: list[Bag] | None = None):
         import torch
         from torchrec.datasets.utils import Batch
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         b = len(labels)
-        values = torch.from_numpy(np.ascontiguousarray(ids.T)).reshape(-1)  # feature-major [F * B]
-        kjt = KeyedJaggedTensor(keys=self.keys, values=values,
-                                lengths=torch.from_numpy(np.ones(b * len(self.keys), dtype=np.int32)), stride=b)
+        if not bags:
+            values = torch.from_numpy(np.ascontiguousarray(ids.T)).reshape(-1)  # feature-major [F * B]
+            kjt = KeyedJaggedTensor(keys=self.keys, values=values,
+                                    lengths=torch.from_numpy(np.ones(b * len(self.keys), dtype=np.int32)), stride=b)
+        else:
+            kjt = self._jagged(b, ids, bags)
         return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense)), sparse_features=kjt,
                      labels=torch.from_numpy(np.ascontiguousarray(labels)))
 
-    def _arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Row blocks ``(labels, dense, ids)`` in final order; all but the last have a multiple of B rows."""
+    def _jagged(self, b: int, ids: np.ndarray, bags: list[Bag]):
+        """The KJT of a batch with multi-hot features: per key, its ids column or its bags."""
+        import torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        multi = {name: bag for name, bag in zip(self.meta.multi_hot_features, bags)}
+        weighted = bool(self.meta.weighted_features)
+        values, lengths, weights = [], [], []
+        j = 0
+        for key in self.keys:
+            if key in multi:
+                bag = multi[key]
+                values.append(bag.values)
+                lengths.append(bag.lengths)
+                if weighted:
+                    weights.append(bag.weights if bag.weights is not None else np.ones(len(bag.values), np.float32))
+            else:
+                values.append(ids[:, j])
+                lengths.append(np.ones(b, dtype=np.int64))
+                if weighted:
+                    weights.append(np.ones(b, dtype=np.float32))
+                j += 1
+        return KeyedJaggedTensor(
+            keys=self.keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)), stride=b,
+            weights=torch.from_numpy(np.concatenate(weights).astype(np.float32)) if weighted else None)
+
+    def _arrays(self) -> Iterator[tuple]:
+        """Row blocks ``(labels, dense, ids, bags)`` in final order; all but the last have a multiple of B rows."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self._shards)) if self.shuffle else np.arange(len(self._shards))
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        parts: list[tuple] = []
         held = 0
         with cf.ThreadPoolExecutor(max_workers=1) as io:
-            pending = io.submit(read_shard, self._shards[order[0]], self.meta) if len(order) else None
+            pending = io.submit(read_block, self._shards[order[0]], self.meta) if len(order) else None
             for i in range(len(order)):
                 part = pending.result()
-                pending = io.submit(read_shard, self._shards[order[i + 1]], self.meta) if i + 1 < len(order) else None
+                pending = io.submit(read_block, self._shards[order[i + 1]], self.meta) if i + 1 < len(order) else None
                 parts.append(part)
                 held += len(part[0])
                 if held >= self.buffer_rows:
                     block = self._mix(parts, rng)
                     keep = len(block[0]) - len(block[0]) % self.batch_size
-                    yield tuple(a[:keep] for a in block)
-                    parts = [tuple(a[keep:] for a in block)]
+                    yield _rows(block, 0, keep)
+                    parts = [_rows(block, keep, len(block[0]))]
                     held = len(parts[0][0])
         if held:
             yield self._mix(parts, rng)
@@ -128,21 +238,29 @@ class BatchLoader:
         labels = np.concatenate([p[0] for p in parts])
         dense = np.concatenate([p[1] for p in parts])
         ids = np.concatenate([p[2] for p in parts])
+        bags = [Bag.concat([p[3][k] for p in parts]) for k in range(len(parts[0][3]))]
         if self.shuffle:
             perm = rng.permutation(len(labels))
             labels, dense, ids = labels[perm], dense[perm], ids[perm]
-        return labels, dense, ids
+            bags = [bag.take(perm) for bag in bags]
+        return labels, dense, ids, bags
 
     def __iter__(self):
         b = self.batch_size
-        for labels, dense, ids in self._arrays():
+        for labels, dense, ids, bags in self._arrays():
             n = len(labels)
             for s in range(0, n, b):
                 e = min(s + b, n)
                 if e - s < b and self.drop_last:
                     return
-                yield self._make_batch(labels[s:e], dense[s:e], ids[s:e])
+                yield self._make_batch(labels[s:e], dense[s:e], ids[s:e], [bag.slice(s, e) for bag in bags])
 
     def __repr__(self) -> str:
         return (f"BatchLoader({str(self.meta.path)!r}, split={self.split!r}, batch_size={self.batch_size}, "
                 f"rows={self.num_rows}, shards={len(self._shards)}, shuffle={self.shuffle}, seed={self.seed})")
+
+
+def _rows(block: tuple, start: int, stop: int) -> tuple:
+    """Rows ``start:stop`` of a ``(labels, dense, ids, bags)`` block."""
+    labels, dense, ids, bags = block
+    return labels[start:stop], dense[start:stop], ids[start:stop], [bag.slice(start, stop) for bag in bags]

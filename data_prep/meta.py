@@ -100,6 +100,16 @@ class DatasetMeta:
         """Name of the label column."""
         return self.raw["label"]
 
+    @property
+    def multi_hot_features(self) -> list[str]:
+        """Categorical features stored as bags of ids (list columns); the others hold one id per row."""
+        return list(self.raw.get("multi_hot_features") or [])
+
+    @property
+    def weighted_features(self) -> dict[str, str]:
+        """Multi-hot feature -> the shard column holding its per-id weights (empty: no weights)."""
+        return dict(self.raw.get("weighted_features") or {})
+
     def shards(self, split: str) -> list[pathlib.Path]:
         """Parquet files of ``split``, in manifest order."""
         if split not in SPLITS:

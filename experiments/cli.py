@@ -1,11 +1,13 @@
 """``embtable``: the command-line tool for the whole workflow.
 
     embtable prepare generate --preset demo --out data/demo     # or: prepare criteo / prepare avazu FILES
+    embtable prepare table logs/ --label clicked --out data/mine  # any parquet / CSV (list columns: multi-hot)
     embtable plan --preset demo --method hash --budget 1/16     # bytes and sizes, without training
     embtable train hash demo --set train.seed=1                 # one run (named configs, overrides)
     embtable sweep demo --jobs 2                                # methods x budgets x models x seeds
     embtable report runs/sweeps/demo/results.sqlite             # Pareto plot + tables (PNG, HTML, Markdown)
     embtable tune hash_tiny --storage journal:runs/tune/h.journal --workers 2
+    embtable advise --dataset data/mine --budget 1/16 --time 30m  # which method for my data at my budget
     embtable demo                                               # what `make demo` runs
 
 Every subcommand has ``--help``. :func:`main` takes ``argv`` and returns the exit code, so tests call it
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ids seen fewer times in training become the out-of-vocabulary id (default: the protocol's)")
         conv.add_argument("--strict", action="store_true", help="stop at the first malformed row (file and line)")
 
+    _add_prepare_table(prep_sub)
+
     # plan ------------------------------------------------------------------------------------------
     plan = sub.add_parser("plan", help="bytes and table sizes each method would use, without training",
                           description="Size methods for a dataset's features within a byte budget (pure: "
@@ -110,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--n-trials", type=int, default=None, help="override the spec's n_trials")
     tune.add_argument("--out", default="runs/tune", help="folder of the default SQLite storage")
 
+    # advise ----------------------------------------------------------------------------------------
+    adv = sub.add_parser("advise", help="which method (and knobs) for this dataset at this budget, in a time limit",
+                         description="Successive-halving search (Optuna) over every registered method and its "
+                                     "knobs at each budget, the survivors trained fully with two seeds; prints a "
+                                     "ranked table and the recommendation, writes a report. Resumes when re-run.")
+    adv_where = adv.add_mutually_exclusive_group(required=True)
+    adv_where.add_argument("--dataset", help="a prepared dataset directory")
+    adv_where.add_argument("--preset", help="a generator preset (generated into --data-dir if missing)")
+    adv.add_argument("--data-dir", default="data", help="where presets are generated (default: data)")
+    adv.add_argument("--budget", action="append", required=True,
+                     help="bytes, '64MiB' or a fraction of the full tables ('1/16'); repeat for a Pareto answer")
+    adv.add_argument("--model", default="dlrm", help="CTR model (default: dlrm)")
+    adv.add_argument("--time", default="30m", help="time limit for everything, e.g. 30m, 1h, 90s (default: 30m)")
+    adv.add_argument("--out", default=None, help="studies, runs and report (default: runs/advise/DATASET)")
+    adv.add_argument("--seeds", type=int, default=2, help="seeds of the final runs (default: 2)")
+    adv.add_argument("--finalists", type=int, default=3, help="methods trained fully (default: 3)")
+    adv.add_argument("--max-trials", type=int, default=None, help="search trials per budget (default: 3 per method)")
+    adv.add_argument("--method", action="append", default=None, help="restrict to these methods (repeatable)")
+    _add_set(adv)
+
     # report ----------------------------------------------------------------------------------------
     report = sub.add_parser("report", help="Pareto plot and tables from a results store",
                             description="Write pareto.png, report.html (self-contained) and report.md.")
@@ -128,9 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_prepare_table(prep_sub: Any) -> None:
+    from data_prep.table import add_table_arguments
+
+    table = prep_sub.add_parser("table", help="parquet / CSV files of any schema (single- and multi-hot columns)",
+                                description="Convert parquet or CSV files (several, a directory, .gz) into a "
+                                            "dataset directory; column kinds are inferred unless given.")
+    add_table_arguments(table)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import data_prep
 
+    if args.source == "table":
+        from data_prep.table import prepare_table_from_args
+
+        try:
+            print(f"wrote {prepare_table_from_args(args)}")
+        except ValueError as err:  # a wrong column or type: one line naming it, not a traceback
+            print(f"embtable prepare table: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.source == "generate":
         if args.tsv:
             path = data_prep.generate_tsv(args.preset, args.out, seed=args.seed)
@@ -239,6 +281,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from experiments.advise import advise
+
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides += [f"data.preset={args.preset}", f"data.data_dir={args.data_dir}"]
+    advice = advise(args.dataset, args.budget, model=args.model, time_limit=args.time, out_dir=args.out,
+                    overrides=overrides, seeds=tuple(range(args.seeds)), finalists=args.finalists,
+                    max_trials=args.max_trials, methods=args.method)
+    print()
+    print(advice.table())
+    if advice.report is not None:
+        print(f"report: {advice.report.resolve()}")
+    print(f"advice: {(advice.out_dir / 'advice.md').resolve()} (finished in {advice.seconds:.0f}s)")
+    return 0 if advice.recommended else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from experiments.report import write_report
     from experiments.sweep import format_duration, load_sweep, run_sweep
@@ -261,6 +320,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "sweep": _cmd_sweep,
     "tune": _cmd_tune,
+    "advise": _cmd_advise,
     "report": _cmd_report,
     "demo": _cmd_demo,
 }
@@ -279,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StorageError, BudgetError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, BudgetError, FileNotFoundError, FileExistsError) as err:
         print(f"embtable {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -362,7 +362,7 @@ def _source_name(meta: Any, presets: Mapping[str, Any]) -> str:
     generated = (meta.raw.get("generator") or {}).get("config")
     if generated:
         for name, config in presets.items():
-            if dataclasses.asdict(config) == generated:
+            if config.to_dict() == generated:  # to_dict: what the metadata records
                 return f"{meta.source}:{name}"
     return meta.source
 

@@ -457,7 +457,8 @@ def run(
         method = embtable.method_config_from_dict(config.embedding.method, source=f"{config.name}: embedding.method")
         try:
             embedding = embtable.build(
-                features, method, config.embedding.budget, pooling=config.embedding.pooling, seed=train_cfg.seed
+                features, method, config.embedding.budget, pooling=config.embedding.pooling, seed=train_cfg.seed,
+                is_weighted=bool(meta.weighted_features),  # per-id weights of multi-hot bags (data_prep.table)
             )
         except embtable.BudgetError as err:
             return _finish(out, wall_start, TrainState(), None, f"infeasible budget: {err}", record)
