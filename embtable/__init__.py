@@ -50,6 +50,7 @@ from .methods.low_rank import (
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
+from .methods.tt_rec import TTRecConfig, TTRecEmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
@@ -84,6 +85,8 @@ __all__ = [
     "QRConfig",
     "QREmbeddingBagCollection",
     "RowWiseAdagrad",
+    "TTRecConfig",
+    "TTRecEmbeddingBagCollection",
     "UnifiedConfig",
     "UnifiedEmbeddingBagCollection",
     "as_budget",
