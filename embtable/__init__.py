@@ -38,6 +38,7 @@ from .memory import (
     table_parameters,
     training_bytes,
 )
+from .methods.dhe import DHEConfig, DHEEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_rank import (
@@ -62,6 +63,8 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CompressionReport",
+    "DHEConfig",
+    "DHEEmbeddingBagCollection",
     "Embedding",
     "EmbeddingBag",
     "EmbeddingModule",

@@ -296,4 +296,19 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.TTRecConfig()),
         ],
     ),
+    "dhe": MethodCase(
+        config=embtable.DHEConfig(),
+        budget="1/4",
+        degenerate=None,
+        why_no_degenerate="DHE has no table to reduce to: every id is decoded by an MLP from its hash encoding",
+        invalid=[
+            lambda: embtable.DHEConfig(encoding="binary"),
+            lambda: embtable.DHEConfig(num_hashes=0),
+            lambda: embtable.DHEConfig(num_layers=0),
+            lambda: embtable.DHEConfig(encoding="gaussian", num_hashes=7),
+            lambda: embtable.DHEConfig(hidden={"a": -1}),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig()),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig(hidden={"b": 4})),
+        ],
+    ),
 }
