@@ -110,7 +110,7 @@ def decoder_bytes(k: int, h: int, layers: int, d: int) -> int:
     """Bytes of one decoder: ``(k*h + h + (L-1)*(h*h + h) + h*d + d) * 4``.
 
     >>> decoder_bytes(64, 32, 2, 16)
-    15168
+    14656
     """
     return (k * h + h + (layers - 1) * (h * h + h) + h * d + d) * FP32
 
