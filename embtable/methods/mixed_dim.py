@@ -384,7 +384,8 @@ def solve_block_dims(
                 f"bytes, over the budget of {budget_bytes:,}; raise the budget, "
                 + ("use a smaller dim_multiple, " if dim_multiple > 1 else "")
                 + ("use num_blocks=1 or ids in frequency order (no remap), " if remaps else "")
-                + "or choose a method that also shrinks rows (hash, qr)"
+                + "or choose a method that also shrinks rows (hash, qr)",
+                layout.total(smallest),
             )
         # bisection on log(scale): at scale_hi every block reaches its base dim
         log_lo = math.log(1e-300)
@@ -415,13 +416,15 @@ def solve_block_dims(
                 f"mixed_dim: even the smallest dims (every compressible block at dim {dim_multiple}) need "
                 f"{floor:,} bytes, over the budget of {budget_bytes:,}: mixed dimensions keep every row, so they "
                 "cannot go below about 1/embedding_dim of the full tables; raise the budget, or choose a method "
-                "that also shrinks rows (hash, qr, unified, optembed)"
+                "that also shrinks rows (hash, qr, unified, optembed)",
+                floor,
             )
         raise BudgetError(
             f"mixed_dim: with alpha solved, the most popular block keeps the base dim; even the steepest "
             f"power rule (all other blocks at dim {dim_multiple}) needs {layout.total(dims_at(alpha_hi)):,} "
             f"bytes, over the budget of {budget_bytes:,}; give alpha (e.g. MixedDimConfig(alpha=0.3)) so the "
-            "scale is solved instead, or raise the budget"
+            "scale is solved instead, or raise the budget",
+            layout.total(dims_at(alpha_hi)),
         )
     lo, hi = 0.0, alpha_hi
     for _ in range(_BISECTION_STEPS):
