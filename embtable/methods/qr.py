@@ -57,6 +57,7 @@ budget raises :class:`embtable.BudgetError` naming the smallest budget any ``k``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -164,8 +165,16 @@ def _min_radix(n: int, k: int) -> int:
 
 
 def _compressed_bytes(f: FeatureSpec, m: int, k: int, combiner: str) -> int:
-    rows = partition_rows(f.num_embeddings, m, k)
-    return sum(r * d for r, d in zip(rows, partition_dims(f.embedding_dim, k, combiner))) * FP32
+    return _table_bytes(f.num_embeddings, f.embedding_dim, m, k, combiner)
+
+
+@functools.lru_cache(maxsize=2**16)
+def _table_bytes(n: int, d: int, m: int, k: int, combiner: str) -> int:
+    # cached: the planner's nested searches (a cap per feature, m per cap, k per budget) revisit the same m
+    rows = partition_rows(n, m, k)
+    if combiner != "concat":
+        return sum(rows) * d * FP32
+    return sum(r * dim for r, dim in zip(rows, partition_dims(d, k, combiner))) * FP32
 
 
 def qr_digits(ids: torch.Tensor, radix: torch.Tensor | int, num_partitions: int) -> torch.Tensor:
