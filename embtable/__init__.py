@@ -38,6 +38,7 @@ from .memory import (
     table_parameters,
     training_bytes,
 )
+from .methods.dhe import DHEConfig, DHEEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_precision import LowPrecisionConfig, LowPrecisionEmbeddingBagCollection
@@ -53,6 +54,7 @@ from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.pep import PEPConfig, PEPEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
+from .methods.tt_rec import TTRecConfig, TTRecEmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
@@ -64,6 +66,8 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CompressionReport",
+    "DHEConfig",
+    "DHEEmbeddingBagCollection",
     "Embedding",
     "EmbeddingBag",
     "EmbeddingModule",
@@ -93,6 +97,8 @@ __all__ = [
     "QRConfig",
     "QREmbeddingBagCollection",
     "RowWiseAdagrad",
+    "TTRecConfig",
+    "TTRecEmbeddingBagCollection",
     "UnifiedConfig",
     "UnifiedEmbeddingBagCollection",
     "as_budget",

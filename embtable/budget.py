@@ -20,6 +20,7 @@ from .features import FeatureSpec, check_features
 __all__ = [
     "Budget",
     "BudgetError",
+    "smallest_budget_error",
     "FeaturePlan",
     "Plan",
     "as_budget",
@@ -35,7 +36,34 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 class BudgetError(ValueError):
-    """The byte budget cannot be met by this method (raised before any tensor is allocated)."""
+    """The byte budget cannot be met by this method (raised before any tensor is allocated).
+
+    ``smallest_bytes``: the smallest budget the method can meet for these features, where the planner
+    knows it (its message states it too), else ``None``.
+    """
+
+    def __init__(self, message: str, smallest_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+
+
+def smallest_budget_error(method: str, smallest_bytes: int, budget_bytes: int, features: Sequence[FeatureSpec],
+                          what: str) -> BudgetError:
+    """The :class:`BudgetError` of a planner that cannot fit: it names the smallest budget it can meet.
+
+    >>> err = smallest_budget_error("hash", 400, 100, [FeatureSpec("a", 100, 8)], "one row per feature")
+    >>> str(err)
+    'hash: the smallest budget it can meet here is 400 bytes (12.5000% of the full tables; one row per feature), over the budget of 100 bytes; give a budget of at least 400 bytes'
+    >>> err.smallest_bytes
+    400
+    """
+    full = sum(f.full_table_bytes for f in features)
+    share = f"{smallest_bytes / full:.4%} of the full tables; " if full else ""
+    return BudgetError(
+        f"{method}: the smallest budget it can meet here is {smallest_bytes:,} bytes ({share}{what}), over the "
+        f"budget of {budget_bytes:,} bytes; give a budget of at least {smallest_bytes:,} bytes",
+        smallest_bytes,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,6 +202,32 @@ def _pep_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+class _TTCore1Rows:
+    """``.grad``: a degenerate TT feature's core 1 ``[n, 1, d, 1]`` gradient as an ``[n, d]`` table's."""
+
+    def __init__(self, cores):
+        self.core = cores.core1
+
+    @property
+    def grad(self):
+        return self.core.grad.view(self.core.shape[0], self.core.shape[2])
+
+
+def _tt_rec_degenerate(features, ebc, build_kwargs):
+    # n1 = n, n2 = n3 = 1, d1 = d, rank 1: row i = core1[i] (cores 2 and 3 are the scalar 1), no cache
+    config = embtable.TTRecConfig(rank=1, row_factors={f.name: (f.num_embeddings, 1, 1) for f in features},
+                                  dim_factors={f.name: (f.embedding_dim, 1, 1) for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    pairs = []
+    with torch.no_grad():
+        for f, cores in zip(features, module.cores):
+            cores.core1.copy_(ebc.embedding_bags[f.name].weight.view(f.num_embeddings, 1, f.embedding_dim, 1))
+            cores.core2.fill_(1.0)
+            cores.core3.fill_(1.0)
+            pairs.append((_TTCore1Rows(cores), ebc.embedding_bags[f.name].weight))
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -340,5 +366,35 @@ CASES: dict[str, MethodCase] = {
         ],
         # every row has a CSR row pointer: 2**33 rows cannot fit a 1 MiB budget
         huge_ids=False,
+    ),
+    "tt_rec": MethodCase(
+        config=embtable.TTRecConfig(),
+        budget="1/4",
+        degenerate=_tt_rec_degenerate,
+        invalid=[
+            lambda: embtable.TTRecConfig(rank=0),
+            lambda: embtable.TTRecConfig(rank={"a": -1}),
+            lambda: embtable.TTRecConfig(dim_factors=(2, 2)),
+            lambda: embtable.TTRecConfig(cache_rows=-1),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.TTRecConfig(rank=2, dim_factors=(2, 2, 3))),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.TTRecConfig(rank=2,
+                                                                                   row_factors={"a": (4, 4, 4)})),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.TTRecConfig()),
+        ],
+    ),
+    "dhe": MethodCase(
+        config=embtable.DHEConfig(),
+        budget="1/4",
+        degenerate=None,
+        why_no_degenerate="DHE has no table to reduce to: every id is decoded by an MLP from its hash encoding",
+        invalid=[
+            lambda: embtable.DHEConfig(encoding="binary"),
+            lambda: embtable.DHEConfig(num_hashes=0),
+            lambda: embtable.DHEConfig(num_layers=0),
+            lambda: embtable.DHEConfig(encoding="gaussian", num_hashes=7),
+            lambda: embtable.DHEConfig(hidden={"a": -1}),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig()),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig(hidden={"b": 4})),
+        ],
     ),
 }

@@ -290,3 +290,17 @@ def test_sparse_updates_touch_only_used_rows(method):
     changed = sum(int((a != b).any(dim=-1).sum()) for a, b in zip(before, tables))
     total = sum(t.shape[0] for t in tables)
     assert 0 < changed < total
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_error_names_the_smallest_budget_it_can_meet(method):
+    """An unreachable budget raises BudgetError naming N (bytes), and planning at N succeeds."""
+    case = CASES[method]
+    features = make_features()
+    config = case.config if case.budget is not None else embtable.registered_methods()[method]()
+    with pytest.raises(embtable.BudgetError) as err:
+        embtable.plan(features, config, budget=1)
+    smallest = err.value.smallest_bytes
+    assert smallest is not None and f"{smallest:,} bytes" in str(err.value), str(err.value)
+    plan = embtable.plan(features, config, budget=smallest)
+    assert plan.total_bytes <= smallest

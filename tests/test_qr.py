@@ -211,7 +211,7 @@ def test_planned_bytes_equal_the_built_module():
 def test_unreachable_budgets_and_one_partition_say_what_to_do():
     features = [FeatureSpec("user", 1_000_000, 16)]
     with pytest.raises(embtable.BudgetError, match="more num_partitions"):
-        embtable.plan(features, QRConfig(), budget=10_000)
+        embtable.plan(features, QRConfig(num_partitions=2), budget=10_000)
     assert embtable.plan(features, QRConfig(num_partitions=4), budget=10_000).total_bytes <= 10_000
     with pytest.raises(embtable.BudgetError, match="num_partitions >= 2"):
         embtable.plan(features, QRConfig(num_partitions=1), budget="1/2")
@@ -233,3 +233,23 @@ def test_planner_never_exceeds_the_budget(sizes, fraction, k, combiner):
     assert plan.total_bytes <= plan.budget_bytes
     module = embtable.build(features, config, fraction, device="meta")
     assert embtable.memory_report(module).inference_bytes == plan.total_bytes
+
+
+def test_the_planner_picks_the_number_of_partitions():
+    features = [FeatureSpec("user", 1_000_000, 16), FeatureSpec("item", 50_000, 16), FeatureSpec("tiny", 5, 16)]
+    # k = 2 whenever it fits (the quotient-remainder trick): the same plan as an explicit k = 2
+    auto, two = embtable.plan(features, QRConfig(), "1/16"), embtable.plan(features, QRConfig(num_partitions=2), "1/16")
+    assert auto.config.num_partitions == 2 and auto.config.num_collisions == two.config.num_collisions
+    # 1/1000 and 1/10000: k = 2 cannot fit; the smallest k that can is chosen, and the plan fits
+    for budget in ["1/1000", "1/10000"]:
+        with pytest.raises(embtable.BudgetError):
+            embtable.plan(features, QRConfig(num_partitions=2), budget)
+        plan = embtable.plan(features, QRConfig(), budget)
+        k = plan.config.num_partitions
+        assert k > 2 and plan.total_bytes <= plan.budget_bytes
+        with pytest.raises(embtable.BudgetError):
+            embtable.plan(features, QRConfig(num_partitions=k - 1), budget)
+        module = embtable.build(features, QRConfig(), budget, device="meta")
+        assert module.config.num_partitions == k and embtable.memory_report(module).inference_bytes == plan.total_bytes
+    # without a budget, given num_collisions: k = 2
+    assert embtable.plan(features, QRConfig(num_collisions=1000)).config.num_partitions == 2

@@ -1,6 +1,7 @@
 """One file per method. Importing this package registers every method."""
 
 from . import (  # noqa: F401  (registration side effect is the point of this package)
+    dhe,  # noqa: F401
     full,
     hash,
     low_precision,  # noqa: F401
@@ -10,5 +11,6 @@ from . import (  # noqa: F401  (registration side effect is the point of this pa
     optembed,  # noqa: F401
     pep,  # noqa: F401
     qr,  # noqa: F401
+    tt_rec,  # noqa: F401
     unified,  # noqa: F401
 )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan
+from ..budget import FP32, FeaturePlan, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule, storage_collection, storage_values
@@ -53,9 +53,9 @@ class FullEmbeddingBagCollection(EmbeddingModule):
     def size_config(cls, features, config, budget_bytes):
         full = sum(f.full_table_bytes for f in features)
         if budget_bytes is not None and full > budget_bytes:
-            raise BudgetError(
-                f"full: the uncompressed tables need {full:,} bytes, over the budget of {budget_bytes:,}; "
-                "choose a compressing method (hash, qr, unified, mixed_dim, low_rank, optembed)"
+            raise smallest_budget_error(
+                "full", full, budget_bytes, features,
+                "the uncompressed tables; choose a compressing method (hash, qr, unified, optembed, tt_rec, dhe, ...)",
             )
         return config
 

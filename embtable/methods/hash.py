@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
@@ -145,10 +145,8 @@ class HashEmbeddingBagCollection(EmbeddingModule):
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
-            raise BudgetError(
-                f"hash: even one row per feature needs {total(1):,} bytes, over the budget of {budget_bytes:,}; "
-                "raise the budget or embed fewer features"
-            )
+            raise smallest_budget_error("hash", total(1), budget_bytes, features,
+                                        "one row per feature; raise the budget or embed fewer features")
         return dataclasses.replace(config, num_buckets={f.name: min(f.num_embeddings, cap) for f in features})
 
     @classmethod

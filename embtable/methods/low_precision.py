@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME
@@ -383,9 +383,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
-            raise BudgetError(
-                f"low_precision: even one {config.precision} row per feature needs {total(1):,} bytes, over the "
-                f"budget of {budget_bytes:,}; raise the budget or embed fewer features"
+            raise smallest_budget_error(
+                "low_precision", total(1), budget_bytes, features, f"one {config.precision} row per feature",
             )
         return dataclasses.replace(config, num_buckets={f.name: min(f.num_embeddings, cap) for f in features})
 

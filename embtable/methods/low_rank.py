@@ -240,7 +240,8 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
                 f"low_rank: rank 1 for every large feature needs {total:,} bytes, over the budget of "
                 f"{budget_bytes:,}; a low-rank table keeps every row (at least (n + d) * 4 bytes a feature, about "
                 "1/d of its full table), so raise the budget, or use a method whose rows are shared (hash, qr, "
-                "unified)"
+                "unified)",
+                total,
             )
         # the largest compressed feature has the coarsest rank steps: try each of its ranks with the others
         # water-filled around it; keep the plan with the fewest compressed features among those that use

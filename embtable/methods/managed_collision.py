@@ -82,7 +82,7 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule, config_field_per_feature, storage_collection
@@ -265,9 +265,9 @@ class ManagedCollisionEmbeddingBagCollection(EmbeddingModule):
         lo = max(min(f.full_table_bytes, 2 * _row_bytes(f)) for f in features)
         cap = largest_feasible(total, budget_bytes, lo, max(f.full_table_bytes for f in features))
         if cap is None:
-            raise BudgetError(
-                f"managed_collision: two rows (one owned, one shared miss row) per large feature need "
-                f"{total(lo):,} bytes, over the budget of {budget_bytes:,}; raise the budget or embed fewer features"
+            raise smallest_budget_error(
+                "managed_collision", total(lo), budget_bytes, features,
+                "two rows per large feature: one owned, one shared miss row",
             )
         sizes = {f.name: choice(f, cap) for f in features}
         left = budget_bytes - total(cap)

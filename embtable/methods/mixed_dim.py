@@ -82,7 +82,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
@@ -508,7 +508,8 @@ def solve_block_dims(
                 f"bytes, over the budget of {budget_bytes:,}; raise the budget, "
                 + ("use a smaller dim_multiple, " if dim_multiple > 1 else "")
                 + ("use num_blocks=1 or ids in frequency order (no remap), " if remaps else "")
-                + "or choose a method that also shrinks rows (hash, qr)"
+                + "or choose a method that also shrinks rows (hash, qr)",
+                layout.total(smallest),
             )
         # bisection on log(scale): at scale_hi every block reaches its base dim
         log_lo = math.log(1e-300)
@@ -539,13 +540,15 @@ def solve_block_dims(
                 f"mixed_dim: even the smallest dims (every compressible block at dim {dim_multiple}) need "
                 f"{floor:,} bytes, over the budget of {budget_bytes:,}: mixed dimensions keep every row, so they "
                 "cannot go below about 1/embedding_dim of the full tables; raise the budget, or choose a method "
-                "that also shrinks rows (hash, qr, unified, optembed)"
+                "that also shrinks rows (hash, qr, unified, optembed)",
+                floor,
             )
         raise BudgetError(
             f"mixed_dim: with alpha solved, the most popular block keeps the base dim; even the steepest "
             f"power rule (all other blocks at dim {dim_multiple}) needs {layout.total(dims_at(alpha_hi)):,} "
             f"bytes, over the budget of {budget_bytes:,}; give alpha (e.g. MixedDimConfig(alpha=0.3)) so the "
-            "scale is solved instead, or raise the budget"
+            "scale is solved instead, or raise the budget",
+            layout.total(dims_at(alpha_hi)),
         )
     lo, hi = 0.0, alpha_hi
     for _ in range(_BISECTION_STEPS):
@@ -596,10 +599,10 @@ def solve_tail(
         return layout.total(layout.dims_for(1.0, 0.0, dim_multiple)) + fixed
 
     if floor(2) > budget_bytes:
-        raise BudgetError(
-            f"mixed_dim: even with hashed tails (2 rows per large feature, at dim {dim_multiple}, with their "
-            f"projections and hash parameters) the tables need {floor(2):,} bytes, over the budget of "
-            f"{budget_bytes:,}; raise the budget or embed fewer features"
+        raise smallest_budget_error(
+            "mixed_dim", floor(2), budget_bytes, features,
+            f"hashed tails of 2 rows per large feature at dim {dim_multiple}, with their projections and hash "
+            "parameters",
         )
     cap = largest_feasible(floor, int(TAIL_ROW_BUDGET * budget_bytes), 2, max(f.num_embeddings for f in features)) or 2
     while True:

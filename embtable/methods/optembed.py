@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
@@ -385,11 +385,11 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
-            raise BudgetError(
-                f"optembed: even one kept row per feature needs {total(1):,} bytes, over the budget of "
-                f"{budget_bytes:,}; raise the budget, or set smaller dims (OptEmbedConfig(dims=...))"
+            raise smallest_budget_error(
+                "optembed", total(1), budget_bytes, features,
+                "one kept row per feature; or set smaller dims (OptEmbedConfig(dims=...))"
                 + ("; remap='dense' stores one entry per id: use remap='auto' for large features"
-                   if config.remap == "dense" else "")
+                   if config.remap == "dense" else ""),
             )
         kept = {}
         for f, d in zip(features, dims):

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import BudgetError, FeaturePlan
+from ..budget import FeaturePlan, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule
@@ -324,10 +324,10 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
         per_entry = csr_layout(features, 1).bytes - empty.bytes
         capacity = min(entries, (budget_bytes - empty.bytes) // per_entry)
         if capacity < 1:
-            raise BudgetError(
-                f"pep: the CSR row pointers alone need {empty.bytes:,} bytes and one kept weight {per_entry} more, "
-                f"over the budget of {budget_bytes:,}; the smallest budget is {empty.bytes + per_entry:,} bytes "
-                "(hash or qr reach smaller budgets)"
+            raise smallest_budget_error(
+                "pep", empty.bytes + per_entry, budget_bytes, features,
+                f"the CSR row pointers alone need {empty.bytes:,} bytes and one kept weight {per_entry} more; "
+                "hash or qr reach smaller budgets",
             )
         return dataclasses.replace(config, target_nnz=int(capacity))
 

@@ -47,11 +47,17 @@ Budget planning: water-filling on a cap ``T`` in rows of the feature's dim (as f
 feasible ``T`` is handed out greedily, largest features first.  With ``concat`` a compressed feature never takes more than
 about ``n * d_0 * 4`` bytes (its radix table at dim ``d_0 ~ d/k``) and the next size up is the full table,
 so a budget in between is not filled.
+
+The number of partitions: with ``num_partitions=None`` (the default) the planner takes the smallest ``k``
+from 2 to 8 whose smallest tables fit the budget, so very small budgets (1/1000 and below) still plan: at
+``k = 2`` a feature needs at least ``2 * sqrt(n)`` rows, at ``k`` about ``k * n**(1/k)``. An unreachable
+budget raises :class:`embtable.BudgetError` naming the smallest budget any ``k`` can meet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -61,7 +67,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
@@ -70,6 +76,7 @@ __all__ = ["QRConfig", "QREmbeddingBagCollection", "QRIdMapper", "qr_digits", "p
 
 COMBINERS = ("multiply", "add", "concat")
 BAG_MODES = ("pool_then_combine", "combine_then_pool")
+MAX_PARTITIONS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +88,9 @@ class QRConfig(MethodConfig):
             ids): one int for all features, a ``{feature: m}`` mapping, or ``None`` to let the planner pick
             ``m`` per feature from the budget. ``m >= num_embeddings`` keeps the feature's full table.
         num_partitions: ``k``, the number of complementary partitions (digits); 2 is the quotient-remainder
-            trick, 1 is the plain table for every feature.
+            trick, 1 is the plain table for every feature. ``None`` (default): chosen by the planner, the
+            smallest ``k >= 2`` (up to 8) whose tables fit the budget (2 whenever the budget allows it;
+            2 when ``num_collisions`` is given or there is no budget).
         combiner: ``"multiply"`` (element-wise product, the paper's default), ``"add"`` or ``"concat"``.
         bag_mode: ``"pool_then_combine"`` (cheaper) or ``"combine_then_pool"`` (exact for multi-id bags
             with ``multiply``; see the module docstring for when they agree).
@@ -89,7 +98,7 @@ class QRConfig(MethodConfig):
 
     method = "qr"
     num_collisions: int | Mapping[str, int] | None = None
-    num_partitions: int = 2
+    num_partitions: int | None = None
     combiner: str = "multiply"
     bag_mode: str = "pool_then_combine"
 
@@ -98,12 +107,13 @@ class QRConfig(MethodConfig):
             raise ValueError(f"QRConfig.combiner must be one of {COMBINERS}, got {self.combiner!r}")
         if self.bag_mode not in BAG_MODES:
             raise ValueError(f"QRConfig.bag_mode must be one of {BAG_MODES}, got {self.bag_mode!r}")
-        if isinstance(self.num_partitions, bool) or int(self.num_partitions) != self.num_partitions or not (
-            1 <= self.num_partitions <= 8
+        if self.num_partitions is not None and (
+            isinstance(self.num_partitions, bool) or int(self.num_partitions) != self.num_partitions
+            or not (1 <= self.num_partitions <= MAX_PARTITIONS)
         ):
             raise ValueError(
-                f"QRConfig.num_partitions must be an integer in [1, 8] (2 = quotient-remainder), "
-                f"got {self.num_partitions!r}"
+                f"QRConfig.num_partitions must be an integer in [1, {MAX_PARTITIONS}] (2 = quotient-remainder), "
+                f"or None to let the planner choose it; got {self.num_partitions!r}"
             )
         values = self.num_collisions.values() if isinstance(self.num_collisions, Mapping) else [self.num_collisions]
         for v in values:
@@ -155,8 +165,16 @@ def _min_radix(n: int, k: int) -> int:
 
 
 def _compressed_bytes(f: FeatureSpec, m: int, k: int, combiner: str) -> int:
-    rows = partition_rows(f.num_embeddings, m, k)
-    return sum(r * d for r, d in zip(rows, partition_dims(f.embedding_dim, k, combiner))) * FP32
+    return _table_bytes(f.num_embeddings, f.embedding_dim, m, k, combiner)
+
+
+@functools.lru_cache(maxsize=2**16)
+def _table_bytes(n: int, d: int, m: int, k: int, combiner: str) -> int:
+    # cached: the planner's nested searches (a cap per feature, m per cap, k per budget) revisit the same m
+    rows = partition_rows(n, m, k)
+    if combiner != "concat":
+        return sum(rows) * d * FP32
+    return sum(r * dim for r, dim in zip(rows, partition_dims(d, k, combiner))) * FP32
 
 
 def qr_digits(ids: torch.Tensor, radix: torch.Tensor | int, num_partitions: int) -> torch.Tensor:
@@ -347,6 +365,8 @@ class QREmbeddingBagCollection(EmbeddingModule):
     """
 
     def __init__(self, features: Sequence[FeatureSpec], config: QRConfig, **kwargs) -> None:
+        if config.num_partitions is None:  # not planned (build() plans it): the quotient-remainder trick
+            config = dataclasses.replace(config, num_partitions=2)
         super().__init__(features, config, **kwargs)
         radices = _collisions(self.features, config)
         _check(self.features, config, radices)
@@ -478,12 +498,34 @@ class QREmbeddingBagCollection(EmbeddingModule):
     # ----- planning -----
     @classmethod
     def size_config(cls, features, config, budget_bytes):
+        if config.num_partitions is not None:
+            return cls._size_partitions(features, config, budget_bytes)
+        if config.num_collisions is not None or budget_bytes is None:
+            return cls._size_partitions(features, dataclasses.replace(config, num_partitions=2), budget_bytes)
+        # auto: the smallest k that fits (k = 2, the quotient-remainder trick, whenever it can)
+        top = MAX_PARTITIONS
+        if config.combiner == "concat":  # every partition needs a dim of at least 1
+            top = max(2, min(top, min(f.embedding_dim for f in features)))
+        smallest = []
+        for k in range(2, top + 1):
+            try:
+                return cls._size_partitions(features, dataclasses.replace(config, num_partitions=k), budget_bytes)
+            except BudgetError as err:
+                smallest.append((err.smallest_bytes, k))
+        need, k = min(smallest)
+        raise smallest_budget_error(
+            "qr", need, budget_bytes, features,
+            f"num_partitions chosen automatically, k = 2..{top}: the fewest bytes at k = {k}",
+        )
+
+    @classmethod
+    def _size_partitions(cls, features, config, budget_bytes):
         if config.num_partitions == 1:
             full = sum(f.full_table_bytes for f in features)
             if budget_bytes is not None and full > budget_bytes:
-                raise BudgetError(
-                    f"qr: num_partitions=1 keeps the full tables ({full:,} bytes), over the budget of "
-                    f"{budget_bytes:,}; use num_partitions >= 2"
+                raise smallest_budget_error(
+                    "qr", full, budget_bytes, features,
+                    "num_partitions=1 keeps the full tables; use num_partitions >= 2 or None (automatic)",
                 )
             return config
         if config.num_collisions is not None or budget_bytes is None:
@@ -511,10 +553,10 @@ class QREmbeddingBagCollection(EmbeddingModule):
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
-            raise BudgetError(
-                f"qr: even the smallest tables ({k} partitions of about n**(1/{k}) rows each) need "
-                f"{total(1):,} bytes, over the budget of {budget_bytes:,}; raise the budget, or use more "
-                "num_partitions"
+            raise smallest_budget_error(
+                "qr", total(1), budget_bytes, features,
+                f"the smallest tables, {k} partitions of about n**(1/{k}) rows each; or use more num_partitions, "
+                "or num_partitions=None to let the planner choose",
             )
         chosen = {f.name: feature_bytes(f, cap) for f in features}
         left = budget_bytes - sum(b for _, b in chosen.values())
@@ -536,6 +578,8 @@ class QREmbeddingBagCollection(EmbeddingModule):
 
     @classmethod
     def describe(cls, features, config):
+        if config.num_partitions is None:
+            config = dataclasses.replace(config, num_partitions=2)
         radices = _collisions(features, config)
         _check(features, config, radices)
         k = config.num_partitions

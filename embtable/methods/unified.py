@@ -449,7 +449,9 @@ class UnifiedEmbeddingBagCollection(EmbeddingModule):
                 f"{SLOT_PARAM_BYTES * slots:,} bytes of hash parameters ({slots} probes x {SLOT_PARAM_BYTES} B); "
                 f"it needs at least {needed:,} rows ({exclusive:,} own rows of features below keep_full_below="
                 f"{config.keep_full_below:,}, one shared row, num_tables={config.num_tables}); raise the budget, "
-                "or lower keep_full_below or num_tables"
+                f"or lower keep_full_below or num_tables; the smallest budget it can meet here is "
+                f"{SLOT_PARAM_BYTES * slots + needed * c * FP32:,} bytes",
+                SLOT_PARAM_BYTES * slots + needed * c * FP32,
             )
         return dataclasses.replace(config, num_rows=int(rows))
 
