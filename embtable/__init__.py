@@ -38,6 +38,7 @@ from .memory import (
     table_parameters,
     training_bytes,
 )
+from .methods.dpq import DPQConfig, DPQEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_rank import (
@@ -61,6 +62,8 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CompressionReport",
+    "DPQConfig",
+    "DPQEmbeddingBagCollection",
     "Embedding",
     "EmbeddingBag",
     "EmbeddingModule",

@@ -156,6 +156,33 @@ def _low_rank_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+class _CodebookRows:
+    """``.grad``: a dpq/mgqe codebook's gradient ``[1, n, d]`` as the plain table's ``[n, d]``."""
+
+    def __init__(self, codebook):
+        self.codebook = codebook
+
+    @property
+    def grad(self):
+        return self.codebook.grad[0]
+
+
+def _dpq_degenerate(features, ebc, build_kwargs):
+    # one group and K = n centroids that are the table's rows, query = the table: every id's nearest
+    # centroid is its own row (identity codes), so the output is the plain table's and the task gradient
+    # reaches the centroid (the row) and, straight through, the query row
+    config = embtable.DPQConfig(num_groups=1, num_centroids={f.name: f.num_embeddings for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    pairs = []
+    with torch.no_grad():
+        for q in module.quantizers:
+            weight = ebc.embedding_bags[q.name].weight
+            q.codebook.copy_(weight[None])
+            module.query_weight(q.name).copy_(weight)
+            pairs += [(_CodebookRows(q.codebook), weight), (module.query_weight(q.name), weight)]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -253,6 +280,22 @@ CASES: dict[str, MethodCase] = {
         ],
         # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
         # checked in tests/test_low_rank.py
+        huge_ids=False,
+    ),
+    "dpq": MethodCase(
+        # at 1/4 feature b (50 ids) stays a full table, a and c get 8 codes of 6-7 bits (99.9% of the budget)
+        config=embtable.DPQConfig(),
+        budget="1/4",
+        degenerate=_dpq_degenerate,
+        invalid=[
+            lambda: embtable.DPQConfig(num_centroids=1),
+            lambda: embtable.DPQConfig(num_centroids=2**17),
+            lambda: embtable.DPQConfig(commitment=-1.0),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig(num_groups=3, num_centroids=4)),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig(num_centroids=4)),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig()),
+        ],
+        # every id stores a code (>= 1 bit): 2**33 ids need 1 GiB of codes, over test_large_ids' 1 MiB
         huge_ids=False,
     ),
 }
