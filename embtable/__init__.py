@@ -48,6 +48,7 @@ from .methods.low_rank import (
     low_rank_from_trained,
     output_second_moments,
 )
+from .methods.mgqe import MGQEConfig, MGQEEmbeddingBagCollection
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
@@ -76,6 +77,8 @@ __all__ = [
     "LowRankConfig",
     "LowRankEmbeddingBagCollection",
     "MemoryReport",
+    "MGQEConfig",
+    "MGQEEmbeddingBagCollection",
     "MethodConfig",
     "MixedDimConfig",
     "MixedDimEmbeddingBagCollection",

@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (registration side effect is the point of this pa
     full,
     hash,
     low_rank,  # noqa: F401
+    mgqe,  # noqa: F401
     mixed_dim,  # noqa: F401
     optembed,  # noqa: F401
     qr,  # noqa: F401

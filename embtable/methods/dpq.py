@@ -35,7 +35,7 @@ Training adds the query table, ``n * d * 4`` per compressed feature (and optimiz
 Budget planning (pure): features whose full table fits an equal share of the budget stay full (as in
 ``hash``); the others share the rest in proportion to their full bytes, and each takes the ``(D, K)``
 with ``D`` dividing ``d`` and ``2 <= K <= min(max_centroids, n)`` that fits its share with the most code
-bits ``D * log2(K)`` (ties: more centroids); what a feature leaves unused goes to the next, then a second
+bits per id, ``D * log2(K)`` (ties: more centroids); what a feature leaves unused goes to the next, then a second
 pass gives the remainder to the largest features (a full table where it fits). A plan never stores a
 feature in more bytes than its full table. Code bits come in steps of ``D`` bits per id, so a single
 feature's plan can leave up to ``1 / (D * ceil(log2 K))`` of its share unused.
@@ -367,7 +367,7 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
     >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
     >>> m = embtable.build(feats, DPQConfig(), budget="1/16", seed=0)
     >>> m.config.num_groups, m.config.num_centroids
-    ({'user': 4, 'country': 2}, {'user': 256, 'country': 200})
+    ({'user': 4}, {'user': 128})
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
     >>> m(kjt).values().shape
@@ -572,6 +572,12 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
         return cls.feature_layout(feature, num_groups, num_centroids, config).bytes(feature.embedding_dim)
 
     @classmethod
+    def option_score(cls, feature: FeatureSpec, num_groups: int, num_centroids: int, config: DPQConfig) -> float:
+        """What the planner maximises: the mean code bits per id, ``log2`` of the vectors an id can take."""
+        layout = cls.feature_layout(feature, num_groups, num_centroids, config)
+        return sum(rows * num_groups * math.log2(k) for rows, k in layout.blocks) / feature.num_embeddings
+
+    @classmethod
     def _best(cls, f: FeatureSpec, share: int, config: DPQConfig) -> tuple[int, int, int] | None:
         """``(D, K, bytes)`` with the most code bits ``D * log2 K`` within ``share`` bytes, or ``None``."""
         fixed = _fixed_groups(config, f)
@@ -586,7 +592,7 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
             K = largest_feasible(lambda k, D=D: cls.option_bytes(f, D, k, config), share, 2, k_max)
             if K is None:
                 continue
-            key = (D * math.log2(K), K)
+            key = (cls.option_score(f, D, K, config), K)
             if best_key is None or key > best_key:
                 best, best_key = (D, K, cls.option_bytes(f, D, K, config)), key
         return best
