@@ -92,12 +92,22 @@ def test_codes_follow_the_query_table():
     with torch.no_grad():
         module.query_weight(q.name).copy_(q.codebook[:, 3].reshape(1, -1).expand(q.num_embeddings, -1))
     module.eval()  # the query table changed: eval() refreshes the packed codes
+    assert module._codes_current()
     assert not torch.equal(q.codes0, before)
     ids = torch.arange(q.num_embeddings)
     assert (q.codes(ids) == 3).all()  # every query row is centroid 3 of every group
     packed = q.codes0.clone()
     module.train().eval()  # nothing changed: no refresh needed, codes unchanged
     assert torch.equal(q.codes0, packed)
+    # a change after eval(): the eval forward quantizes the query rows instead of reading stale codes
+    kjt = kjt_for(feats)
+    before = module(kjt).values()
+    with torch.no_grad():
+        module.query_weight(q.name).copy_(q.codebook[:, 5].reshape(1, -1).expand(q.num_embeddings, -1))
+    assert not module._codes_current()
+    after = module(kjt).values()
+    assert not torch.equal(before, after)
+    assert torch.equal(module.eval()(kjt).values(), after) and module._codes_current()
 
 
 @pytest.mark.parametrize("method", ["dpq", "mgqe"])

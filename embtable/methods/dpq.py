@@ -22,8 +22,9 @@ centroids and the queries together. At inference only the packed codes and the c
 :meth:`~DPQEmbeddingBagCollection.inference_module` returns that compact module (same ``forward``). The
 training module holds the packed codes too (so its inference bytes equal the plan's): they are recomputed
 from the query table by :meth:`~DPQEmbeddingBagCollection.refresh_codes`, which ``eval()`` calls when the
-query table or the codebooks changed since the last refresh; its forward always computes codes from the
-query table (in eval mode too), so a stale or sharded code buffer never changes an output.
+query table or the codebooks changed since the last refresh. An eval forward reads the packed codes when
+they are current and otherwise (a query table changed since, or sharded by DMP) computes the codes from the
+query rows; both give the same output, so a stale code buffer never changes one.
 
 Memory (inference; fp32 codebooks, codes packed into a ``uint8`` buffer, no padding)::
 
@@ -449,8 +450,26 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
             return None
         for collection in self.query.values():
             if type(collection) is EmbeddingCollection and name in collection.embeddings:
-                return collection.embeddings[name]
+                table = collection.embeddings[name]
+                return table if isinstance(table, nn.Embedding) else None  # None: quantized by export
         return None
+
+    def _codes_current(self) -> bool:
+        """Whether an eval forward reads the packed codes (else it quantizes the query rows per batch).
+
+        Training: never. Serving form: always. A query table sharded by DMP: never (the codes cannot be
+        refreshed from shards). A query table whose rows export quantized: always (eval() refreshed the
+        codes before). A plain query table: when the codes were refreshed since it or a codebook last changed.
+        """
+        if self.training:
+            return False
+        if self.query is None:
+            return True
+        if any(type(c) is not EmbeddingCollection for c in self.query.values()):
+            return False
+        if any(self._query_table(q.name) is None for q in self.quantizers):
+            return True
+        return self._refreshed == self._versions()
 
     def query_weight(self, name: str) -> torch.Tensor | None:
         """The query table ``[n, d]`` of compressed feature ``name`` (``None`` when serving or sharded)."""
@@ -466,7 +485,7 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
             out.update(zip(names, storage_values(self.storage(sub), names).split([f.embedding_dim for f in self.plain], 1)))
         if self.quantizers:
             per_feature = kjt.to_dict()
-            queries = self._query_rows(kjt) if self.query is not None else {}
+            queries = self._query_rows(kjt) if self.query is not None and not self._codes_current() else {}
             seen = []
             for q in self.quantizers:
                 jt = per_feature[q.name]
