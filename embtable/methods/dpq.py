@@ -26,6 +26,9 @@ query table or the codebooks changed since the last refresh. An eval forward rea
 they are current and otherwise (a query table changed since, or sharded by DMP) computes the codes from the
 query rows; both give the same output, so a stale code buffer never changes one.
 
+Sharding: DMP shards the query tables (``EmbeddingCollection``, one per dim) and the full tables of small
+features (``EmbeddingBagCollection``); the codebooks and packed codes are replicated (data parallel).
+
 Memory (inference; fp32 codebooks, codes packed into a ``uint8`` buffer, no padding)::
 
     compressed feature:  ceil(n * D * ceil(log2 K) / 8)  +  D * K * (d / D) * 4   bytes
