@@ -39,6 +39,7 @@ from .memory import (
     training_bytes,
 )
 from .methods.dhe import DHEConfig, DHEEmbeddingBagCollection
+from .methods.dpq import DPQConfig, DPQEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_precision import LowPrecisionConfig, LowPrecisionEmbeddingBagCollection
@@ -50,6 +51,7 @@ from .methods.low_rank import (
     output_second_moments,
 )
 from .methods.managed_collision import ManagedCollisionConfig, ManagedCollisionEmbeddingBagCollection
+from .methods.mgqe import MGQEConfig, MGQEEmbeddingBagCollection
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.pep import PEPConfig, PEPEmbeddingBagCollection
@@ -68,6 +70,8 @@ __all__ = [
     "CompressionReport",
     "DHEConfig",
     "DHEEmbeddingBagCollection",
+    "DPQConfig",
+    "DPQEmbeddingBagCollection",
     "Embedding",
     "EmbeddingBag",
     "EmbeddingModule",
@@ -82,6 +86,8 @@ __all__ = [
     "LowRankConfig",
     "LowRankEmbeddingBagCollection",
     "MemoryReport",
+    "MGQEConfig",
+    "MGQEEmbeddingBagCollection",
     "MethodConfig",
     "ManagedCollisionConfig",
     "ManagedCollisionEmbeddingBagCollection",

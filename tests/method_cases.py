@@ -228,6 +228,39 @@ def _tt_rec_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+class _CodebookRows:
+    """``.grad``: a dpq/mgqe codebook's gradient ``[1, n, d]`` as the plain table's ``[n, d]``."""
+
+    def __init__(self, codebook):
+        self.codebook = codebook
+
+    @property
+    def grad(self):
+        return self.codebook.grad[0]
+
+
+def _dpq_degenerate(features, ebc, build_kwargs, config_cls=embtable.DPQConfig, **knobs):
+    # one group and K = n centroids that are the table's rows, query = the table: every id's nearest
+    # centroid is its own row (identity codes), so the output is the plain table's and the task gradient
+    # reaches the centroid (the row) and, straight through, the query row
+    config = config_cls(num_groups=1, num_centroids={f.name: f.num_embeddings for f in features}, **knobs)
+    module = embtable.build(features, config, **build_kwargs)
+    pairs = []
+    with torch.no_grad():
+        for q in module.quantizers:
+            weight = ebc.embedding_bags[q.name].weight
+            q.codebook.copy_(weight[None])
+            module.query_weight(q.name).copy_(weight)
+            pairs += [(_CodebookRows(q.codebook), weight), (module.query_weight(q.name), weight)]
+    return module, pairs
+
+
+def _mgqe_degenerate(features, ebc, build_kwargs):
+    # dpq's identity codes, with the tail allowed every centroid too (tail_ratio=1): the head/tail remap of
+    # the zipf counts must still find each id's own row
+    return _dpq_degenerate(features, ebc, build_kwargs, embtable.MGQEConfig, tail_ratio=1)
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -396,5 +429,35 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig()),
             lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DHEConfig(hidden={"b": 4})),
         ],
+    ),
+    "dpq": MethodCase(
+        # at 1/4 feature b (50 ids) stays a full table, a and c get 8 codes of 6-7 bits (99.9% of the budget)
+        config=embtable.DPQConfig(),
+        budget="1/4",
+        degenerate=_dpq_degenerate,
+        invalid=[
+            lambda: embtable.DPQConfig(num_centroids=1),
+            lambda: embtable.DPQConfig(num_centroids=2**17),
+            lambda: embtable.DPQConfig(commitment=-1.0),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig(num_groups=3, num_centroids=4)),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig(num_centroids=4)),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.DPQConfig()),
+        ],
+        # every id stores a code (>= 1 bit): 2**33 ids need 1 GiB of codes, over test_large_ids' 1 MiB
+        huge_ids=False,
+    ),
+    "mgqe": MethodCase(
+        # the zipf counts are not in id order, so each compressed feature pays for its head-id remap
+        config=embtable.MGQEConfig(),
+        budget="1/4",
+        degenerate=_mgqe_degenerate,
+        invalid=[
+            lambda: embtable.MGQEConfig(head_fraction=0.0),
+            lambda: embtable.MGQEConfig(head_fraction=1.5),
+            lambda: embtable.MGQEConfig(tail_ratio=0),
+            lambda: embtable.MGQEConfig(num_centroids={"a": 1}),
+            lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.MGQEConfig(num_groups=3, num_centroids=4)),
+        ],
+        huge_ids=False,  # as dpq: every id stores a code
     ),
 }
