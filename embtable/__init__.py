@@ -50,6 +50,7 @@ from .methods.low_rank import (
 from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
+from .methods.robe import RobeConfig, RobeEmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
@@ -83,6 +84,8 @@ __all__ = [
     "Pooling",
     "QRConfig",
     "QREmbeddingBagCollection",
+    "RobeConfig",
+    "RobeEmbeddingBagCollection",
     "RowWiseAdagrad",
     "UnifiedConfig",
     "UnifiedEmbeddingBagCollection",

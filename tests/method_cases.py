@@ -156,6 +156,35 @@ def _low_rank_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+class _RobeRows:
+    """``.grad``: one feature's plain-table-shaped slice ``[n, d]`` of the robe array's gradient."""
+
+    def __init__(self, module, start: int, n: int, d: int) -> None:
+        self.weight, self.start, self.n, self.d = module.array.weight, start, n, d
+
+    @property
+    def grad(self):
+        g = self.weight.grad
+        return (g.to_dense() if g.is_sparse else g)[self.start:self.start + self.n * self.d].view(self.n, self.d)
+
+
+def _robe_degenerate(features, ebc, build_kwargs):
+    # identity offsets (start_f + id * d) with Z = d and M = sum n * d: the array holds every plain table
+    # row after row, and no window wraps
+    dim = features[0].embedding_dim
+    config = embtable.RobeConfig(size=sum(f.num_embeddings * f.embedding_dim for f in features), block_size=dim,
+                                 hash_fn="identity")
+    module = embtable.build(features, config, **build_kwargs)
+    pairs, start = [], 0
+    with torch.no_grad():
+        for f in features:
+            size = f.num_embeddings * f.embedding_dim
+            module.array.weight[start:start + size, 0] = ebc.embedding_bags[f.name].weight.reshape(-1)
+            pairs.append((_RobeRows(module, start, f.num_embeddings, f.embedding_dim), ebc.embedding_bags[f.name].weight))
+            start += size
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -254,5 +283,19 @@ CASES: dict[str, MethodCase] = {
         # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
         # checked in tests/test_low_rank.py
         huge_ids=False,
+    ),
+    "robe": MethodCase(
+        # one shared circular array for all features: under DMP it is replicated (not_shardable_reason),
+        # so tests/test_distributed.py skips it
+        config=embtable.RobeConfig(),
+        budget="1/4",
+        degenerate=_robe_degenerate,
+        invalid=[
+            lambda: embtable.RobeConfig(block_size=0),
+            lambda: embtable.RobeConfig(size=0),
+            lambda: embtable.RobeConfig(size=4, block_size=8),
+            lambda: embtable.RobeConfig(hash_fn="md5"),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.RobeConfig()),
+        ],
     ),
 }

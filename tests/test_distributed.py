@@ -91,12 +91,16 @@ def _free_port() -> int:
 
 
 METHODS = sorted(embtable.registered_methods())
+# methods whose storage DMP cannot shard say why (robe's one circular array is replicated instead)
+UNSHARDABLE = {m: embtable.method_class(CASES[m].config).not_shardable_reason for m in METHODS
+               if embtable.method_class(CASES[m].config).not_shardable_reason}
 
 
 # each method is sharded one way per run (all three ways are covered, in one pair of processes);
 # EMBTABLE_TEST_SHARDING=row_wise (say) shards every method that way instead
 _ONLY = os.environ.get("EMBTABLE_TEST_SHARDING")
-PLAN = {m: _ONLY or SHARDING_TYPES[i % len(SHARDING_TYPES)] for i, m in enumerate(METHODS)}
+PLAN = {m: _ONLY or SHARDING_TYPES[i % len(SHARDING_TYPES)]
+        for i, m in enumerate(m for m in METHODS if m not in UNSHARDABLE)}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,8 @@ def sharded_results(tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sharded_equals_unsharded(sharded_results, method):
+    if method in UNSHARDABLE:
+        pytest.skip(f"{method}: {UNSHARDABLE[method]}")
     sharding, per_rank = PLAN[method], sharded_results
     for rank, results in enumerate(per_rank):
         result = results[method]

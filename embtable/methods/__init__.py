@@ -7,5 +7,6 @@ from . import (  # noqa: F401  (registration side effect is the point of this pa
     mixed_dim,  # noqa: F401
     optembed,  # noqa: F401
     qr,  # noqa: F401
+    robe,  # noqa: F401
     unified,  # noqa: F401
 )
