@@ -38,6 +38,7 @@ from .memory import (
     table_parameters,
     training_bytes,
 )
+from .methods.cafe import CafeConfig, CafeEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_rank import (
@@ -61,6 +62,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "BudgetError",
+    "CafeConfig",
+    "CafeEmbeddingBagCollection",
     "CompressionReport",
     "Embedding",
     "EmbeddingBag",

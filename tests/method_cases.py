@@ -185,6 +185,15 @@ def _robe_degenerate(features, ebc, build_kwargs):
     return module, pairs
 
 
+def _cafe_degenerate(features, ebc, build_kwargs):
+    # no hot rows and m = n hashed rows: every feature is a plain table with the identity mapping
+    config = embtable.CafeConfig(hot_rows=0, hash_rows={f.name: f.num_embeddings for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 CASES: dict[str, MethodCase] = {
     "full": MethodCase(
         config=embtable.FullConfig(),
@@ -296,6 +305,23 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.RobeConfig(size=4, block_size=8),
             lambda: embtable.RobeConfig(hash_fn="md5"),
             lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.RobeConfig()),
+        ],
+    ),
+    "cafe": MethodCase(
+        # hot rows found by the HotSketch (a training-only buffer) and hashed rows, one table per feature
+        config=embtable.CafeConfig(),
+        budget="1/4",
+        degenerate=_cafe_degenerate,
+        invalid=[
+            lambda: embtable.CafeConfig(hot_fraction=1.0),
+            lambda: embtable.CafeConfig(hot_rows=10),
+            lambda: embtable.CafeConfig(hot_rows=-1, hash_rows=10),
+            lambda: embtable.CafeConfig(hot_rows=1, hash_rows=0),
+            lambda: embtable.CafeConfig(sketch_slots=0),
+            lambda: embtable.CafeConfig(decay=0.0),
+            lambda: embtable.CafeConfig(migrate_every=-1),
+            lambda: embtable.CafeConfig(hash_fn="md5"),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.CafeConfig()),
         ],
     ),
 }

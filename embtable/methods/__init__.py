@@ -1,6 +1,7 @@
 """One file per method. Importing this package registers every method."""
 
 from . import (  # noqa: F401  (registration side effect is the point of this package)
+    cafe,  # noqa: F401
     full,
     hash,
     low_rank,  # noqa: F401
