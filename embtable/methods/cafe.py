@@ -17,9 +17,10 @@ Importance is the paper's: the L2 norm of the gradient an id's embedding receive
 backward hook on the pooled output reads each bag's gradient, gives each of its ids ``|weight| * ||grad||``
 (divided by the bag length under mean pooling) and adds it to a HotSketch: per feature ``b_f`` buckets of
 ``c`` slots of ``(id, score)``, the bucket chosen by a salted hash of the id. A batch updates the sketch at
-once (a batched Space-Saving): ids already in their bucket add their score; the other ids of a bucket,
-largest score first, take its slots from the lowest score up (empty slots first), the newcomer's score
-being the evicted slot's score plus its own (so scores never underestimate). ``train_step_end(step)``
+once: ids already in their bucket add their score; of the other ids of a bucket, the ``c`` with the
+largest batch scores are inserted as in Space-Saving, smallest first: each replaces the bucket's lowest slot
+(empty slots first) and inherits its score plus its own (scores never underestimate); the rest of a
+batch's newcomers to a full bucket are dropped (at most ``c`` rounds, all buckets in parallel). ``train_step_end(step)``
 (called by the trainer after each optimizer step) migrates every ``migrate_every`` steps: the ``H_f``
 highest-scoring sketch entries of each feature become its hot set; ids that stay keep their row, ids that
 left free theirs, and an id that enters is given a free row initialised with its current (hashed) vector, so
@@ -265,7 +266,7 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
 
     @torch.no_grad()
     def update_sketch(self, keys: torch.Tensor, scores: torch.Tensor, feature: torch.Tensor) -> None:
-        """Add ``scores`` of ``keys`` (key base + id) of features ``feature`` (batched Space-Saving)."""
+        """Add ``scores`` of ``keys`` (key base + id) of features ``feature`` to the sketch (see the module docstring)."""
         if keys.numel() == 0:
             return
         keys, inverse = torch.unique(keys, return_inverse=True)
@@ -280,22 +281,26 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         hit = match.any(dim=1)
         flat_scores = self.sketch_scores.view(-1)
         flat_scores.index_add_(0, (bucket * c + match.to(torch.int8).argmax(dim=1))[hit], scores[hit])
-        # the others: per bucket, largest score first (ties: smaller key), take slots from the lowest score up
+        # the others (newcomers): ranked per bucket, largest score first (ties: smaller key)
         miss = ~hit
         bucket, keys, scores = bucket[miss], keys[miss], scores[miss]
         order = torch.sort(-scores, stable=True).indices  # keys are sorted already (unique)
         order = order[torch.sort(bucket[order], stable=True).indices]
         bucket, keys, scores = bucket[order], keys[order], scores[order]
         rank = torch.arange(bucket.numel(), device=bucket.device) - torch.searchsorted(bucket, bucket)
-        take = rank < c
-        bucket, keys, scores, rank = bucket[take], keys[take], scores[take], rank[take]
-        current = self.sketch_scores[bucket]
-        empty = self.sketch_keys[bucket] < 0
-        slot = torch.sort(torch.where(empty, float("-inf"), current), dim=1, stable=True).indices
-        slot = slot.gather(1, rank[:, None])[:, 0]
-        old = torch.where(empty.gather(1, slot[:, None])[:, 0], 0.0, current.gather(1, slot[:, None])[:, 0])
-        self.sketch_keys.view(-1)[bucket * c + slot] = keys
-        flat_scores[bucket * c + slot] = old + scores
+        # Space-Saving, one newcomer per bucket at a time (the c largest of each bucket, smallest first, so
+        # the largest is inserted last): it replaces its bucket's lowest slot (empty ones first) and
+        # inherits that slot's score; buckets run in parallel, c rounds at most
+        keys_flat = self.sketch_keys.view(-1)
+        for r in reversed(range(c)):
+            now = rank == r
+            b, k, s = bucket[now], keys[now], scores[now]
+            empty = self.sketch_keys[b] < 0
+            current = torch.where(empty, float("-inf"), self.sketch_scores[b])
+            slot = current.argmin(dim=1)  # the first lowest slot
+            old = current.gather(1, slot[:, None])[:, 0].clamp(min=0.0)  # an empty slot counts 0
+            keys_flat[b * c + slot] = k
+            flat_scores[b * c + slot] = old + s
 
     # ----- migration (training only) -----
     def train_step_end(self, step: int) -> None:
