@@ -167,3 +167,18 @@ def test_planner_splits_bytes_by_hot_fraction():
         hot_bytes = hot * (16 * 4 + 16)
         assert abs(hot_bytes / (hot_bytes + hashed * 64) - fraction) < 0.01
         assert 0.99 * p.budget_bytes <= p.total_bytes <= p.budget_bytes
+
+
+def test_initial_hot_set_from_counts():
+    import numpy as np
+
+    counts = np.zeros(1000, dtype=np.int64)
+    counts[[5, 900, 17]] = [50, 40, 30]
+    feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
+    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    assert module.hot_ids("a").tolist() == [5, 900]
+    assert sorted(module.rows(torch.tensor([5, 900]), torch.zeros(2, dtype=torch.int64)).tolist()) == [0, 1]
+    assert module.rows(torch.tensor([17]), torch.zeros(1, dtype=torch.int64)).item() >= 2
+    cold = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50},
+                                            hot_from_counts=False))
+    assert cold.hot_ids("a").numel() == 0

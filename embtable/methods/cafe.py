@@ -29,6 +29,8 @@ inference the mapping is fixed (eval mode records nothing; ``train_step_end`` is
 
 A feature is stored full (identity mapping, no hot rows, no sketch) when ``H_f = 0`` and ``m_f >= n_f``;
 the planner does so for features whose full table fits the per-feature row cap (as ``hash`` does).
+Before the first migration the hot set is empty, or, for a feature with ``counts`` (``hot_from_counts``),
+its ``H_f`` most frequent ids: a warm start, so the hot rows serve from the first step.
 
 Memory (inference), per feature: ``(H_f + m_f) * d_f * 4`` (rows) ``+ 16 * H_f`` (the hot index: sorted
 int64 keys and int64 slots; empty slots hold a padding key) ``+ 64`` (``a0, a1, a2, b, m, n, H, key base``
@@ -55,6 +57,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -91,6 +94,8 @@ class CafeConfig(MethodConfig):
         bucket_size: slots per sketch bucket (``c``).
         migrate_every: migrate every this many training steps (``train_step_end``); 0 never migrates.
         decay: factor applied to every sketch score after each migration (1.0: no decay), in ``(0, 1]``.
+        hot_from_counts: when a feature has ``counts``, start with its ``H_f`` most frequent ids hot (their
+            rows start at random, as fresh table rows do); the sketch replaces them from the first migration.
         hash_fn: ``"universal"`` (salted hash) or ``"modulo"`` (``id mod m``) for the hashed rows.
         seed: seed of the salts.
     """
@@ -103,6 +108,7 @@ class CafeConfig(MethodConfig):
     bucket_size: int = 4
     migrate_every: int = 100
     decay: float = 1.0
+    hot_from_counts: bool = True
     hash_fn: str = "universal"
     seed: int = 0
 
@@ -201,6 +207,8 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
                 for f, h, kb in zip(self.features, self.hot_sizes, key_base)]
         self.register_buffer("hot_keys", torch.cat(pads).to(self.device))
         self.register_buffer("hot_slots", torch.zeros(sum(self.hot_sizes), dtype=torch.int64, device=self.device))
+        if config.hot_from_counts and self.device.type != "meta":
+            self._hot_from_counts()
         # the HotSketch (training only): b_f buckets of c (id key, score) slots per feature with hot rows
         buckets = [math.ceil(config.sketch_slots * h / config.bucket_size) for h in self.hot_sizes]
         self.bucket_base = [sum(buckets[:i]) for i in range(len(buckets))]
@@ -218,6 +226,21 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             self._is_weighted,
             self.device,
         )
+
+    @torch.no_grad()
+    def _hot_from_counts(self) -> None:
+        """The initial hot set: per feature with counts, its ``H_f`` most frequent ids (ties: smaller id)."""
+        for i, f in enumerate(self.features):
+            hot = self.hot_sizes[i]
+            if hot == 0 or f.counts is None:
+                continue
+            counts = np.asarray(f.counts)
+            top = np.argsort(-counts, kind="stable")[:hot]
+            top = np.sort(top[counts[top] > 0])
+            k = len(top)
+            lo = self.hot_base[i]
+            self.hot_keys[lo:lo + k] = torch.as_tensor(top, dtype=torch.int64) + self.key_base[i]
+            self.hot_slots[lo:lo + k] = torch.arange(k)
 
     # ----- lookup -----
     def _keys_and_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
