@@ -293,10 +293,6 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
     #: names of this module's own (direct) parameters/buffers that only training needs
     training_only_tensors: tuple[str, ...] = ()
 
-    #: why DMP cannot shard this method's storage (it holds none in TorchRec collections), or None;
-    #: :func:`embtable.sharding.shard` raises with this reason
-    not_shardable_reason: ClassVar[str | None] = None
-
     def _select(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()
         if keys == self.feature_names:

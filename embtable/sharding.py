@@ -120,16 +120,16 @@ def shard(
     ``"rowwise_adagrad"``, applied in
     backward, as TorchRec does); optimise the remaining (dense) parameters yourself, e.g. with
     ``torchrec.optim.optimizers.in_backward_optimizer_filter(dmp.named_parameters())``.
-    The model's weights are loaded into the shards after wrapping. A module that declares a
-    ``not_shardable_reason`` (its storage is not a TorchRec collection) is refused with that reason.
+    The model's weights are loaded into the shards after wrapping. A module whose class sets
+    ``sharding_unsupported`` (a reason) is refused with a ``ValueError`` that gives it.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    for path, module in model.named_modules():
-        reason = getattr(module, "not_shardable_reason", None)
+    for path, sub in model.named_modules():
+        reason = getattr(sub, "sharding_unsupported", None)  # a method that cannot be sharded says why
         if reason:
-            raise ValueError(f"{path or 'model'} ({type(module).__name__}) cannot be sharded by DMP: {reason}")
+            raise ValueError(f"{path or 'model'} ({type(sub).__name__}) cannot be sharded by shard(): {reason}")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(
             f"fused optimizer {optimizer!r} is not available on CPU; choose one of {sorted(_OPTIMIZERS)} "

@@ -31,6 +31,8 @@ class MethodCase:
     # (config, budget) for the sharding test when the default has storage dims TorchRec's fused kernels
     # cannot shard (they need dims divisible by 4); None: shard `config` at `budget` as it is.
     sharded: tuple[embtable.MethodConfig, object] | None = None
+    # False: embtable.sharding.shard() must refuse the module with a clear error (the method says why)
+    shardable: bool = True
 
 
 def _weights(ebc: EmbeddingBagCollection) -> dict[str, torch.Tensor]:
@@ -294,8 +296,8 @@ CASES: dict[str, MethodCase] = {
         huge_ids=False,
     ),
     "robe": MethodCase(
-        # one shared circular array for all features: under DMP it is replicated (not_shardable_reason),
-        # so tests/test_distributed.py skips it
+        # one shared circular array for all features: a dense parameter, replicated (data-parallel), not
+        # sharded: shard() refuses it with the reason (sharding_unsupported)
         config=embtable.RobeConfig(),
         budget="1/4",
         degenerate=_robe_degenerate,
@@ -306,6 +308,7 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.RobeConfig(hash_fn="md5"),
             lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.RobeConfig()),
         ],
+        shardable=False,
     ),
     "cafe": MethodCase(
         # hot rows found by the HotSketch (a training-only buffer) and hashed rows, one table per feature

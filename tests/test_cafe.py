@@ -182,3 +182,23 @@ def test_initial_hot_set_from_counts():
     cold = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50},
                                             hot_from_counts=False))
     assert cold.hot_ids("a").numel() == 0
+
+
+def test_init_from_weights_copies_hot_rows_and_averages_hashed_ones():
+    import numpy as np
+
+    counts = np.zeros(1000, dtype=np.int64)
+    counts[[5, 900]] = [50, 40]
+    feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
+    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    trained = {"a": torch.randn(1000, 4), "b": torch.randn(50, 4)}
+    for name, w in trained.items():
+        module.init_from_weights(name, w)
+    out = module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([5, 900, 7]), lengths=torch.tensor([1, 1, 1, 0])))
+    torch.testing.assert_close(out["a"], trained["a"][[5, 900]])  # hot ids: their own trained rows
+    torch.testing.assert_close(out["b"][0], trained["b"][7])  # full feature: copied
+    cold = torch.tensor([i for i in range(1000) if i not in (5, 900)])
+    rows = module.rows(cold, torch.zeros(cold.numel(), dtype=torch.int64))
+    r = int(rows[0])
+    expected = trained["a"][cold[rows == r]].mean(0)
+    torch.testing.assert_close(module.storage.embedding_bags["a"].weight[r].detach(), expected)

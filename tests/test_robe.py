@@ -94,3 +94,19 @@ def test_shard_refuses_with_the_reason():
     module = embtable.build(FEATS, RobeConfig(size=100))
     with pytest.raises(ValueError, match="replicate"):
         shard(module)
+
+
+def test_init_from_weights_recovers_a_plain_table_under_the_identity_layout():
+    config = RobeConfig(size=1000 * 8 + 50 * 8, block_size=8, hash_fn="identity")
+    feats = [FeatureSpec("a", 1000, 8), FeatureSpec("b", 50, 8)]
+    module = embtable.build(feats, config, seed=0)
+    trained = {f.name: torch.randn(f.num_embeddings, 8) for f in feats}
+    for name, w in trained.items():
+        module.init_from_weights(name, w)
+    out = module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([999, 3]), lengths=torch.tensor([1, 1])))
+    torch.testing.assert_close(out["a"][0], trained["a"][999])
+    torch.testing.assert_close(out["b"][0], trained["b"][3])
+    # hashed: each value is the mean of the trained values reading it
+    hashed = embtable.build(feats[:1], RobeConfig(size=64, block_size=8), seed=0)
+    hashed.init_from_weights("a", torch.ones(1000, 8))
+    assert torch.equal(hashed.array.weight, torch.ones(64, 1))

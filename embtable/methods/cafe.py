@@ -376,6 +376,29 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         if self.decay != 1.0:
             self.sketch_scores.mul_(self.decay)
 
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Hot rows = the trained rows of the hot ids; hashed rows = the mean trained row of the other ids
+        sharing each (used by ``compress``); a full feature copies its table."""
+        i = self.feature_names.index(name)
+        table = self.storage.embedding_bags[name].weight
+        hot = self.hot_sizes[i]
+        n = weight.shape[0]
+        weight = weight.to(table)
+        if hot == 0 and table.shape[0] == n:
+            table.copy_(weight)
+            return "trained weights copied (identity mapping)"
+        sums = torch.zeros_like(table)
+        hits = torch.zeros(table.shape[0], dtype=table.dtype, device=table.device)
+        for start in range(0, n, 1 << 16):
+            ids = torch.arange(start, min(n, start + (1 << 16)), device=table.device)
+            rows = self.rows(ids, torch.full_like(ids, i))
+            sums.index_add_(0, rows, weight[start:start + ids.numel()])
+            hits.index_add_(0, rows, torch.ones_like(ids, dtype=table.dtype))
+        used = hits > 0
+        table[used] = sums[used] / hits[used, None]
+        return f"{self.hot_ids(name).numel():,} hot rows copied, hashed rows the mean of their ids' trained rows"
+
     def hot_ids(self, name: str) -> torch.Tensor:
         """The ids of feature ``name`` that hold an exclusive row now (sorted)."""
         i = self.feature_names.index(name)

@@ -31,7 +31,7 @@ Distributed (DMP): the array is NOT TorchRec table storage (a window of ``Z`` va
 the end cannot be served by row-sharded lookups without cross-shard reads, and it is ``1 / ratio`` of the
 full tables, e.g. 1/1000, so it is small): it is a dense parameter meant to be REPLICATED, trained
 data-parallel (DDP all-reduces its gradient). :func:`embtable.sharding.shard` refuses it with that reason
-(``not_shardable_reason``).
+(``sharding_unsupported``).
 
 Sparse updates: the array is an ``nn.Embedding(M, 1)``, so :func:`embtable.sparse_parameters` switches it
 to sparse gradients and an optimizer step touches only the values a batch read.
@@ -116,7 +116,7 @@ class RobeEmbeddingBagCollection(EmbeddingModule):
     torch.Size([2, 32])
     """
 
-    not_shardable_reason = (
+    sharding_unsupported = (
         "robe keeps its one circular array as a dense parameter (a block wraps around the array's end, which "
         "row-sharded table lookups cannot serve); replicate it instead: train data-parallel (DDP), the array "
         "is the budget's size (e.g. 1/1000 of the full tables)"
@@ -182,6 +182,29 @@ class RobeEmbeddingBagCollection(EmbeddingModule):
         out = torch.zeros(num_features * batch, width, dtype=vectors.dtype, device=ids.device)
         out = out.index_add(0, bag, vectors).view(num_features, batch, width)
         return torch.cat([out[i, :, :d] for i, d in enumerate(self.embedding_dims)], dim=1)
+
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Each array value = the mean of the trained values that read it (used by ``compress``).
+
+        Features share the array, so the means accumulate over the features initialised so far (in
+        ``compress``, all of them); values no trained value reads keep their random start.
+        """
+        i = self.feature_names.index(name)
+        d = self.embedding_dims[i]
+        w = self.array.weight[:, 0]
+        if not hasattr(self, "_init_sums"):
+            self._init_sums, self._init_hits = torch.zeros_like(w), torch.zeros_like(w)
+        for start in range(0, weight.shape[0], 1 << 16):
+            ids = torch.arange(start, min(weight.shape[0], start + (1 << 16)), device=w.device)
+            window = torch.arange(self.block_size, dtype=torch.int64, device=w.device)
+            index = (self.offsets(ids, torch.full_like(ids, i))[..., None] + window) % self.size
+            index = index.view(ids.numel(), -1)[:, :d].reshape(-1)
+            self._init_sums.index_add_(0, index, weight[start:start + ids.numel()].to(w).reshape(-1))
+            self._init_hits.index_add_(0, index, torch.ones_like(index, dtype=w.dtype))
+        used = self._init_hits > 0
+        w[used] = self._init_sums[used] / self._init_hits[used]
+        return f"mean of the trained values sharing each array value ({int(used.sum()):,} of {self.size:,} read)"
 
     @classmethod
     def size_config(cls, features, config, budget_bytes):
