@@ -40,6 +40,7 @@ from .memory import (
 )
 from .methods.dhe import DHEConfig, DHEEmbeddingBagCollection
 from .methods.dpq import DPQConfig, DPQEmbeddingBagCollection
+from .methods.cafe import CafeConfig, CafeEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_precision import LowPrecisionConfig, LowPrecisionEmbeddingBagCollection
@@ -57,6 +58,7 @@ from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.pep import PEPConfig, PEPEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
 from .methods.tt_rec import TTRecConfig, TTRecEmbeddingBagCollection
+from .methods.robe import RobeConfig, RobeEmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad
@@ -67,6 +69,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "BudgetError",
+    "CafeConfig",
+    "CafeEmbeddingBagCollection",
     "CompressionReport",
     "DHEConfig",
     "DHEEmbeddingBagCollection",
@@ -102,6 +106,8 @@ __all__ = [
     "Pooling",
     "QRConfig",
     "QREmbeddingBagCollection",
+    "RobeConfig",
+    "RobeEmbeddingBagCollection",
     "RowWiseAdagrad",
     "TTRecConfig",
     "TTRecEmbeddingBagCollection",

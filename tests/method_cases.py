@@ -184,6 +184,38 @@ def _low_precision_degenerate(features, ebc, build_kwargs):
     # fp32 rows, every row kept, identity (modulo) mapping: a plain TorchRec table
     config = embtable.LowPrecisionConfig(precision="fp32", hash_fn="modulo",
                                          num_buckets={f.name: f.num_embeddings for f in features})
+class _RobeRows:
+    """``.grad``: one feature's plain-table-shaped slice ``[n, d]`` of the robe array's gradient."""
+
+    def __init__(self, module, start: int, n: int, d: int) -> None:
+        self.weight, self.start, self.n, self.d = module.array.weight, start, n, d
+
+    @property
+    def grad(self):
+        g = self.weight.grad
+        return (g.to_dense() if g.is_sparse else g)[self.start:self.start + self.n * self.d].view(self.n, self.d)
+
+
+def _robe_degenerate(features, ebc, build_kwargs):
+    # identity offsets (start_f + id * d) with Z = d and M = sum n * d: the array holds every plain table
+    # row after row, and no window wraps
+    dim = features[0].embedding_dim
+    config = embtable.RobeConfig(size=sum(f.num_embeddings * f.embedding_dim for f in features), block_size=dim,
+                                 hash_fn="identity")
+    module = embtable.build(features, config, **build_kwargs)
+    pairs, start = [], 0
+    with torch.no_grad():
+        for f in features:
+            size = f.num_embeddings * f.embedding_dim
+            module.array.weight[start:start + size, 0] = ebc.embedding_bags[f.name].weight.reshape(-1)
+            pairs.append((_RobeRows(module, start, f.num_embeddings, f.embedding_dim), ebc.embedding_bags[f.name].weight))
+            start += size
+    return module, pairs
+
+
+def _cafe_degenerate(features, ebc, build_kwargs):
+    # no hot rows and m = n hashed rows: every feature is a plain table with the identity mapping
+    config = embtable.CafeConfig(hot_rows=0, hash_rows={f.name: f.num_embeddings for f in features})
     module = embtable.build(features, config, **build_kwargs)
     module.storage.load_state_dict(ebc.state_dict())
     pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
@@ -459,5 +491,36 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 100, 8)], embtable.MGQEConfig(num_groups=3, num_centroids=4)),
         ],
         huge_ids=False,  # as dpq: every id stores a code
+    ),
+    "robe": MethodCase(
+        # one shared circular array for all features: a dense parameter, replicated (data-parallel), not
+        # sharded: shard() refuses it with the reason (sharding_unsupported)
+        config=embtable.RobeConfig(),
+        budget="1/4",
+        degenerate=_robe_degenerate,
+        invalid=[
+            lambda: embtable.RobeConfig(block_size=0),
+            lambda: embtable.RobeConfig(size=0),
+            lambda: embtable.RobeConfig(size=4, block_size=8),
+            lambda: embtable.RobeConfig(hash_fn="md5"),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.RobeConfig()),
+        ],
+    ),
+    "cafe": MethodCase(
+        # hot rows found by the HotSketch (a training-only buffer) and hashed rows, one table per feature
+        config=embtable.CafeConfig(),
+        budget="1/4",
+        degenerate=_cafe_degenerate,
+        invalid=[
+            lambda: embtable.CafeConfig(hot_fraction=1.0),
+            lambda: embtable.CafeConfig(hot_rows=10),
+            lambda: embtable.CafeConfig(hot_rows=-1, hash_rows=10),
+            lambda: embtable.CafeConfig(hot_rows=1, hash_rows=0),
+            lambda: embtable.CafeConfig(sketch_slots=0),
+            lambda: embtable.CafeConfig(decay=0.0),
+            lambda: embtable.CafeConfig(migrate_every=-1),
+            lambda: embtable.CafeConfig(hash_fn="md5"),
+            lambda: embtable.build([FeatureSpec("a", 10, 4)], embtable.CafeConfig()),
+        ],
     ),
 }

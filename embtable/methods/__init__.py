@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration side effect is the point of this package)
     dhe,  # noqa: F401
     dpq,  # noqa: F401
+    cafe,  # noqa: F401
     full,
     hash,
     low_precision,  # noqa: F401
@@ -14,5 +15,6 @@ from . import (  # noqa: F401  (registration side effect is the point of this pa
     pep,  # noqa: F401
     qr,  # noqa: F401
     tt_rec,  # noqa: F401
+    robe,  # noqa: F401
     unified,  # noqa: F401
 )

@@ -1,0 +1,204 @@
+"""CAFE specifics: the HotSketch, migration with the current vectors, resume equality, bytes."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+import embtable
+from embtable import CafeConfig, FeatureSpec
+
+FEATS = [FeatureSpec("a", 1000, 4), FeatureSpec("b", 50, 4)]
+SMALL = dict(hot_rows={"a": 8, "b": 0}, hash_rows={"a": 16, "b": 50})  # b stays full
+
+
+def _kjt(a_ids, b_ids=(), a_lengths=None):
+    a_lengths = a_lengths or [len(a_ids)]
+    return KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor(list(a_ids) + list(b_ids), dtype=torch.int64),
+                             lengths=torch.tensor(a_lengths + [len(b_ids)] + [0] * (len(a_lengths) - 1)))
+
+
+def _build(seed=0, **kw):
+    return embtable.build(FEATS, CafeConfig(**{**SMALL, **kw}), seed=seed)
+
+
+def _sketch(module):
+    keys, scores = module.sketch_keys.reshape(-1), module.sketch_scores.reshape(-1)
+    return {int(k): float(s) for k, s in zip(keys, scores) if k >= 0}
+
+
+def test_sketch_records_each_ids_gradient_norm():
+    module = _build()
+    module.train()
+    out = module(_kjt([3, 5, 5], [7], a_lengths=[2, 1])).values()  # bags: a:[3, 5], a:[5]; b:[7] in sample 0
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    n0, n1 = upstream[0, :4].norm().item(), upstream[1, :4].norm().item()
+    got = _sketch(module)
+    assert set(got) == {3, 5}  # feature b is full: not tracked
+    assert abs(got[3] - n0) < 1e-5 and abs(got[5] - (n0 + n1)) < 1e-5
+    # eval mode records nothing
+    module.eval()
+    module(_kjt([9])).values().sum().backward()
+    assert set(_sketch(module)) == {3, 5}
+
+
+def test_space_saving_bucket_replaces_the_lowest_score():
+    module = embtable.build(FEATS, CafeConfig(hot_rows={"a": 1, "b": 0}, hash_rows={"a": 4, "b": 50},
+                                              sketch_slots=2, bucket_size=2))
+    assert module.sketch_keys.shape == (1, 2)
+    feature = torch.zeros(2, dtype=torch.int64)
+    module.update_sketch(torch.tensor([10, 11]), torch.tensor([5.0, 3.0]), feature)
+    module.update_sketch(torch.tensor([12, 10]), torch.tensor([1.0, 2.0]), feature)
+    # 12 evicts 11 (the lowest, 3.0) and inherits its score: 3 + 1; 10 adds 2
+    assert _sketch(module) == {10: 7.0, 12: 4.0}
+
+
+def test_migration_keeps_outputs_and_gives_exclusive_rows():
+    module = _build(migrate_every=2)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    probe = _kjt(list(range(40)), a_lengths=[1] * 40)
+    for step in range(2):
+        ids = torch.randint(0, 1000, (30,), generator=g).tolist() + [1, 1, 2, 2, 2]
+        opt.zero_grad()
+        module(_kjt(ids)).values().square().sum().backward()
+        opt.step()
+        before = module(probe).values().detach()
+        module.train_step_end(step)
+    hot = module.hot_ids("a")
+    assert hot.numel() == 8 and {1, 2} <= set(hot.tolist())
+    # the 8 highest scores of the sketch are the hot ids
+    sketch = _sketch(module)
+    assert set(hot.tolist()) == set(sorted(sketch, key=lambda k: (-sketch[k], k))[:8])
+    # migration copied each hot id's current (hashed) vector: no output changed
+    assert torch.equal(module(probe).values(), before)
+    feature = torch.zeros(hot.numel(), dtype=torch.int64)
+    rows = module.rows(hot, feature)
+    assert sorted(rows.tolist()) == list(range(8))  # each its own row in [0, H)
+    cold = torch.tensor([i for i in range(1000) if i not in set(hot.tolist())][:50])
+    assert (module.rows(cold, torch.zeros(50, dtype=torch.int64)) >= 8).all()
+    # an update to a hot id now touches its exclusive row only
+    opt.zero_grad()
+    probe_before = module(probe).values().detach()
+    module(_kjt([1])).values().sum().backward()
+    opt.step()
+    changed = (module(probe).values().detach() != probe_before).any(dim=1)
+    assert changed.nonzero()[:, 0].tolist() == [1]
+
+
+def test_hot_set_follows_importance_and_frees_rows():
+    module = _build(migrate_every=1, decay=0.5)
+    module.train()
+    module(_kjt(list(range(100, 108)))).values().sum().backward()
+    module.train_step_end(0)
+    assert module.hot_ids("a").tolist() == list(range(100, 108))
+    for _ in range(3):  # a new set of ids with much larger gradients
+        (module(_kjt(list(range(200, 204)))).values().sum() * 100).backward()
+        module.train_step_end(0)
+    hot = set(module.hot_ids("a").tolist())
+    assert set(range(200, 204)) <= hot and len(hot) == 8
+    left = [i for i in range(100, 108) if i not in hot]
+    assert len(left) == 4
+    assert (module.rows(torch.tensor(left), torch.zeros(4, dtype=torch.int64)) >= 8).all()
+    slots = module.hot_slots[: 8]
+    assert sorted(slots.tolist()) == list(range(8))  # freed rows were reused, none duplicated
+
+
+def _train(module, opt, steps, start):
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(1000 + step)  # the same batches whether resumed or not
+        ids = (torch.randint(0, 1000, (24,), generator=g) ** 2 // 1000).tolist()  # skewed
+        opt.zero_grad()
+        module(_kjt(ids, [3], a_lengths=[12, 12])).values().square().sum().backward()
+        opt.step()
+        module.train_step_end(step)
+
+
+def test_resumed_run_equals_uninterrupted():
+    uninterrupted = _build(migrate_every=3, decay=0.9)
+    uninterrupted.train()
+    opt = torch.optim.Adagrad(uninterrupted.parameters(), lr=0.1)
+    _train(uninterrupted, opt, 10, 0)
+
+    first = _build(migrate_every=3, decay=0.9)
+    first.train()
+    opt1 = torch.optim.Adagrad(first.parameters(), lr=0.1)
+    _train(first, opt1, 5, 0)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = _build(seed=7, migrate_every=3, decay=0.9)  # other initial weights: all comes from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    resumed.train()
+    opt2 = torch.optim.Adagrad(resumed.parameters(), lr=0.1)
+    opt2.load_state_dict(saved["opt"])
+    _train(resumed, opt2, 5, 5)
+
+    assert "sketch_keys" in saved["model"] and "sketch_scores" in saved["model"]
+    assert uninterrupted.hot_ids("a").numel() > 0
+    a, b = uninterrupted.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bytes_formula_inference_and_training():
+    module = _build(sketch_slots=3, bucket_size=4)
+    # per feature (H + m) * d * 4 + 16 * H + 64; b is full: 50 * 4 * 4 + 64
+    inference = (8 + 16) * 4 * 4 + 16 * 8 + 64 + 50 * 4 * 4 + 64
+    assert embtable.memory_report(module).inference_bytes == inference
+    assert embtable.plan(FEATS, CafeConfig(**SMALL, sketch_slots=3)).total_bytes == inference
+    # the sketch is training only: ceil(3 * 8 / 4) = 6 buckets x 4 slots x 12 bytes + 48 per feature
+    assert embtable.training_bytes(module, "sgd") == inference + 6 * 4 * 12 + 2 * 48
+    assert "sketch_keys" not in embtable.memory_report(module).tensors
+
+
+def test_planner_splits_bytes_by_hot_fraction():
+    feats = [FeatureSpec("big", 100_000, 16), FeatureSpec("small", 100, 16)]
+    for fraction in (0.0, 0.25, 0.5):
+        p = embtable.plan(feats, CafeConfig(hot_fraction=fraction), "1/100")
+        hot, hashed = p.config.hot_rows["big"], p.config.hash_rows["big"]
+        assert p.config.hot_rows["small"] == 0 and p.config.hash_rows["small"] == 100
+        hot_bytes = hot * (16 * 4 + 16)
+        assert abs(hot_bytes / (hot_bytes + hashed * 64) - fraction) < 0.01
+        assert 0.99 * p.budget_bytes <= p.total_bytes <= p.budget_bytes
+
+
+def test_initial_hot_set_from_counts():
+    import numpy as np
+
+    counts = np.zeros(1000, dtype=np.int64)
+    counts[[5, 900, 17]] = [50, 40, 30]
+    feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
+    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    assert module.hot_ids("a").tolist() == [5, 900]
+    assert sorted(module.rows(torch.tensor([5, 900]), torch.zeros(2, dtype=torch.int64)).tolist()) == [0, 1]
+    assert module.rows(torch.tensor([17]), torch.zeros(1, dtype=torch.int64)).item() >= 2
+    cold = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50},
+                                            hot_from_counts=False))
+    assert cold.hot_ids("a").numel() == 0
+
+
+def test_init_from_weights_copies_hot_rows_and_averages_hashed_ones():
+    import numpy as np
+
+    counts = np.zeros(1000, dtype=np.int64)
+    counts[[5, 900]] = [50, 40]
+    feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
+    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    trained = {"a": torch.randn(1000, 4), "b": torch.randn(50, 4)}
+    for name, w in trained.items():
+        module.init_from_weights(name, w)
+    out = module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([5, 900, 7]), lengths=torch.tensor([1, 1, 1, 0])))
+    torch.testing.assert_close(out["a"], trained["a"][[5, 900]])  # hot ids: their own trained rows
+    torch.testing.assert_close(out["b"][0], trained["b"][7])  # full feature: copied
+    cold = torch.tensor([i for i in range(1000) if i not in (5, 900)])
+    rows = module.rows(cold, torch.zeros(cold.numel(), dtype=torch.int64))
+    r = int(rows[0])
+    expected = trained["a"][cold[rows == r]].mean(0)
+    torch.testing.assert_close(module.storage.embedding_bags["a"].weight[r].detach(), expected)
