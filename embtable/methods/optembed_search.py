@@ -197,6 +197,13 @@ class OptEmbedSupernet(EmbeddingModule):
             out[f.name] = (norm.double() - float(self.thresholds[i])).cpu().numpy()
         return out
 
+    def inference_module(self) -> nn.Module:
+        """Refused: the supernet is a training stage (full tables and masks), not a serving form."""
+        raise ValueError(
+            "it is an OptEmbed supernet (a training stage: full tables and masks); build the compact table first "
+            "(embtable.methods.optembed_search.compact_from_supernet, then retrain) and export that"
+        )
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         if self.config.threshold_reg == 0:
             return None
