@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ __all__ = [
     "TrainState",
     "Optimizers",
     "make_optimizers",
+    "embedding_modules",
+    "batch_loss",
     "train_steps",
     "evaluate",
     "run",
@@ -231,12 +233,22 @@ def make_optimizers(model: nn.Module, embedding: nn.Module, embedding_optimizer:
     return Optimizers(torch.optim.Adam(dense, lr=dense_lr) if dense else None, sparse, embedding_optimizer)
 
 
-def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
+def embedding_modules(model: nn.Module) -> list[embtable.EmbeddingModule]:
+    """Every embtable module in ``model``, under any attribute name (each once), in module order."""
+    return [m for m in model.modules() if isinstance(m, embtable.EmbeddingModule)]
+
+
+def batch_loss(model: nn.Module, batch: Any,
+               modules: Sequence[embtable.EmbeddingModule] | None = None) -> torch.Tensor:
+    """Mean binary cross-entropy of ``model`` on ``batch``, plus every ``auxiliary_loss()`` of the embtable
+    modules in it (``modules``: default :func:`embedding_modules` of ``model``)."""
     logits = model(batch.dense_features, batch.sparse_features)  # [B]
     loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
-    aux = getattr(getattr(model, "embedding", None), "auxiliary_loss", None)
-    extra = aux() if callable(aux) else None
-    return loss if extra is None else loss + extra
+    for module in embedding_modules(model) if modules is None else modules:
+        extra = module.auxiliary_loss()
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
 def train_steps(
@@ -252,10 +264,11 @@ def train_steps(
     """Train on ``batches`` (until exhausted or ``num_steps`` steps), updating ``state`` in place.
 
     Args:
-        model: returns logits ``[B]`` from ``(dense_features, sparse_features)``; if it has an
-            ``embedding`` with ``auxiliary_loss()``, that regulariser is added to the loss.
+        model: returns logits ``[B]`` from ``(dense_features, sparse_features)``. Every
+            ``embtable.EmbeddingModule`` in it (under any attribute name) adds its ``auxiliary_loss()`` to
+            the loss and has its ``train_step_end(step)`` called after each optimizer step.
         batches: ``torchrec.datasets.utils.Batch`` items.
-        optimizers: from :func:`make_optimizers`.
+        optimizers: from :func:`make_optimizers` (or any object with ``zero_grad()`` and ``step()``).
         state: advanced by one step, one batch and ``B`` samples per batch.
         num_steps: stop after this many steps.
         max_loss: raise :class:`RunFailed` when the smoothed loss exceeds it.
@@ -271,15 +284,18 @@ def train_steps(
     done = 0
     if num_steps is not None and num_steps <= 0:
         return 0
+    modules = embedding_modules(model)
     for batch in batches:
         start = time.perf_counter()
         optimizers.zero_grad()
-        loss = _loss(model, batch)
+        loss = batch_loss(model, batch, modules)
         value = loss.item()
         if not math.isfinite(value):
             raise RunFailed(f"training loss is {value} at step {state.step + 1}")
         loss.backward()
         optimizers.step()
+        for module in modules:
+            module.train_step_end(state.step)
         state.train_seconds += time.perf_counter() - start
         state.step += 1
         state.batch_in_epoch += 1
