@@ -29,6 +29,7 @@ import torch
 
 import data_prep
 import embtable
+from embtable.methods.full import FullConfig
 from embtable.methods.low_rank import low_rank_from_trained, output_second_moments
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from experiments.config import RunConfig, load_config
@@ -44,9 +45,17 @@ from experiments.train import (
     train_steps,
 )
 
-__all__ = ["run_svd_finetune", "main"]
+__all__ = ["StageFailed", "run_svd_finetune", "main"]
 
 RESULT = "svd_result.json"
+
+
+class StageFailed(RuntimeError):
+    """A stage's training run failed (diverged, NaN, constant predictions); ``reason`` says why."""
+
+    def __init__(self, stage: str, reason: str | None) -> None:
+        super().__init__(f"the {stage} stage failed: {reason}")
+        self.stage, self.reason = stage, reason
 
 
 def run_svd_finetune(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table",
@@ -79,10 +88,10 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
     times: dict[str, float] = {}
     start = time.perf_counter()
     full_config = dataclasses.replace(
-        config, embedding=dataclasses.replace(config.embedding, method={"method": "full"}, budget=None))
+        config, embedding=dataclasses.replace(config.embedding, method={"method": FullConfig.method}, budget=None))
     full = run(full_config, out / "full", progress=progress)
     if full.status != "ok":
-        raise RuntimeError(f"the full-table stage failed: {full.failure_reason}")
+        raise StageFailed("full-table", full.failure_reason)
     times["full"] = time.perf_counter() - start
 
     start = time.perf_counter()
