@@ -25,7 +25,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import data_prep
 import embtable
 from embtable.sharding import shard
 from experiments.config import RunConfig, load_config
-from experiments.train import TrainState, _write_json, dataset_path, evaluate, train_steps
+from experiments.train import TrainState, _write_json, dataset_path, evaluate, train_epochs
 
 __all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
@@ -120,12 +120,12 @@ def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_ty
 
     state, start = TrainState(), time.perf_counter()
     optimizers = _DenseOptimizer(dense_opt)  # the table optimizer is fused into DMP's backward
-    for epoch in range(train.epochs):
-        if state.step >= total:
-            break
+
+    def local_batches(epoch: int) -> Iterable[Batch]:
         loader.set_epoch(epoch)
-        local = (slice_batch(batch, rank, world_size).to(device) for batch in loader)
-        train_steps(dmp, local, optimizers, state, num_steps=total - state.step, on_step=after_step)
+        return (slice_batch(batch, rank, world_size).to(device) for batch in loader)
+
+    train_epochs(dmp, local_batches, len(loader), total, optimizers, state, on_step=after_step)
     bar.close()
     step, samples = state.step, state.samples * world_size  # every rank trains on an equal share
     seconds = time.perf_counter() - start

@@ -40,9 +40,10 @@ from experiments.train import (
     _write_json,
     dataset_path,
     evaluate,
+    loader_epochs,
     make_optimizers,
     run,
-    train_steps,
+    train_epochs,
 )
 
 __all__ = ["StageFailed", "run_svd_finetune", "main"]
@@ -116,7 +117,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
     loader = data_prep.BatchLoader(path, "train", config.train.batch_size, shuffle=True, seed=config.train.seed + 1)
     steps = finetune_steps if finetune_steps is not None else len(loader)
     state = TrainState()
-    train_steps(model, loader, optimizers, state, num_steps=steps, max_loss=config.train.max_loss)
+    train_epochs(model, loader_epochs(loader), len(loader), steps, optimizers, state, max_loss=config.train.max_loss)
     after = {s: evaluate(model, valid_loader(s), split=s) for s in ("valid", "test")}
     times["finetune"] = time.perf_counter() - start
 

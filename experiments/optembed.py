@@ -31,7 +31,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ from experiments.train import (
     dataset_path,
     evaluate,
     make_optimizers,
-    train_steps,
+    train_epochs,
 )
 
 __all__ = ["OptEmbedStages", "DataSource", "StageHooks", "dataset_source", "run_optembed", "main", "RESULT_NAME"]
@@ -222,15 +221,8 @@ def _train_stage(stage: str, model: nn.Module, embedding: nn.Module, config: Run
             hooks.on_step(stage, s)
 
     try:
-        while state.step < total:
-            batches = islice(iter(source.train_batches(state.epoch)), state.batch_in_epoch, None)
-            train_steps(model, batches, optimizers, state, num_steps=total - state.step, max_loss=cfg.max_loss,
-                        on_step=after_step)
-            if state.batch_in_epoch >= source.steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            elif state.step < total:
-                raise RuntimeError(f"{stage}: the train split yielded {state.batch_in_epoch} batches in epoch "
-                                   f"{state.epoch}, expected {source.steps_per_epoch}")
+        train_epochs(model, source.train_batches, source.steps_per_epoch, total, optimizers, state,
+                     max_loss=cfg.max_loss, on_step=after_step)
     finally:
         bar.close()
     checkpoint(True)

@@ -1,9 +1,10 @@
 """Train and evaluate one configuration: ``run(config) -> RunResult``.
 
 The loop is split into pieces a multi-stage method can reuse (train a supernet, search, retrain):
-:func:`make_optimizers`, :func:`train_steps` (a number of steps over any batch iterable) and
-:func:`evaluate` (AUC / logloss on a split). :func:`run` strings them together with checkpoints,
-divergence checks, progress and the result record.
+:func:`make_optimizers`, :func:`train_epochs` (THE training loop: epochs of :func:`train_steps`, resumable
+mid-epoch; every stage, runner and distributed rank trains through it) and :func:`evaluate` (AUC /
+logloss on a split). :func:`run` strings them together with checkpoints, divergence checks, progress and
+the result record.
 
 Embedding rows get sparse gradients and a sparse-capable optimizer (SGD, Adagrad or row-wise Adagrad,
 DLRM practice); every other parameter (the model's layers and any dense part of the embedding module)
@@ -48,6 +49,8 @@ __all__ = [
     "embedding_modules",
     "batch_loss",
     "train_steps",
+    "train_epochs",
+    "loader_epochs",
     "evaluate",
     "run",
 ]
@@ -314,6 +317,60 @@ def train_steps(
     return done
 
 
+def train_epochs(
+    model: nn.Module,
+    epoch_batches: Callable[[int], Iterable[Any]],
+    steps_per_epoch: int,
+    total_steps: int,
+    optimizers: Optimizers,
+    state: TrainState,
+    *,
+    max_loss: float = math.inf,
+    on_step: Callable[[TrainState], None] | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+) -> None:
+    """THE training loop: :func:`train_steps` epoch after epoch until ``state.step == total_steps``.
+
+    Every training in the project (a run, each stage of a multi-stage method, a fine-tune, every rank of a
+    distributed run) goes through here. It continues from ``state`` (``epoch``, ``batch_in_epoch``): a
+    state restored from a checkpoint resumes mid-epoch, skipping the batches already done.
+
+    Args:
+        epoch_batches: epoch -> that epoch's training batches (the same order for the same epoch).
+        steps_per_epoch: batches per epoch (``len`` of the loader).
+        total_steps: train until ``state.step`` reaches it.
+        on_epoch_end: called after each complete epoch (validation, checkpoints).
+        model, optimizers, state, max_loss, on_step: see :func:`train_steps`.
+
+    Raises:
+        RunFailed: see :func:`train_steps`.
+        RuntimeError: an epoch yielded fewer batches than ``steps_per_epoch``.
+    """
+    while state.step < total_steps:
+        batches = islice(iter(epoch_batches(state.epoch)), state.batch_in_epoch, None)
+        train_steps(model, batches, optimizers, state, num_steps=total_steps - state.step, max_loss=max_loss,
+                    on_step=on_step)
+        if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+        elif state.step < total_steps:
+            raise RuntimeError(
+                f"the training batches yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
+                f"but {steps_per_epoch} were expected"
+            )
+
+
+def loader_epochs(loader: Any) -> Callable[[int], Iterable[Any]]:
+    """``epoch -> batches`` of a ``data_prep.BatchLoader`` (it is shuffled per epoch with ``set_epoch``)."""
+
+    def batches(epoch: int) -> Iterable[Any]:
+        loader.set_epoch(epoch)
+        return loader
+
+    return batches
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") -> dict[str, float]:
     """AUC and logloss (scikit-learn) of ``model`` on ``batches``.
@@ -541,21 +598,12 @@ def run(
                 hooks.on_step(s)
 
         try:
-            while state.step < total_steps:
-                train_loader.set_epoch(state.epoch)
-                batches = islice(iter(train_loader), state.batch_in_epoch, None)
-                train_steps(model, batches, optimizers, state, num_steps=total_steps - state.step,
-                            max_loss=train_cfg.max_loss, on_step=after_step)
-                if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    validate()
-                    checkpoint()
-                elif state.step < total_steps:
-                    raise RuntimeError(
-                        f"train loader yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
-                        f"but len() said {steps_per_epoch}"
-                    )
+            def end_of_epoch(s: TrainState) -> None:
+                validate()
+                checkpoint()
+
+            train_epochs(model, loader_epochs(train_loader), steps_per_epoch, total_steps, optimizers, state,
+                         max_loss=train_cfg.max_loss, on_step=after_step, on_epoch_end=end_of_epoch)
             checkpoint()
             valid = evaluate(model, data_prep.BatchLoader(path, "valid", train_cfg.eval_batch_size, shuffle=False))
             test = evaluate(model, data_prep.BatchLoader(path, "test", train_cfg.eval_batch_size, shuffle=False),
