@@ -39,7 +39,6 @@ import dataclasses
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic import atomic_write
 from .compress import EMBTABLE_MODULES
 from .module import EmbeddingModule
 
@@ -510,7 +510,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
 
     Args:
         model: a trained model holding embtable modules (e.g. from :func:`embtable.compress`).
-        path: the file to write (atomically: a temporary file in the same folder, then renamed).
+        path: the file to write (atomically and durably: :func:`embtable.atomic.atomic_write`).
         dtype: ``"fp32"`` (predictions equal the trained model's), ``"fp16"``, ``"int8"`` or ``"int4"``
             row-wise quantisation of the stored rows.
 
@@ -587,17 +587,8 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
         "extra_tensors": pickler.extras,
         "structure": buffer.getvalue(),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return ExportReport(path=path, file_bytes=os.path.getsize(path), **report_fields)
 
 

@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 import ctr_models
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
 from embtable.sharding import shard
 from experiments.config import RunConfig, load_config
-from experiments.train import TrainState, _write_json, dataset_path, evaluate, train_epochs
+from experiments.train import TrainState, dataset_path, evaluate, train_epochs
 
 __all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
@@ -203,7 +204,7 @@ def train_distributed(config: RunConfig, out_dir: str | os.PathLike, *, world_si
               "train_samples_per_s": info["samples_per_s"], "train_seconds": info["train_seconds"],
               "sharding": info["plan"], "inference_bytes": embtable.memory_report(model.embedding).inference_bytes
               if hasattr(model, "embedding") else None, **metrics}
-    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
+    atomic_write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 

@@ -29,6 +29,7 @@ import torch
 
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
 from embtable.methods.full import FullConfig
 from embtable.methods.low_rank import low_rank_from_trained, output_second_moments
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -36,9 +37,8 @@ from experiments.config import RunConfig, load_config
 from experiments.distributed import build_model
 from experiments.train import (
     TrainState,
-    _deterministic,
-    _write_json,
     dataset_path,
+    deterministic,
     evaluate,
     loader_epochs,
     make_optimizers,
@@ -62,7 +62,7 @@ class StageFailed(RuntimeError):
 def run_svd_finetune(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table",
                      finetune_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """See :func:`_run`; runs with the config's thread count and deterministic kernels, as ``run`` does."""
-    with _deterministic(config.train.num_threads):
+    with deterministic(config.train.num_threads):
         return _run(config, out_dir, moments=moments, finetune_steps=finetune_steps, progress=progress)
 
 
@@ -132,7 +132,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
         "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
+    atomic_write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 

@@ -70,7 +70,7 @@ def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_byte
     for dense parameters inside the embedding module."""
     import data_prep
     import embtable
-    from experiments.train import _adam_bytes, dataset_path
+    from experiments.train import adam_bytes, dataset_path
 
     features = data_prep.load_meta(dataset_path(config.data)).feature_specs(config.model.embedding_dim)
     module = embtable.build(features, embtable.method_config_from_dict(dict(method), source="runner tables"),
@@ -80,7 +80,7 @@ def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_byte
         raise AssertionError(f"rebuilt {method.get('method')} tables hold {built} bytes, the runner reported "
                              f"{inference_bytes}")
     state = embtable.optimizer_state_bytes(module, config.train.embedding_optimizer, tables_only=True)
-    return inference_bytes + state + _adam_bytes(embtable.dense_parameters(module))
+    return inference_bytes + state + adam_bytes(embtable.dense_parameters(module))
 
 
 # ---- optembed: supernet -> search -> retrain ----
@@ -147,11 +147,11 @@ def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress:
     import embtable
     from embtable.methods.low_rank import LowRankConfig
     from experiments.low_rank_svd import StageFailed, run_svd_finetune
-    from experiments.train import RunFailed, _deterministic, dataset_path
+    from experiments.train import RunFailed, dataset_path, deterministic
 
     base = {"dataset": str(dataset_path(config.data))}
     try:  # the run's thread count and deterministic kernels for every stage, as experiments.train.run does
-        with _deterministic(config.train.num_threads):
+        with deterministic(config.train.num_threads):
             record = run_svd_finetune(config, out, moments=options.get("moments", "table"),
                                       finetune_steps=options.get("finetune_steps"), progress=progress)
     except RunFailed as failure:
@@ -236,7 +236,7 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
         the runners do not measure them), plus ``runner``, ``runner_options``,
         ``stage_seconds`` and ``runner_record``. Metrics are ``None`` unless ``status == "ok"``.
     """
-    from experiments.train import _versions
+    from experiments.train import versions
 
     runner = runners()[name]
     start = time.perf_counter()
@@ -245,7 +245,7 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
     produced = runner.run(config, options, out, progress)
     ok = produced["status"] == "ok"
     result: dict[str, Any] = {
-        "name": config.name, "config": config.to_dict(), "versions": _versions(), "seed": config.train.seed,
+        "name": config.name, "config": config.to_dict(), "versions": versions(), "seed": config.train.seed,
         "embedding_optimizer": config.train.embedding_optimizer, "training_bytes": None, "dense_bytes": None,
         "dense_training_bytes": None, "bayes_auc": None, "inference_bytes": None, "full_table_bytes": None,
         "train_samples_per_s": None, "steps": 0, "stage_seconds": {}, "runner_record": None,

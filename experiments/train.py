@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 import ctr_models
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiments.config import RunConfig
 
@@ -53,6 +53,10 @@ __all__ = [
     "loader_epochs",
     "evaluate",
     "run",
+    "deterministic",
+    "versions",
+    "adam_bytes",
+    "dataset_path",
 ]
 
 RESULT_NAME = "result.json"
@@ -409,7 +413,7 @@ def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") 
 
 
 @contextlib.contextmanager
-def _deterministic(num_threads: int) -> Iterator[None]:
+def deterministic(num_threads: int) -> Iterator[None]:
     """Fix the thread count and deterministic kernels for the run; restore the caller's settings after."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
@@ -443,7 +447,8 @@ def dataset_path(data: Any) -> Path:
     return path
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions a result records (torch, torchrec, embtable)."""
     return {"torch": torch.__version__, "torchrec": torchrec.__version__, "embtable": embtable.__version__}
 
 
@@ -457,20 +462,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _adam_bytes(params: Iterable[nn.Parameter]) -> int:
+def adam_bytes(params: Iterable[nn.Parameter]) -> int:
+    """Bytes of ``torch.optim.Adam``'s state for ``params``."""
     # torch.optim.Adam keeps exp_avg and exp_avg_sq (each like the parameter) and a 4-byte step tensor
     return sum(2 * p.numel() * p.element_size() + 4 for p in params)
 
@@ -516,14 +509,14 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
 
-    with _deterministic(train_cfg.num_threads), _own_rng():
+    with deterministic(train_cfg.num_threads), _own_rng():
         path = dataset_path(config.data)
         meta = data_prep.load_meta(path)
         features = meta.feature_specs(config.model.embedding_dim)
         full_table_bytes = sum(f.full_table_bytes for f in features)
         torch.manual_seed(train_cfg.seed)
         record = dict(
-            name=config.name, config=config_dict, versions=_versions(), seed=train_cfg.seed,
+            name=config.name, config=config_dict, versions=versions(), seed=train_cfg.seed,
             dataset=str(path), embedding_optimizer=train_cfg.embedding_optimizer,
             full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc,
         )
@@ -626,9 +619,9 @@ def _byte_counts(model: nn.Module, embedding: nn.Module, embedding_optimizer: st
     dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
     return {
         "inference_bytes": inference,
-        "training_bytes": inference + table_state + _adam_bytes(embtable.dense_parameters(embedding)),
+        "training_bytes": inference + table_state + adam_bytes(embtable.dense_parameters(embedding)),
         "dense_bytes": sum(p.numel() * p.element_size() for p in dense_params),
-        "dense_training_bytes": sum(p.numel() * p.element_size() for p in dense_params) + _adam_bytes(dense_params),
+        "dense_training_bytes": sum(p.numel() * p.element_size() for p in dense_params) + adam_bytes(dense_params),
     }
 
 
@@ -662,5 +655,5 @@ def _finish(
         **record,
     )
     if out is not None:
-        _write_json(out / RESULT_NAME, result.to_dict())
+        atomic_write_json(out / RESULT_NAME, result.to_dict())
     return result
