@@ -14,7 +14,7 @@ Methods are timed in interleaved rounds and each number is the median round (a b
 slows all methods of a round alike). ``rel_full`` is samples/s relative to the full table's in the
 same round.
 
-    python -m experiments.bench_methods_speed --budgets 1/4 1/16 --methods full hash qr unified low_rank
+    python -m experiments.benchmarks.bench_methods_speed --budgets 1/4 1/16 --methods full hash qr unified low_rank
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def bench(methods: list[dict[str, Any]], budgets: list[str], *, preset: str = "d
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_methods_speed",
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_methods_speed",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method names or YAML mappings, e.g. '{method: unified, num_probes: 2}' "
