@@ -202,3 +202,29 @@ def test_compress_initialises_through_the_hook_and_reports_a_method_without_one(
 
     module = NoInit([embtable.FeatureSpec("t", 50, 4)], FullConfig())
     assert _initialise(module, "t", weight).startswith("random (NoInit has no initialisation")
+
+
+def test_building_a_module_consumes_torchs_fx_tracing_notice_silently():
+    import logging
+
+    from torch.fx import _symbolic_trace
+
+    import embtable.module as module
+
+    notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
+    if notice is None:
+        pytest.skip("this torch has no is_fx_tracing notice")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(_symbolic_trace.__name__)
+    logger.addHandler(handler)
+    notice.cache_clear()
+    module._fx_notice_done = False
+    try:
+        FullEmbeddingBagCollection([embtable.FeatureSpec("a", 10, 4)], FullConfig())
+        KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1]), torch.tensor([1]))  # where torch logs it
+        logger.warning("another torch message")  # other records still pass
+    finally:
+        logger.removeHandler(handler)
+    assert notice.cache_info().currsize == 1 and seen == ["another torch message"]
