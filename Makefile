@@ -3,21 +3,23 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torchrec's metadata requires the CUDA fbgemm-gpu; we run on the CPU build (fbgemm-gpu-cpu, pinned in
-# pyproject.toml), so torchrec itself is installed without its declared dependencies.
-TORCHREC := torchrec==1.8.0
+# The reference environment: the CPU builds of torch and FBGEMM, then the exact versions of
+# requirements-lock.txt, all without dependency resolution (TorchRec's metadata requires the CUDA
+# fbgemm-gpu; on CPU we run fbgemm-gpu-cpu). pyproject.toml only states compatible ranges.
+LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-	$(PIP) install --quiet -e '.[test]'
-	$(PIP) install --quiet --no-deps $(TORCHREC)
+	$(PIP) install --quiet --no-deps torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(PIP) install --quiet --no-deps -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
+	$(PIP) check || true  # reports TorchRec's fbgemm-gpu requirement, met here by fbgemm-gpu-cpu
 	$(PY) -c "import torchrec, fbgemm_gpu, embtable; print('embtable installed: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 

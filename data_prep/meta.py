@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,23 +33,18 @@ SPLITS = ("train", "valid", "test")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically and durably with embtable's one writer
+    (:func:`embtable.atomic.atomic_write`; imported on first write, so ``import data_prep`` stays light)."""
+    from embtable.atomic import atomic_write_bytes as write
+
+    write(path, data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """Write ``obj`` as indented, key-sorted JSON, atomically and durably."""
+    from embtable.atomic import atomic_write_json as write
+
+    write(path, obj, indent=1)
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

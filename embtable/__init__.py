@@ -38,9 +38,9 @@ from .memory import (
     table_parameters,
     training_bytes,
 )
+from .methods.cafe import CafeConfig, CafeEmbeddingBagCollection
 from .methods.dhe import DHEConfig, DHEEmbeddingBagCollection
 from .methods.dpq import DPQConfig, DPQEmbeddingBagCollection
-from .methods.cafe import CafeConfig, CafeEmbeddingBagCollection
 from .methods.full import FullConfig, FullEmbeddingBagCollection
 from .methods.hash import HashConfig, HashEmbeddingBagCollection
 from .methods.low_precision import LowPrecisionConfig, LowPrecisionEmbeddingBagCollection
@@ -57,8 +57,8 @@ from .methods.mixed_dim import MixedDimConfig, MixedDimEmbeddingBagCollection
 from .methods.optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection
 from .methods.pep import PEPConfig, PEPEmbeddingBagCollection
 from .methods.qr import QRConfig, QREmbeddingBagCollection
-from .methods.tt_rec import TTRecConfig, TTRecEmbeddingBagCollection
 from .methods.robe import RobeConfig, RobeEmbeddingBagCollection
+from .methods.tt_rec import TTRecConfig, TTRecEmbeddingBagCollection
 from .methods.unified import UnifiedConfig, UnifiedEmbeddingBagCollection
 from .module import EmbeddingModule
 from .optim import RowWiseAdagrad

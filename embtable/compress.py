@@ -38,7 +38,6 @@ from torchrec.modules.embedding_modules import (
     EmbeddingCollection,
     get_embedding_names_by_table,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .budget import FP32, Budget, BudgetError, as_budget, largest_feasible, plan
 from .build import build
@@ -55,7 +54,6 @@ __all__ = ["compress", "find_tables", "CompressionReport", "TableReport", "EMBTA
 # modules that already are embtable's: compress() leaves them (and what is inside them) alone
 EMBTABLE_MODULES = (EmbeddingModule, Embedding, EmbeddingBag, GroupedEmbeddingBagCollection,
                     GroupedEmbeddingCollection)
-_INIT_CHUNK = 1 << 20  # ids per step when mapping a trained table into its compressed rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,144 +417,16 @@ def _build_site(site: _Site, config: MethodConfig, seed: int | None,
     return new, inner
 
 
-def _storage_weight(module: EmbeddingModule, name: str) -> torch.Tensor:
-    return module.storage.embedding_bags[name].weight
-
-
-@torch.no_grad()
-def _init_full(module: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
-    _storage_weight(module, name).copy_(weight)
-    return "trained weights copied"
-
-
-@torch.no_grad()
-def _init_hash(module: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
-    """Each stored row = the mean of the trained rows of the ids that hash to it."""
-    table = _storage_weight(module, name)
-    if table.shape[0] == weight.shape[0] and module.mapper.hash_params[module.feature_names.index(name), 4] >= \
-            weight.shape[0]:
-        table.copy_(weight)
-        return "trained weights copied (identity mapping)"
-    sums = torch.zeros_like(table)
-    hits = torch.zeros(table.shape[0], dtype=table.dtype, device=table.device)
-    position = module.feature_names.index(name)
-    n = weight.shape[0]
-    for start in range(0, n, _INIT_CHUNK):
-        ids = torch.arange(start, min(n, start + _INIT_CHUNK), device=table.device)
-        lengths = torch.zeros(len(module.feature_names), dtype=torch.int64, device=table.device)
-        lengths[position] = ids.numel()
-        rows = module.mapper(KeyedJaggedTensor(keys=module.feature_names, values=ids, lengths=lengths)).values()
-        sums.index_add_(0, rows, weight[start : start + ids.numel()].to(table.dtype))
-        hits.index_add_(0, rows, torch.ones_like(ids, dtype=table.dtype))
-    used = hits > 0
-    table[used] = sums[used] / hits[used, None]
-    return f"mean of the trained rows sharing a slot ({n:,} -> {table.shape[0]:,} rows)"
-
-
-def _id_chunks(n: int, device: torch.device):
-    for start in range(0, n, _INIT_CHUNK):
-        yield start, torch.arange(start, min(n, start + _INIT_CHUNK), device=device)
-
-
-@torch.no_grad()
-def _init_qr(module: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
-    """Partition tables fitted to the trained rows by averaging over the ids that share a row.
-
-    concat: each partition's row = the mean of its slice of the trained rows sharing that digit.
-    add: backfitting, one pass: partition ``i``'s row = the mean residual ``W - sum_{j != i} e_j`` of its ids.
-    multiply: partition 0 = the mean of the rows sharing its digit, the others (starting at 1) the least
-    squares factor ``sum W * P / sum P**2`` given the product ``P`` of the partitions fitted before.
-    """
-    from .methods.qr import partition_dims, qr_digits
-
-    j = module.feature_names.index(name)
-    radix = module.radices[j]
-    if radix is None:
-        module.partition_weight(name, 0).copy_(weight)
-        return "trained weights copied"
-    k, combiner = module.config.num_partitions, module.config.combiner
-    tables = [module.partition_weight(name, i) for i in range(k)]  # views into the stacked tables
-    n, d = weight.shape
-    device = tables[0].device
-    w_all = weight.to(device=device, dtype=tables[0].dtype)
-
-    def others(digits: torch.Tensor, i: int, op: str) -> torch.Tensor:
-        out = torch.ones(digits.shape[1], d, device=device) if op == "mul" else torch.zeros(digits.shape[1], d,
-                                                                                             device=device)
-        for jj in range(k):
-            if jj != i:
-                out = out * tables[jj][digits[jj]] if op == "mul" else out + tables[jj][digits[jj]]
-        return out
-
-    if combiner == "concat":
-        bounds = [0]
-        for dim in partition_dims(d, k, "concat"):
-            bounds.append(bounds[-1] + dim)
-    if combiner == "add":
-        for t in tables:
-            t.zero_()
-    elif combiner == "multiply":
-        for t in tables:
-            t.fill_(1.0)
-    for i in range(k):
-        num = torch.zeros_like(tables[i])
-        den = torch.zeros_like(tables[i]) if combiner == "multiply" else torch.zeros(
-            tables[i].shape[0], 1, device=device)
-        for start, ids in _id_chunks(n, device):
-            digits = qr_digits(ids, radix, k)
-            w = w_all[start : start + ids.numel()]
-            if combiner == "concat":
-                num.index_add_(0, digits[i], w[:, bounds[i] : bounds[i + 1]])
-                den.index_add_(0, digits[i], torch.ones(ids.numel(), 1, device=device))
-            elif combiner == "add":
-                num.index_add_(0, digits[i], w - others(digits, i, "add"))
-                den.index_add_(0, digits[i], torch.ones(ids.numel(), 1, device=device))
-            else:
-                rest = others(digits, i, "mul")
-                num.index_add_(0, digits[i], w * rest)
-                den.index_add_(0, digits[i], rest * rest)
-        if combiner == "multiply":
-            tables[i].copy_(torch.where(den > 1e-12, num / den.clamp_min(1e-12), tables[i]))
-        else:
-            used = den[:, 0] > 0
-            tables[i][used] = num[used] / den[used]
-    return f"{combiner} partitions fitted to the trained rows by averaging over shared rows"
-
-
-@torch.no_grad()
-def _init_low_rank(module: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
-    """The truncated SVD of the trained table (``low_rank_factors`` of the low-rank method)."""
-    from .methods.low_rank import low_rank_factors
-
-    rank = module.ranks[module.feature_names.index(name)]
-    target = _storage_weight(module, name)
-    if rank is None:
-        target.copy_(weight)
-        return "trained weights copied"
-    table, projection = low_rank_factors(weight.to(target.device), rank)
-    target.copy_(table)
-    module.projections[name].copy_(projection)
-    return f"truncated SVD of the trained table (rank {rank})"
-
-
-_INITIALISERS = {"full": _init_full, "hash": _init_hash, "qr": _init_qr, "low_rank": _init_low_rank}
-
-
 def _initialise(inner: EmbeddingModule, name: str, weight: torch.Tensor) -> str:
-    """Initialise feature ``name`` of ``inner`` from a trained table, the way its method allows."""
+    """Initialise feature ``name`` of ``inner`` from a trained table with the method's ``init_from_weights``
+    hook; a method without one starts at random (the report says so)."""
     if weight.device.type == "meta":
         return "random (the trained table is on the meta device)"
-    hook = getattr(inner, "init_from_weights", None)  # a method may define its own
-    if callable(hook):
-        try:
-            with torch.no_grad():
-                return str(hook(name, weight.detach()))
-        except NotImplementedError:  # EmbeddingModule's default: fall back to the table below, or random
-            pass
-    fn = _INITIALISERS.get(inner.config.method)
-    if fn is None:
-        return f"random (method {inner.config.method!r} has no initialisation from a trained table)"
-    return fn(inner, name, weight.detach())
+    try:
+        with torch.no_grad():
+            return str(inner.init_from_weights(name, weight.detach()))
+    except NotImplementedError:
+        return f"random ({type(inner).__name__} has no initialisation from a trained table)"
 
 
 def _run(model: nn.Module, example_inputs: tuple, hooked: Sequence[nn.Module] = ()) -> tuple[Any, list[int]]:
@@ -626,9 +496,9 @@ def compress(
         dry_run: only plan and report; the model is returned unchanged.
         exclude: tables to leave as they are: module paths or report keys (``"path/table"``).
         init_from_weights: initialise the compressed rows from the trained ones where the method allows it
-            (full: copy; hash and qr: averages of the rows sharing a stored row; low_rank: truncated SVD;
-            a method may define its own ``init_from_weights(name, weight)``; others start at random, and
-            the report says so per table).
+            with the method's ``init_from_weights(name, weight)`` hook (e.g. a copy, averages of the rows
+            sharing a stored row, a truncated SVD); a method without one starts at random, and the report
+            says so per table).
         on_unsupported: ``"error"`` (default) raises for a table whose settings cannot be honoured;
             ``"skip"`` leaves it full and lists it with its reason in the report.
         counts: optional id frequency counts per table key, for methods that use popularity.

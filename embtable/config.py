@@ -78,7 +78,8 @@ _BY_NAME: dict[str, type[MethodConfig]] = {}
 def register_method(config_cls: type[MethodConfig]):
     """Class decorator: register the module class that implements ``config_cls``.
 
-    Registering a config type or a method name twice is an error.
+    Registering a config type or a method name twice is an error, except the same classes defined again
+    by a reload of their module (``importlib.reload``, a notebook's autoreload), which replace the old ones.
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
         raise TypeError(f"register_method expects a MethodConfig subclass, got {config_cls!r}")
@@ -86,6 +87,11 @@ def register_method(config_cls: type[MethodConfig]):
         raise ValueError(f"{config_cls.__name__} must set the class attribute `method` (its name)")
 
     def decorator(module_cls: type) -> type:
+        previous = _BY_NAME.get(config_cls.method)
+        if previous is not None and previous is not config_cls and _reloaded(previous, config_cls) \
+                and _reloaded(_REGISTRY[previous], module_cls):
+            del _REGISTRY[previous]  # the defining module was reloaded (importlib.reload, autoreload)
+            del _BY_NAME[config_cls.method]
         if config_cls in _REGISTRY:
             raise ValueError(f"{config_cls.__name__} is already registered to {_REGISTRY[config_cls].__name__}")
         if config_cls.method in _BY_NAME:
@@ -96,6 +102,11 @@ def register_method(config_cls: type[MethodConfig]):
         return module_cls
 
     return decorator
+
+
+def _reloaded(old: type, new: type) -> bool:
+    """``new`` is ``old`` defined again by a reload of its module (same module and qualified name)."""
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def registered_methods() -> dict[str, type[MethodConfig]]:

@@ -3,8 +3,9 @@
 :func:`export` turns a trained model (its tables compressed by :func:`embtable.compress` or built with
 :func:`embtable.build`) into its inference form and writes ONE file:
 
-- the inference form: eval mode, no gradients; a method's training-only parts must already be gone
-  (OptEmbed's compact table keeps only its kept rows: the supernet is refused with the step to take);
+- the inference form: eval mode, no gradients; each embtable module replaced by its
+  ``inference_module()`` (a method's serving form; a training stage without one is refused with the step
+  to take);
 - optional row-wise quantisation of the stored rows of every embtable table, on top of any method (the
   method's id mapping and combining are untouched: only the storage leaves change):
 
@@ -38,7 +39,6 @@ import dataclasses
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic import atomic_write
 from .compress import EMBTABLE_MODULES
 from .module import EmbeddingModule
 
@@ -226,15 +227,28 @@ def _table_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def _refuse_training_stages(path: str, module: nn.Module) -> None:
-    for sub_path, sub in module.named_modules():
-        name = type(sub).__name__
-        if name == "OptEmbedSupernet":
+def _serving_form(path: str, module: nn.Module) -> nn.Module:
+    """``module`` with every embtable module in it (the outermost ones) replaced by its ``inference_module()``."""
+    if isinstance(module, EmbeddingModule):
+        found = [("", module)]
+    else:
+        found, covered = [], []
+        for sub_path, sub in module.named_modules():
+            if isinstance(sub, EmbeddingModule) and not any(sub_path.startswith(c + ".") for c in covered):
+                found.append((sub_path, sub))
+                covered.append(sub_path)
+    for sub_path, sub in found:
+        try:
+            served = sub.inference_module()
+        except ValueError as err:
             where = ".".join(p for p in (path, sub_path) if p) or "<model>"
-            raise ValueError(
-                f"{where} is an OptEmbed supernet (a training stage: full tables and masks); build the compact "
-                "table first (embtable.methods.optembed_search.compact_from_supernet, then retrain) and export that"
-            )
+            raise ValueError(f"cannot export {where}: {err}") from err
+        if served is not sub:
+            if sub_path == "":
+                module = served
+            else:
+                _replace(module, sub_path, served)
+    return module
 
 
 def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
@@ -242,15 +256,15 @@ def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
 
     Only the storage leaves (``nn.Embedding`` / ``nn.EmbeddingBag``) inside embtable modules are
     quantised; tables the model keeps outside embtable (excluded from compression) stay as they are.
-    A module may define ``inference_module()`` returning its compact serving form; it is used.
+    Every embtable module is first replaced by its ``inference_module()`` (its serving form; a training
+    stage that has none raises ``ValueError`` with the step to take).
     """
     _check_dtype(dtype)
     out = copy.deepcopy(model).eval().requires_grad_(False)
     for path, module in list(_table_modules(out)):
-        _refuse_training_stages(path, module)
-        hook = getattr(module, "inference_module", None)
-        if callable(hook):
-            module = hook()
+        served = _serving_form(path, module)
+        if served is not module:
+            module = served
             _replace(out, path, module)
             out = module if path == "" else out
         if dtype == "fp32":
@@ -496,7 +510,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
 
     Args:
         model: a trained model holding embtable modules (e.g. from :func:`embtable.compress`).
-        path: the file to write (atomically: a temporary file in the same folder, then renamed).
+        path: the file to write (atomically and durably: :func:`embtable.atomic.atomic_write`).
         dtype: ``"fp32"`` (predictions equal the trained model's), ``"fp16"``, ``"int8"`` or ``"int4"``
             row-wise quantisation of the stored rows.
 
@@ -573,17 +587,8 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
         "extra_tensors": pickler.extras,
         "structure": buffer.getvalue(),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return ExportReport(path=path, file_bytes=os.path.getsize(path), **report_fields)
 
 

@@ -16,6 +16,7 @@ out-of-range policy, so each method only implements :meth:`EmbeddingModule.poole
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -38,6 +39,40 @@ __all__ = [
     "storage_values",
     "torchrec_pooling",
 ]
+
+
+_FX_NOTICE = "is_fx_tracing will return true"
+_fx_notice_done = False
+
+
+class _DropFxNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_FX_NOTICE)
+
+
+def _quiet_fx_tracing_notice() -> None:
+    """Consume torch's one-per-process ``is_fx_tracing will return true ...`` notice without printing it.
+
+    torch logs it at the first ``KeyedJaggedTensor`` a process builds (its metaclass asks ``is_fx_tracing()``);
+    it is advice about torch's own API, which nothing here calls. torch prints it once per process (a
+    cached function), so emitting it here, with only that message filtered, silences it for good while every
+    other log record of torch passes. Called when an embtable module is built, before its first batch.
+    """
+    global _fx_notice_done
+    if _fx_notice_done:
+        return
+    _fx_notice_done = True
+    from torch.fx import _symbolic_trace
+
+    notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
+    if notice is None:  # another torch release: nothing to do
+        return
+    logger, drop = logging.getLogger(_symbolic_trace.__name__), _DropFxNotice()
+    logger.addFilter(drop)
+    try:
+        notice()
+    finally:
+        logger.removeFilter(drop)
 
 
 def torchrec_pooling(pooling: Pooling) -> PoolingType:
@@ -172,6 +207,7 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        _quiet_fx_tracing_notice()
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from embtable.atomic import atomic_write
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -23,7 +24,7 @@ _FORMAT = 1
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file in the same directory + ``os.replace``).
+    """Write ``state`` to ``path`` atomically and durably (:func:`embtable.atomic.atomic_write`).
 
     Example:
         >>> import tempfile, pathlib
@@ -32,23 +33,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         >>> load_checkpoint(d / "c.pt")["step"]
         3
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": _FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_write(path) as f:
+        torch.save({"format": _FORMAT, **state}, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:

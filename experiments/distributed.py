@@ -12,8 +12,9 @@ Usage (spawns its own processes on this machine; for several machines run one pr
     python -m experiments.distributed hash --world-size 2 --out runs/dist_hash
     torchrun --nnodes 2 --nproc-per-node 1 ... -m experiments.distributed hash --spawn no --out /shared/run
 
-Gradients: each rank's loss is the mean over its share of the batch; DMP averages table gradients and DDP
-averages dense gradients over ranks, so training equals single-process training on the global batch.
+Gradients: each rank's loss is the mean over its share of the batch (plus the embtable modules'
+``auxiliary_loss()``); DMP averages table gradients and DDP averages dense gradients over ranks, so training
+equals single-process training on the global batch. The step loop is :func:`experiments.train.train_steps`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ from tqdm.auto import tqdm
 import ctr_models
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
 from embtable.sharding import shard
 from experiments.config import RunConfig, load_config
-from experiments.train import _write_json, dataset_path, evaluate
+from experiments.train import TrainState, dataset_path, evaluate, train_epochs
 
 __all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
@@ -112,25 +114,21 @@ def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_ty
     loader = data_prep.BatchLoader(path, "train", train.batch_size, shuffle=True, seed=train.seed, drop_last=True)
     total = len(loader) * train.epochs if train.max_steps is None else min(train.max_steps, len(loader) * train.epochs)
     bar = tqdm(total=total, unit="batch", desc=f"{config.name} x{world_size}", disable=not (progress and rank == 0))
-    step, samples, start = 0, 0, time.perf_counter()
-    dmp.train()
-    for epoch in range(train.epochs):
+
+    def after_step(s: TrainState) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{s.last_loss:.4f}", refresh=False)
+
+    state, start = TrainState(), time.perf_counter()
+    optimizers = _DenseOptimizer(dense_opt)  # the table optimizer is fused into DMP's backward
+
+    def local_batches(epoch: int) -> Iterable[Batch]:
         loader.set_epoch(epoch)
-        for batch in loader:
-            if step >= total:
-                break
-            local = slice_batch(batch, rank, world_size)
-            logits = dmp(local.dense_features.to(device), local.sparse_features.to(device))
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, local.labels.to(device).float())
-            loss.backward()
-            if dense_opt is not None:
-                dense_opt.step()
-                dense_opt.zero_grad(set_to_none=True)
-            step += 1
-            samples += batch.labels.shape[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        return (slice_batch(batch, rank, world_size).to(device) for batch in loader)
+
+    train_epochs(dmp, local_batches, len(loader), total, optimizers, state, on_step=after_step)
     bar.close()
+    step, samples = state.step, state.samples * world_size  # every rank trains on an equal share
     seconds = time.perf_counter() - start
     dcp.save(dmp.state_dict(), checkpoint_id=str(out / SHARDED_CHECKPOINT))
     dist.barrier()
@@ -139,6 +137,21 @@ def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_ty
     if rank == 0:
         (out / "plan.json").write_text(json.dumps({"plan": plan, "text": str(dmp.plan), "steps": step,
                                                    "samples_per_s": samples / seconds, "train_seconds": seconds}))
+
+
+class _DenseOptimizer:
+    """The optimizer interface :func:`experiments.train.train_steps` drives, for the dense parameters only."""
+
+    def __init__(self, dense: torch.optim.Optimizer | None) -> None:
+        self.dense = dense
+
+    def zero_grad(self) -> None:
+        if self.dense is not None:
+            self.dense.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        if self.dense is not None:
+            self.dense.step()
 
 
 def load_unsharded(config: RunConfig, checkpoint: str | os.PathLike) -> nn.Module:
@@ -191,7 +204,7 @@ def train_distributed(config: RunConfig, out_dir: str | os.PathLike, *, world_si
               "train_samples_per_s": info["samples_per_s"], "train_seconds": info["train_seconds"],
               "sharding": info["plan"], "inference_bytes": embtable.memory_report(model.embedding).inference_bytes
               if hasattr(model, "embedding") else None, **metrics}
-    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
+    atomic_write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 

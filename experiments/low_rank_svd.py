@@ -29,30 +29,40 @@ import torch
 
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
+from embtable.methods.full import FullConfig
 from embtable.methods.low_rank import low_rank_from_trained, output_second_moments
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from experiments.config import RunConfig, load_config
 from experiments.distributed import build_model
 from experiments.train import (
     TrainState,
-    _deterministic,
-    _write_json,
     dataset_path,
+    deterministic,
     evaluate,
+    loader_epochs,
     make_optimizers,
     run,
-    train_steps,
+    train_epochs,
 )
 
-__all__ = ["run_svd_finetune", "main"]
+__all__ = ["StageFailed", "run_svd_finetune", "main"]
 
 RESULT = "svd_result.json"
+
+
+class StageFailed(RuntimeError):
+    """A stage's training run failed (diverged, NaN, constant predictions); ``reason`` says why."""
+
+    def __init__(self, stage: str, reason: str | None) -> None:
+        super().__init__(f"the {stage} stage failed: {reason}")
+        self.stage, self.reason = stage, reason
 
 
 def run_svd_finetune(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table",
                      finetune_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """See :func:`_run`; runs with the config's thread count and deterministic kernels, as ``run`` does."""
-    with _deterministic(config.train.num_threads):
+    with deterministic(config.train.num_threads):
         return _run(config, out_dir, moments=moments, finetune_steps=finetune_steps, progress=progress)
 
 
@@ -79,10 +89,10 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
     times: dict[str, float] = {}
     start = time.perf_counter()
     full_config = dataclasses.replace(
-        config, embedding=dataclasses.replace(config.embedding, method={"method": "full"}, budget=None))
+        config, embedding=dataclasses.replace(config.embedding, method={"method": FullConfig.method}, budget=None))
     full = run(full_config, out / "full", progress=progress)
     if full.status != "ok":
-        raise RuntimeError(f"the full-table stage failed: {full.failure_reason}")
+        raise StageFailed("full-table", full.failure_reason)
     times["full"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -107,7 +117,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
     loader = data_prep.BatchLoader(path, "train", config.train.batch_size, shuffle=True, seed=config.train.seed + 1)
     steps = finetune_steps if finetune_steps is not None else len(loader)
     state = TrainState()
-    train_steps(model, loader, optimizers, state, num_steps=steps, max_loss=config.train.max_loss)
+    train_epochs(model, loader_epochs(loader), len(loader), steps, optimizers, state, max_loss=config.train.max_loss)
     after = {s: evaluate(model, valid_loader(s), split=s) for s in ("valid", "test")}
     times["finetune"] = time.perf_counter() - start
 
@@ -122,7 +132,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
         "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
+    atomic_write_json(out / RESULT, result)  # atomic: a kill leaves the previous result or none
     return result
 
 

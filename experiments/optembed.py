@@ -31,7 +31,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,17 @@ from tqdm.auto import tqdm
 
 import ctr_models
 import embtable
+from embtable.atomic import atomic_write_json
 from embtable.methods.optembed_search import (
     OptEmbedSupernet,
     OptEmbedSupernetConfig,
     SearchConfig,
     SearchState,
     SortedMargins,
-    _field_cost,
     compact_config,
     compact_from_supernet,
     evolutionary_search,
+    field_cost,
     fit_rows,
 )
 from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -59,12 +59,11 @@ from experiments.config import RunConfig, load_config
 from experiments.train import (
     RunFailed,
     TrainState,
-    _deterministic,
-    _write_json,
     dataset_path,
+    deterministic,
     evaluate,
     make_optimizers,
-    train_steps,
+    train_epochs,
 )
 
 __all__ = ["OptEmbedStages", "DataSource", "StageHooks", "dataset_source", "run_optembed", "main", "RESULT_NAME"]
@@ -222,15 +221,8 @@ def _train_stage(stage: str, model: nn.Module, embedding: nn.Module, config: Run
             hooks.on_step(stage, s)
 
     try:
-        while state.step < total:
-            batches = islice(iter(source.train_batches(state.epoch)), state.batch_in_epoch, None)
-            train_steps(model, batches, optimizers, state, num_steps=total - state.step, max_loss=cfg.max_loss,
-                        on_step=after_step)
-            if state.batch_in_epoch >= source.steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            elif state.step < total:
-                raise RuntimeError(f"{stage}: the train split yielded {state.batch_in_epoch} batches in epoch "
-                                   f"{state.epoch}, expected {source.steps_per_epoch}")
+        train_epochs(model, source.train_batches, source.steps_per_epoch, total, optimizers, state,
+                     max_loss=cfg.max_loss, on_step=after_step)
     finally:
         bar.close()
     checkpoint(True)
@@ -295,7 +287,7 @@ def run_optembed(
     ckpt = {s: (out / f"{s}.pt" if out is not None else None) for s in STAGES}
     identity = _identity(config, stages)
     cfg = config.train
-    with _deterministic(cfg.num_threads), _keep_callers_rng():
+    with deterministic(cfg.num_threads), _keep_callers_rng():
         source = source if source is not None else dataset_source(config)
         features = source.features
         budget = embtable.as_budget(config.embedding.budget)
@@ -308,7 +300,7 @@ def run_optembed(
         build = dict(pooling=config.embedding.pooling)
         try:
             if budget_bytes is not None:  # fail before training when not even one row per field fits
-                least = sum(_field_cost(f, 1, stages.min_dim, stages.oov_buckets, stages.remap)[1] for f in features)
+                least = sum(field_cost(f, 1, stages.min_dim, stages.oov_buckets, stages.remap)[1] for f in features)
                 if least > budget_bytes:
                     raise embtable.BudgetError(
                         f"optembed: one row per feature at dim {stages.min_dim} needs {least:,} bytes, over the "
@@ -375,7 +367,7 @@ def run_optembed(
             if out is not None:
                 save_checkpoint(out / "compact.pt", {"config": compact_cfg.to_dict(), "state_dict": compact.state_dict()})
     if out is not None:
-        _write_json(out / RESULT_NAME, record)
+        atomic_write_json(out / RESULT_NAME, record)
     return record
 
 

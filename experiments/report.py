@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.meta import atomic_write_bytes
 from experiments.results import load
 
 __all__ = ["Report", "summarize", "best_per_budget", "speed_table", "pareto_front", "write_report"]
@@ -284,6 +283,8 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike, sweep: st
     Raises:
         ValueError: the store holds several sweeps and none was named, or the sweep has no successful run.
     """
+    from embtable.atomic import atomic_write_bytes  # here: summarising a store needs no torch
+
     frame = load(store)
     names = sorted(frame["sweep"].unique())
     if sweep is None:

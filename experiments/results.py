@@ -25,7 +25,6 @@ import datetime as _dt
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -185,12 +184,8 @@ def export_parquet(path: str | os.PathLike, out: str | os.PathLike, sweep: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame = load(path, sweep)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from embtable.atomic import atomic_write  # here: reading a store needs no torch
+
+    with atomic_write(out) as f:
+        frame.to_parquet(f, index=False)
     return out

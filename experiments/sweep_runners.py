@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 from experiments.config import RunConfig
 
-__all__ = ["Runner", "RUNNERS", "check_runner", "run_runner"]
+__all__ = ["Runner", "runners", "check_runner", "run_runner"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_byte
     for dense parameters inside the embedding module."""
     import data_prep
     import embtable
-    from experiments.train import _adam_bytes, dataset_path
+    from experiments.train import adam_bytes, dataset_path
 
     features = data_prep.load_meta(dataset_path(config.data)).feature_specs(config.model.embedding_dim)
     module = embtable.build(features, embtable.method_config_from_dict(dict(method), source="runner tables"),
@@ -79,7 +80,7 @@ def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_byte
         raise AssertionError(f"rebuilt {method.get('method')} tables hold {built} bytes, the runner reported "
                              f"{inference_bytes}")
     state = embtable.optimizer_state_bytes(module, config.train.embedding_optimizer, tables_only=True)
-    return inference_bytes + state + _adam_bytes(embtable.dense_parameters(module))
+    return inference_bytes + state + adam_bytes(embtable.dense_parameters(module))
 
 
 # ---- optembed: supernet -> search -> retrain ----
@@ -144,29 +145,28 @@ def _svd_check(options: Mapping[str, Any]) -> None:
 
 def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress: bool) -> dict[str, Any]:
     import embtable
-    from experiments.low_rank_svd import run_svd_finetune
-    from experiments.train import RunFailed, _deterministic, dataset_path
+    from embtable.methods.low_rank import LowRankConfig
+    from experiments.low_rank_svd import StageFailed, run_svd_finetune
+    from experiments.train import RunFailed, dataset_path, deterministic
 
     base = {"dataset": str(dataset_path(config.data))}
     try:  # the run's thread count and deterministic kernels for every stage, as experiments.train.run does
-        with _deterministic(config.train.num_threads):
+        with deterministic(config.train.num_threads):
             record = run_svd_finetune(config, out, moments=options.get("moments", "table"),
                                       finetune_steps=options.get("finetune_steps"), progress=progress)
     except RunFailed as failure:
         return {**base, "status": "failed", "failure_reason": failure.reason}
     except embtable.BudgetError as err:
         return {**base, "status": "failed", "failure_reason": f"infeasible budget: {err}"}
-    except RuntimeError as err:
-        if str(err).startswith("the full-table stage failed"):
-            return {**base, "status": "failed", "failure_reason": str(err)}
-        raise
+    except StageFailed as failure:
+        return {**base, "status": "failed", "failure_reason": str(failure)}
     tuned = record["finetuned"]
     return {
         **base,
         "status": "ok",
         "failure_reason": None,
         "inference_bytes": record["inference_bytes"],
-        "training_bytes": _training_bytes(config, {"method": "low_rank", "rank": record["ranks"]},
+        "training_bytes": _training_bytes(config, {"method": LowRankConfig.method, "rank": record["ranks"]},
                                           record["inference_bytes"]),
         "full_table_bytes": record["full_inference_bytes"],
         "valid_auc": tuned["valid_auc"],
@@ -180,10 +180,18 @@ def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress:
     }
 
 
-RUNNERS: dict[str, Runner] = {
-    "optembed": Runner("optembed", "optembed", _optembed_options, _optembed_check, _optembed_run),
-    "svd": Runner("svd", "low_rank", lambda: _SVD_OPTIONS, _svd_check, _svd_run),
-}
+@functools.cache
+def runners() -> dict[str, Runner]:
+    """The runners by name. The method each one produces is read from its config class (imports torch)."""
+    from embtable.methods.low_rank import LowRankConfig
+    from embtable.methods.optembed import OptEmbedConfig
+
+    found = [
+        # the supernet -> search -> retrain pipeline is named after the method it produces
+        Runner(OptEmbedConfig.method, OptEmbedConfig.method, _optembed_options, _optembed_check, _optembed_run),
+        Runner("svd", LowRankConfig.method, lambda: _SVD_OPTIONS, _svd_check, _svd_run),
+    ]
+    return {r.name: r for r in found}
 
 
 def check_runner(name: str, method: Mapping[str, Any], options: Mapping[str, Any]) -> None:
@@ -193,9 +201,9 @@ def check_runner(name: str, method: Mapping[str, Any], options: Mapping[str, Any
         ValueError: unknown runner, a method the runner does not produce, method knobs (the runner's
             settings go in ``runner_options``), or bad options (the message names the valid ones).
     """
-    if name not in RUNNERS:
-        raise ValueError(f"unknown runner {name!r}; runners: {sorted(RUNNERS)}")
-    runner = RUNNERS[name]
+    if name not in runners():
+        raise ValueError(f"unknown runner {name!r}; runners: {sorted(runners())}")
+    runner = runners()[name]
     if method.get("method") != runner.method:
         raise ValueError(f"runner {name!r} produces {runner.method!r} tables, but the entry's method is "
                          f"{method.get('method')!r}")
@@ -217,7 +225,7 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
     """Run runner ``name`` for one sweep cell and return its result as RunResult fields.
 
     Args:
-        name: a key of :data:`RUNNERS`.
+        name: a key of :func:`runners`.
         config: the cell's run config (its ``embedding.budget`` is the runner's budget).
         options: the runner's ``runner_options``.
         out_dir: the cell's directory (the runner's checkpoints: a re-run resumes from them).
@@ -228,16 +236,16 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
         the runners do not measure them), plus ``runner``, ``runner_options``,
         ``stage_seconds`` and ``runner_record``. Metrics are ``None`` unless ``status == "ok"``.
     """
-    from experiments.train import _versions
+    from experiments.train import versions
 
-    runner = RUNNERS[name]
+    runner = runners()[name]
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     produced = runner.run(config, options, out, progress)
     ok = produced["status"] == "ok"
     result: dict[str, Any] = {
-        "name": config.name, "config": config.to_dict(), "versions": _versions(), "seed": config.train.seed,
+        "name": config.name, "config": config.to_dict(), "versions": versions(), "seed": config.train.seed,
         "embedding_optimizer": config.train.embedding_optimizer, "training_bytes": None, "dense_bytes": None,
         "dense_training_bytes": None, "bayes_auc": None, "inference_bytes": None, "full_table_bytes": None,
         "train_samples_per_s": None, "steps": 0, "stage_seconds": {}, "runner_record": None,

@@ -1,9 +1,10 @@
 """Train and evaluate one configuration: ``run(config) -> RunResult``.
 
 The loop is split into pieces a multi-stage method can reuse (train a supernet, search, retrain):
-:func:`make_optimizers`, :func:`train_steps` (a number of steps over any batch iterable) and
-:func:`evaluate` (AUC / logloss on a split). :func:`run` strings them together with checkpoints,
-divergence checks, progress and the result record.
+:func:`make_optimizers`, :func:`train_epochs` (THE training loop: epochs of :func:`train_steps`, resumable
+mid-epoch; every stage, runner and distributed rank trains through it) and :func:`evaluate` (AUC /
+logloss on a split). :func:`run` strings them together with checkpoints, divergence checks, progress and
+the result record.
 
 Embedding rows get sparse gradients and a sparse-capable optimizer (SGD, Adagrad or row-wise Adagrad,
 DLRM practice); every other parameter (the model's layers and any dense part of the embedding module)
@@ -17,9 +18,8 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import ctr_models
 import data_prep
 import embtable
+from embtable.atomic import atomic_write_json
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiments.config import RunConfig
 
@@ -45,9 +46,17 @@ __all__ = [
     "TrainState",
     "Optimizers",
     "make_optimizers",
+    "embedding_modules",
+    "batch_loss",
     "train_steps",
+    "train_epochs",
+    "loader_epochs",
     "evaluate",
     "run",
+    "deterministic",
+    "versions",
+    "adam_bytes",
+    "dataset_path",
 ]
 
 RESULT_NAME = "result.json"
@@ -231,12 +240,22 @@ def make_optimizers(model: nn.Module, embedding: nn.Module, embedding_optimizer:
     return Optimizers(torch.optim.Adam(dense, lr=dense_lr) if dense else None, sparse, embedding_optimizer)
 
 
-def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
+def embedding_modules(model: nn.Module) -> list[embtable.EmbeddingModule]:
+    """Every embtable module in ``model``, under any attribute name (each once), in module order."""
+    return [m for m in model.modules() if isinstance(m, embtable.EmbeddingModule)]
+
+
+def batch_loss(model: nn.Module, batch: Any,
+               modules: Sequence[embtable.EmbeddingModule] | None = None) -> torch.Tensor:
+    """Mean binary cross-entropy of ``model`` on ``batch``, plus every ``auxiliary_loss()`` of the embtable
+    modules in it (``modules``: default :func:`embedding_modules` of ``model``)."""
     logits = model(batch.dense_features, batch.sparse_features)  # [B]
     loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
-    aux = getattr(getattr(model, "embedding", None), "auxiliary_loss", None)
-    extra = aux() if callable(aux) else None
-    return loss if extra is None else loss + extra
+    for module in embedding_modules(model) if modules is None else modules:
+        extra = module.auxiliary_loss()
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
 def train_steps(
@@ -252,10 +271,11 @@ def train_steps(
     """Train on ``batches`` (until exhausted or ``num_steps`` steps), updating ``state`` in place.
 
     Args:
-        model: returns logits ``[B]`` from ``(dense_features, sparse_features)``; if it has an
-            ``embedding`` with ``auxiliary_loss()``, that regulariser is added to the loss.
+        model: returns logits ``[B]`` from ``(dense_features, sparse_features)``. Every
+            ``embtable.EmbeddingModule`` in it (under any attribute name) adds its ``auxiliary_loss()`` to
+            the loss and has its ``train_step_end(step)`` called after each optimizer step.
         batches: ``torchrec.datasets.utils.Batch`` items.
-        optimizers: from :func:`make_optimizers`.
+        optimizers: from :func:`make_optimizers` (or any object with ``zero_grad()`` and ``step()``).
         state: advanced by one step, one batch and ``B`` samples per batch.
         num_steps: stop after this many steps.
         max_loss: raise :class:`RunFailed` when the smoothed loss exceeds it.
@@ -271,15 +291,18 @@ def train_steps(
     done = 0
     if num_steps is not None and num_steps <= 0:
         return 0
+    modules = embedding_modules(model)
     for batch in batches:
         start = time.perf_counter()
         optimizers.zero_grad()
-        loss = _loss(model, batch)
+        loss = batch_loss(model, batch, modules)
         value = loss.item()
         if not math.isfinite(value):
             raise RunFailed(f"training loss is {value} at step {state.step + 1}")
         loss.backward()
         optimizers.step()
+        for module in modules:
+            module.train_step_end(state.step)
         state.train_seconds += time.perf_counter() - start
         state.step += 1
         state.batch_in_epoch += 1
@@ -296,6 +319,60 @@ def train_steps(
         if num_steps is not None and done >= num_steps:
             break
     return done
+
+
+def train_epochs(
+    model: nn.Module,
+    epoch_batches: Callable[[int], Iterable[Any]],
+    steps_per_epoch: int,
+    total_steps: int,
+    optimizers: Optimizers,
+    state: TrainState,
+    *,
+    max_loss: float = math.inf,
+    on_step: Callable[[TrainState], None] | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+) -> None:
+    """THE training loop: :func:`train_steps` epoch after epoch until ``state.step == total_steps``.
+
+    Every training in the project (a run, each stage of a multi-stage method, a fine-tune, every rank of a
+    distributed run) goes through here. It continues from ``state`` (``epoch``, ``batch_in_epoch``): a
+    state restored from a checkpoint resumes mid-epoch, skipping the batches already done.
+
+    Args:
+        epoch_batches: epoch -> that epoch's training batches (the same order for the same epoch).
+        steps_per_epoch: batches per epoch (``len`` of the loader).
+        total_steps: train until ``state.step`` reaches it.
+        on_epoch_end: called after each complete epoch (validation, checkpoints).
+        model, optimizers, state, max_loss, on_step: see :func:`train_steps`.
+
+    Raises:
+        RunFailed: see :func:`train_steps`.
+        RuntimeError: an epoch yielded fewer batches than ``steps_per_epoch``.
+    """
+    while state.step < total_steps:
+        batches = islice(iter(epoch_batches(state.epoch)), state.batch_in_epoch, None)
+        train_steps(model, batches, optimizers, state, num_steps=total_steps - state.step, max_loss=max_loss,
+                    on_step=on_step)
+        if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+        elif state.step < total_steps:
+            raise RuntimeError(
+                f"the training batches yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
+                f"but {steps_per_epoch} were expected"
+            )
+
+
+def loader_epochs(loader: Any) -> Callable[[int], Iterable[Any]]:
+    """``epoch -> batches`` of a ``data_prep.BatchLoader`` (it is shuffled per epoch with ``set_epoch``)."""
+
+    def batches(epoch: int) -> Iterable[Any]:
+        loader.set_epoch(epoch)
+        return loader
+
+    return batches
 
 
 @torch.no_grad()
@@ -336,7 +413,7 @@ def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") 
 
 
 @contextlib.contextmanager
-def _deterministic(num_threads: int) -> Iterator[None]:
+def deterministic(num_threads: int) -> Iterator[None]:
     """Fix the thread count and deterministic kernels for the run; restore the caller's settings after."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
@@ -370,7 +447,8 @@ def dataset_path(data: Any) -> Path:
     return path
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions a result records (torch, torchrec, embtable)."""
     return {"torch": torch.__version__, "torchrec": torchrec.__version__, "embtable": embtable.__version__}
 
 
@@ -384,20 +462,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _adam_bytes(params: Iterable[nn.Parameter]) -> int:
+def adam_bytes(params: Iterable[nn.Parameter]) -> int:
+    """Bytes of ``torch.optim.Adam``'s state for ``params``."""
     # torch.optim.Adam keeps exp_avg and exp_avg_sq (each like the parameter) and a 4-byte step tensor
     return sum(2 * p.numel() * p.element_size() + 4 for p in params)
 
@@ -443,14 +509,14 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
 
-    with _deterministic(train_cfg.num_threads), _own_rng():
+    with deterministic(train_cfg.num_threads), _own_rng():
         path = dataset_path(config.data)
         meta = data_prep.load_meta(path)
         features = meta.feature_specs(config.model.embedding_dim)
         full_table_bytes = sum(f.full_table_bytes for f in features)
         torch.manual_seed(train_cfg.seed)
         record = dict(
-            name=config.name, config=config_dict, versions=_versions(), seed=train_cfg.seed,
+            name=config.name, config=config_dict, versions=versions(), seed=train_cfg.seed,
             dataset=str(path), embedding_optimizer=train_cfg.embedding_optimizer,
             full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc,
         )
@@ -526,21 +592,12 @@ def run(
                 hooks.on_step(s)
 
         try:
-            while state.step < total_steps:
-                train_loader.set_epoch(state.epoch)
-                batches = islice(iter(train_loader), state.batch_in_epoch, None)
-                train_steps(model, batches, optimizers, state, num_steps=total_steps - state.step,
-                            max_loss=train_cfg.max_loss, on_step=after_step)
-                if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    validate()
-                    checkpoint()
-                elif state.step < total_steps:
-                    raise RuntimeError(
-                        f"train loader yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
-                        f"but len() said {steps_per_epoch}"
-                    )
+            def end_of_epoch(s: TrainState) -> None:
+                validate()
+                checkpoint()
+
+            train_epochs(model, loader_epochs(train_loader), steps_per_epoch, total_steps, optimizers, state,
+                         max_loss=train_cfg.max_loss, on_step=after_step, on_epoch_end=end_of_epoch)
             checkpoint()
             valid = evaluate(model, data_prep.BatchLoader(path, "valid", train_cfg.eval_batch_size, shuffle=False))
             test = evaluate(model, data_prep.BatchLoader(path, "test", train_cfg.eval_batch_size, shuffle=False),
@@ -563,9 +620,9 @@ def _byte_counts(model: nn.Module, embedding: nn.Module, embedding_optimizer: st
     dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
     return {
         "inference_bytes": inference,
-        "training_bytes": inference + table_state + _adam_bytes(embtable.dense_parameters(embedding)),
+        "training_bytes": inference + table_state + adam_bytes(embtable.dense_parameters(embedding)),
         "dense_bytes": sum(p.numel() * p.element_size() for p in dense_params),
-        "dense_training_bytes": sum(p.numel() * p.element_size() for p in dense_params) + _adam_bytes(dense_params),
+        "dense_training_bytes": sum(p.numel() * p.element_size() for p in dense_params) + adam_bytes(dense_params),
     }
 
 
@@ -599,5 +656,5 @@ def _finish(
         **record,
     )
     if out is not None:
-        _write_json(out / RESULT_NAME, result.to_dict())
+        atomic_write_json(out / RESULT_NAME, result.to_dict())
     return result

@@ -184,6 +184,12 @@ def _low_precision_degenerate(features, ebc, build_kwargs):
     # fp32 rows, every row kept, identity (modulo) mapping: a plain TorchRec table
     config = embtable.LowPrecisionConfig(precision="fp32", hash_fn="modulo",
                                          num_buckets={f.name: f.num_embeddings for f in features})
+    module = embtable.build(features, config, **build_kwargs)
+    module.storage.load_state_dict(ebc.state_dict())
+    pairs = [(module.storage.embedding_bags[n].weight, w) for n, w in _weights(ebc).items()]
+    return module, pairs
+
+
 class _RobeRows:
     """``.grad``: one feature's plain-table-shaped slice ``[n, d]`` of the robe array's gradient."""
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from experiments.bench_tables import bench_table
+from experiments.benchmarks.bench_tables import bench_table
 from experiments.results import ResultStore
 
 FULL = 1_000_000
@@ -58,7 +58,7 @@ def test_bench_table_rows_means_speed_and_failures(store, tmp_path):
 
 def test_bench_speed_splits_the_forward(tmp_path):
     import data_prep
-    from experiments.bench_methods_speed import bench
+    from experiments.benchmarks.bench_methods_speed import bench
 
     data_prep.generate_dataset("tiny", tmp_path / "tiny", progress=False)
     rows = bench([{"method": "full"}, {"method": "hash"}, {"method": "low_rank"}], ["1/4", "1/1000000"],

@@ -17,19 +17,17 @@ from hypothesis import strategies as st
 import embtable
 from embtable import Budget, BudgetError, FeatureSpec
 from embtable.hashing import hash_coefficients, universal_hash
-
-CRITEO_1TB = [  # Criteo Terabyte cardinalities (882,774,559 ids over 26 features)
-    227605432, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 130229467, 3067956, 405282, 10, 2209, 11938,
-    155, 4, 976, 14, 292775614, 40790948, 187188510, 590152, 12973, 108, 36,
-]
+from experiments.scale import CRITEO_1TB  # defined once, for the scale study and these tests
+from experiments.scale import criteo_1tb_features as criteo_1tb
 
 
-def criteo_1tb(dim: int = 128) -> list[FeatureSpec]:
-    return [FeatureSpec(f"C{i + 1}", n, dim) for i, n in enumerate(CRITEO_1TB)]
+def test_criteo_1tb_features_follow_the_criteo_schema():
+    from data_prep.schema import CRITEO_CATEGORICAL
 
-
-def test_criteo_1tb_cardinalities():
-    assert sum(CRITEO_1TB) == 882_774_559
+    features = criteo_1tb(16)
+    assert [f.name for f in features] == CRITEO_CATEGORICAL  # the columns data_prep reads from Criteo files
+    assert [f.num_embeddings for f in features] == list(CRITEO_1TB)
+    assert sum(f.num_embeddings for f in features) == 882_774_559 and {f.embedding_dim for f in features} == {16}
 
 
 def test_feature_spec_validation():
@@ -50,9 +48,12 @@ def test_budget_parsing(text, expected):
     assert embtable.as_budget(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", 1.5, -3, "0/4", True])
-def test_bad_budgets_are_explained(bad):
-    with pytest.raises((ValueError, TypeError)):
+@pytest.mark.parametrize("bad,explained", [
+    ("lots", "cannot read budget .lots.; examples"), (1.5, "use an int for bytes"),
+    (-3, "must be a positive integer, got -3"), ("0/4", r"must be in \(0, 1\]"), (True, "cannot be a bool"),
+])
+def test_bad_budgets_are_explained(bad, explained):
+    with pytest.raises((ValueError, TypeError), match=explained):
         embtable.as_budget(bad)
 
 
@@ -117,6 +118,31 @@ def test_registering_twice_is_an_error():
 
     with pytest.raises(ValueError, match="must set the class attribute"):
         embtable.register_method(Nameless)
+
+
+def test_reloading_a_method_module_registers_it_again(tmp_path, monkeypatch):
+    import importlib
+
+    import embtable.config as config
+
+    monkeypatch.setattr(config, "_REGISTRY", dict(config._REGISTRY))  # nothing leaks into other tests
+    monkeypatch.setattr(config, "_BY_NAME", dict(config._BY_NAME))
+    (tmp_path / "reload_probe_method.py").write_text(
+        "import dataclasses\nimport embtable\n\n"
+        "@dataclasses.dataclass(frozen=True)\nclass ProbeConfig(embtable.MethodConfig):\n    method = 'reload_probe'\n\n"
+        "@embtable.register_method(ProbeConfig)\nclass ProbeModule(embtable.EmbeddingModule):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reload_probe_method")
+    try:
+        first = module.ProbeConfig
+        importlib.reload(module)  # what a notebook's autoreload does
+        assert module.ProbeConfig is not first and config.registered_methods()["reload_probe"] is module.ProbeConfig
+        assert config._REGISTRY[module.ProbeConfig] is module.ProbeModule and first not in config._REGISTRY
+        with pytest.raises(ValueError, match="already registered"):  # another class under the name: still an error
+            embtable.register_method(module.ProbeConfig)(type("OtherModule", (), {}))
+    finally:
+        sys.modules.pop("reload_probe_method", None)
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -19,15 +19,7 @@ from embtable.methods.mixed_dim import (
     power_rule_dims,
     solve_block_dims,
 )
-
-CRITEO_1TB = [  # Criteo Terabyte cardinalities (882,774,559 ids over 26 features), as in test_core.py
-    227605432, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 130229467, 3067956, 405282, 10, 2209, 11938,
-    155, 4, 976, 14, 292775614, 40790948, 187188510, 590152, 12973, 108, 36,
-]
-
-
-def criteo(dim: int = 128) -> list[FeatureSpec]:
-    return [FeatureSpec(f"C{i + 1}", n, dim) for i, n in enumerate(CRITEO_1TB)]
+from experiments.scale import criteo_1tb_features as criteo  # Criteo-1TB cardinalities, defined once
 
 
 def zipf_counts(n: int, seed: int, ordered: bool = False) -> np.ndarray:

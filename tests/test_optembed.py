@@ -23,10 +23,10 @@ from embtable.methods.optembed_search import (
     OptEmbedSupernetConfig,
     SearchConfig,
     SearchState,
-    _field_cost,
     compact_config,
     compact_from_supernet,
     evolutionary_search,
+    field_cost,
     fit_rows,
 )
 
@@ -229,7 +229,7 @@ def test_compact_from_supernet_equals_the_supernet_it_was_searched_on():
         # the smallest cut: one margin level lower would not fit
         levels = np.unique(np.concatenate([m[m > 0] for m in margins.values()] + [np.zeros(1)]))
         lower = levels[np.searchsorted(levels, fit.cut) - 1]
-        assert sum(_field_cost(f, max(1, int((margins[f.name] > lower).sum())), d, 0, "auto")[1]
+        assert sum(field_cost(f, max(1, int((margins[f.name] > lower).sum())), d, 0, "auto")[1]
                    for f, d in zip(features, dims)) > budget
         config = compact_config(features, fit, dims)
         compact = compact_from_supernet(net, config, fit.kept_ids, pooling=pooling, is_weighted=weighted)

@@ -1,9 +1,9 @@
 """One file per method. Importing this package registers every method."""
 
 from . import (  # noqa: F401  (registration side effect is the point of this package)
+    cafe,  # noqa: F401
     dhe,  # noqa: F401
     dpq,  # noqa: F401
-    cafe,  # noqa: F401
     full,
     hash,
     low_precision,  # noqa: F401
@@ -14,7 +14,7 @@ from . import (  # noqa: F401  (registration side effect is the point of this pa
     optembed,  # noqa: F401
     pep,  # noqa: F401
     qr,  # noqa: F401
-    tt_rec,  # noqa: F401
     robe,  # noqa: F401
+    tt_rec,  # noqa: F401
     unified,  # noqa: F401
 )

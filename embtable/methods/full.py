@@ -49,6 +49,12 @@ class FullEmbeddingBagCollection(EmbeddingModule):
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return storage_values(self.storage(kjt), self.feature_names)
 
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Copy the trained table of feature ``name`` (used by :func:`embtable.compress`)."""
+        self.storage.embedding_bags[name].weight.copy_(weight)
+        return "trained weights copied"
+
     @classmethod
     def size_config(cls, features, config, budget_bytes):
         full = sum(f.full_table_bytes for f in features)

@@ -36,6 +36,7 @@ from ..module import (
 __all__ = ["HashConfig", "HashEmbeddingBagCollection", "HashIdMapper"]
 
 HASH_PARAM_BYTES = 6 * 8  # a0, a1, a2, b, m, n per feature, int64
+INIT_CHUNK = 1 << 20  # ids per step when averaging a trained table into its hashed rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,28 @@ class HashEmbeddingBagCollection(EmbeddingModule):
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return storage_values(self.storage(self.mapper(kjt)), self.feature_names)
+
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Each stored row = the mean of the trained rows of the ids that hash to it (used by ``compress``)."""
+        table = self.storage.embedding_bags[name].weight
+        position = self.feature_names.index(name)
+        n = weight.shape[0]
+        if table.shape[0] == n and self.mapper.hash_params[position, 4] >= n:
+            table.copy_(weight)
+            return "trained weights copied (identity mapping)"
+        sums = torch.zeros_like(table)
+        hits = torch.zeros(table.shape[0], dtype=table.dtype, device=table.device)
+        for start in range(0, n, INIT_CHUNK):
+            ids = torch.arange(start, min(n, start + INIT_CHUNK), device=table.device)
+            lengths = torch.zeros(len(self.feature_names), dtype=torch.int64, device=table.device)
+            lengths[position] = ids.numel()
+            rows = self.mapper(KeyedJaggedTensor(keys=self.feature_names, values=ids, lengths=lengths)).values()
+            sums.index_add_(0, rows, weight[start : start + ids.numel()].to(table.dtype))
+            hits.index_add_(0, rows, torch.ones_like(ids, dtype=table.dtype))
+        used = hits > 0
+        table[used] = sums[used] / hits[used, None]
+        return f"mean of the trained rows sharing a slot ({n:,} -> {table.shape[0]:,} rows)"
 
     @classmethod
     def size_config(cls, features, config, budget_bytes):

@@ -214,6 +214,19 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
             nn.init.orthogonal_(p)
             p.mul_(math.sqrt(p.shape[1] / p.shape[0]))
 
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """The truncated SVD of the trained table (:func:`low_rank_factors`); used by ``compress``."""
+        rank = self.ranks[self.feature_names.index(name)]
+        target = self.storage.embedding_bags[name].weight
+        if rank is None:
+            target.copy_(weight)
+            return "trained weights copied"
+        table, projection = low_rank_factors(weight.to(target.device), rank)
+        target.copy_(table)
+        self.projections[name].copy_(projection)
+        return f"truncated SVD of the trained table (rank {rank})"
+
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         x = storage_values(self.storage(kjt), self.feature_names)  # [B, S]: r_f columns per compressed feature, d_f per full one
         if not self.projections:

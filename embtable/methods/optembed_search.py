@@ -197,6 +197,13 @@ class OptEmbedSupernet(EmbeddingModule):
             out[f.name] = (norm.double() - float(self.thresholds[i])).cpu().numpy()
         return out
 
+    def inference_module(self) -> nn.Module:
+        """Refused: the supernet is a training stage (full tables and masks), not a serving form."""
+        raise ValueError(
+            "it is an OptEmbed supernet (a training stage: full tables and masks); build the compact table first "
+            "(embtable.methods.optembed_search.compact_from_supernet, then retrain) and export that"
+        )
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         if self.config.threshold_reg == 0:
             return None
@@ -291,7 +298,7 @@ class RowFit:
     total_bytes: int
 
 
-def _field_cost(f: FeatureSpec, kept: int, dim: int, oov_buckets: int, remap: str) -> tuple[int, int]:
+def field_cost(f: FeatureSpec, kept: int, dim: int, oov_buckets: int, remap: str) -> tuple[int, int]:
     """(rows kept, bytes): a field whose pruned storage would cost as much as its whole table keeps it all."""
     full = f.num_embeddings * dim * FP32
     if kept >= f.num_embeddings:
@@ -347,7 +354,7 @@ def fit_rows(
         out = []
         for f, d in zip(features, dims):
             kept = max(1, f.num_embeddings - int(np.searchsorted(asc[f.name], cut, side="right")))
-            out.append(_field_cost(f, kept, d, oov_buckets, remap))
+            out.append(field_cost(f, kept, d, oov_buckets, remap))
         return out
 
     def total(cut: float) -> int:

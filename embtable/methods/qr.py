@@ -77,6 +77,7 @@ __all__ = ["QRConfig", "QREmbeddingBagCollection", "QRIdMapper", "qr_digits", "p
 COMBINERS = ("multiply", "add", "concat")
 BAG_MODES = ("pool_then_combine", "combine_then_pool")
 MAX_PARTITIONS = 8
+_INIT_CHUNK = 1 << 20  # ids per step when fitting the partitions to a trained table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,6 +452,68 @@ class QREmbeddingBagCollection(EmbeddingModule):
                 a = s
             for i in range(k):
                 self.partition_weight(f.name, i).uniform_(-a, a)
+
+    @torch.no_grad()
+    def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
+        """Partition tables fitted to the trained rows by averaging over the ids that share a row.
+
+        Used by :func:`embtable.compress`. concat: each partition's row = the mean of its slice of the trained
+        rows sharing that digit. add: backfitting, one pass: partition ``i``'s row = the mean residual
+        ``W - sum_{j != i} e_j`` of its ids. multiply: partition 0 = the mean of the rows sharing its digit, the
+        others (starting at 1) the least squares factor ``sum W * P / sum P**2`` given the product ``P`` of the
+        partitions fitted before.
+        """
+        radix = self.radices[self.feature_names.index(name)]
+        if radix is None:
+            self.partition_weight(name, 0).copy_(weight)
+            return "trained weights copied"
+        k, combiner = self.config.num_partitions, self.config.combiner
+        tables = [self.partition_weight(name, i) for i in range(k)]  # views into the stacked tables
+        n, d = weight.shape
+        device = tables[0].device
+        w_all = weight.to(device=device, dtype=tables[0].dtype)
+
+        def others(digits: torch.Tensor, i: int) -> torch.Tensor:
+            """The combination of every partition but ``i`` at ``digits``: ``[n, d]``."""
+            out = torch.full((digits.shape[1], d), 1.0 if combiner == "multiply" else 0.0, device=device)
+            for j in range(k):
+                if j != i:
+                    out = out * tables[j][digits[j]] if combiner == "multiply" else out + tables[j][digits[j]]
+            return out
+
+        bounds = [0]
+        for dim in partition_dims(d, k, combiner):
+            bounds.append(bounds[-1] + dim)
+        if combiner == "add":
+            for t in tables:
+                t.zero_()
+        elif combiner == "multiply":
+            for t in tables:
+                t.fill_(1.0)
+        for i in range(k):
+            num = torch.zeros_like(tables[i])
+            den = torch.zeros_like(tables[i]) if combiner == "multiply" else torch.zeros(
+                tables[i].shape[0], 1, device=device)
+            for start in range(0, n, _INIT_CHUNK):
+                ids = torch.arange(start, min(n, start + _INIT_CHUNK), device=device)
+                digits = qr_digits(ids, radix, k)
+                w = w_all[start : start + ids.numel()]
+                if combiner == "concat":
+                    num.index_add_(0, digits[i], w[:, bounds[i] : bounds[i + 1]])
+                    den.index_add_(0, digits[i], torch.ones(ids.numel(), 1, device=device))
+                elif combiner == "add":
+                    num.index_add_(0, digits[i], w - others(digits, i))
+                    den.index_add_(0, digits[i], torch.ones(ids.numel(), 1, device=device))
+                else:
+                    rest = others(digits, i)
+                    num.index_add_(0, digits[i], w * rest)
+                    den.index_add_(0, digits[i], rest * rest)
+            if combiner == "multiply":
+                tables[i].copy_(torch.where(den > 1e-12, num / den.clamp_min(1e-12), tables[i]))
+            else:
+                used = den[:, 0] > 0
+                tables[i][used] = num[used] / den[used]
+        return f"{combiner} partitions fitted to the trained rows by averaging over shared rows"
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         full_kjt, stacked_kjts = self.mapper(kjt)

@@ -14,7 +14,7 @@ Methods are timed in interleaved rounds and each number is the median round (a b
 slows all methods of a round alike). ``rel_full`` is samples/s relative to the full table's in the
 same round.
 
-    python -m experiments.bench_methods_speed --budgets 1/4 1/16 --methods full hash qr unified low_rank
+    python -m experiments.benchmarks.bench_methods_speed --budgets 1/4 1/16 --methods full hash qr unified low_rank
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import ctr_models
 import data_prep
 import embtable
 from experiments.config import DataConfig
-from experiments.train import _loss, dataset_path, make_optimizers
+from experiments.train import batch_loss, dataset_path, make_optimizers
 
 __all__ = ["main", "bench"]
 
@@ -54,7 +54,7 @@ def _round(model, emb, opts, batches: list, parts: bool) -> dict[str, float]:
     start = time.perf_counter()
     for b in batches:
         opts.zero_grad()
-        loss = _loss(model, b)
+        loss = batch_loss(model, b)
         loss.backward()
         opts.step()
     out["step"] = (time.perf_counter() - start) / len(batches)
@@ -132,10 +132,11 @@ def bench(methods: list[dict[str, Any]], budgets: list[str], *, preset: str = "d
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_methods_speed",
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_methods_speed",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["full", "hash", "qr", "unified", "low_rank"],
-                        help="method names or YAML mappings, e.g. '{method: unified, num_probes: 2}'")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="method names or YAML mappings, e.g. '{method: unified, num_probes: 2}' "
+                             "(default: every registered method)")
     parser.add_argument("--budgets", nargs="+", default=["1/4", "1/16", "1/64"])
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--data-dir", default="data")
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     import yaml
 
-    methods = [yaml.safe_load(m) if m.strip().startswith("{") else {"method": m} for m in args.methods]
+    names = args.methods or list(embtable.registered_methods())
+    methods = [yaml.safe_load(m) if m.strip().startswith("{") else {"method": m} for m in names]
     rows = bench(methods, args.budgets, preset=args.preset, data_dir=args.data_dir, batch_size=args.batch_size,
                  steps=args.steps, rounds=args.rounds)
     cols = ["method", "budget", "rel_full", "samples_per_s", "step_ms", "embedding_forward_ms", "mapper_ms",

@@ -4,7 +4,7 @@ On one generated Criteo TSV file, in one run: rows/s and MB/s of ``convert_crite
 ``pyarrow.csv.read_csv`` simply reading the same file (both cores), the ``BatchLoader``'s samples/s, peak
 memory, and the generator presets' sizes, positive rates and Bayes AUCs.
 
-    python -m experiments.bench_data_prep --rows 1000000 --out runs/bench_data_prep.json
+    python -m experiments.benchmarks.bench_data_prep --rows 1000000 --out runs/bench_data_prep.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ its backward from a fixed upstream gradient, and the row-wise Adagrad update) an
 whole step; the rest of the step is the dense part (MLPs, interaction, loss, Adam). Models are timed in
 interleaved rounds and the median round is reported, which keeps the comparison fair on a busy machine.
 
-    python -m experiments.bench_models --preset demo --batch-size 1024 --steps 40 --rounds 5
+    python -m experiments.benchmarks.bench_models --preset demo --batch-size 1024 --steps 40 --rounds 5
 """
 
 from __future__ import annotations
