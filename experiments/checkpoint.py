@@ -60,8 +60,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a checkpoint is only ever replaced whole, so this is not a torn write
         raise RuntimeError(f"{path}: cannot read checkpoint ({err}); delete it to start the run afresh") from err
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise RuntimeError(f"{path}: not a checkpoint of this version (format {state.get('format')!r})")
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict); "
+                           "delete it to start the run afresh")
+    if state.get("format") != _FORMAT:
+        raise RuntimeError(f"{path}: not a checkpoint of this version (format {state.get('format')!r}, expected "
+                           f"{_FORMAT}); delete it to start the run afresh")
     return state
 
 

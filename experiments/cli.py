@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         conv.add_argument("--min-count", type=int, default=None,
                           help="ids seen fewer times in training become the out-of-vocabulary id (default: the protocol's)")
         conv.add_argument("--strict", action="store_true", help="stop at the first malformed row (file and line)")
+        conv.add_argument("--max-malformed", type=float, default=None, metavar="FRACTION",
+                          help="largest fraction of malformed lines accepted, skipped and counted (default 0.01)")
 
     # plan ------------------------------------------------------------------------------------------
     plan = sub.add_parser("plan", help="bytes and table sizes each method would use, without training",
@@ -140,6 +142,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     convert = data_prep.convert_criteo if args.source == "criteo" else data_prep.convert_avazu
     kwargs: dict[str, Any] = {"strict": args.strict, "min_count": args.min_count}
+    if args.max_malformed is not None:
+        kwargs["max_malformed"] = args.max_malformed
     if args.protocol is not None:
         kwargs["protocol"] = args.protocol
     if args.source == "avazu" and len(args.inputs) != 1:
@@ -273,13 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     printed as one line naming the problem, with exit code 2, not as a traceback.
     """
     args = build_parser().parse_args(argv)
+    from data_prep import DataPrepError
     from embtable import BudgetError
     from experiments.config import ConfigError
     from experiments.study_storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StorageError, BudgetError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, BudgetError, DataPrepError, FileNotFoundError) as err:
         print(f"embtable {args.command}: {err}", file=sys.stderr)
         return 2
 
