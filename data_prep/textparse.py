@@ -52,7 +52,7 @@ MISSING_KEY = -1
 #: Reasons a line is rejected; the code stored per rejected line is the index in this tuple.
 MALFORMED_KINDS = (
     "blank_line", "crlf", "field_count", "empty_label", "bad_label", "non_integer_dense",
-    "non_hex_category", "bad_hour",
+    "non_hex_category", "bad_hour", "non_utf8",
 )
 _K = {k: i for i, k in enumerate(MALFORMED_KINDS)}
 
@@ -702,6 +702,8 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
         if fast is not None:
             return fast
     arr, starts, ends, delims, code = _scan(data, fmt)
+    if not fmt.hex_categories:
+        _flag_non_utf8(data, arr, starts, ends, code)
     line_no = first_line + np.arange(len(ends), dtype=np.int64)
     good = code < 0
     if strict and not good.all():
@@ -732,6 +734,20 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     ok = ~bad_rows
     return ParsedChunk(labels=labels[ok], dense=dense[ok], keys=keys[ok], lines=rows_line[ok],
                        bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
+
+
+def _flag_non_utf8(data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, code: np.ndarray) -> None:
+    """Mark the lines that are not UTF-8 (string columns are read as text); one C pass when all are."""
+    try:
+        data.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    for i in np.flatnonzero(code < 0):  # only in a chunk holding bad bytes
+        try:
+            arr[starts[i]:ends[i]].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            code[i] = _K["non_utf8"]
 
 
 #: An integer written as a decimal (``260.0``, ``3.``) in a Criteo field: the fraction is dropped.
