@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .convert import DEFAULT_MAX_MALFORMED, convert_avazu, convert_criteo
 from .generator import PRESETS, generate_dataset, generate_tsv
-from .meta import load_meta
+from .meta import is_disk_full, load_meta
 
 
 def _info(path: str) -> dict:
@@ -81,3 +82,9 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: the disk is full (or a file size limit was hit) writing {e.filename or 'a file'}: "
+              f"{e.strerror or e}; free some space and run the same command again: it resumes", file=sys.stderr)
+        sys.exit(1)

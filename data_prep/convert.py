@@ -214,6 +214,8 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
     if check_or_claim(out, fp, f"convert-{fmt_name}"):
         return out
     work = out / "_work"
+    if sum(job.sizes) <= chunk_bytes:  # one chunk: starting worker processes would cost more than it saves
+        workers = 1
     try:
         with Workers(workers, initializer=_tune_malloc) as pool:
             pool.start(_warm_up)  # the workers import their modules while this process plans

@@ -15,10 +15,12 @@ Everything is readable with plain pandas / pyarrow.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import re
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataPrepError", "DatasetMeta", "load_meta", "atomic_write_bytes", "atomic_write_json", "sha256_file",
-    "SPLITS", "temp_file",
+    "SPLITS", "is_disk_full", "temp_file",
 ]
 
 #: The splits every dataset has, in this order.
@@ -38,6 +40,19 @@ SPLITS = ("train", "valid", "test")
 
 class DataPrepError(ValueError):
     """Bad input data or a damaged dataset directory: the message names the file and what to do."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """``err`` is a write that found the disk full, a quota or a file size limit (``RLIMIT_FSIZE``).
+
+    Python's own writes say so with an errno; numpy's ``tofile`` and pyarrow's writers report a short
+    write as a bare ``OSError("N requested and M written")``.
+    """
+    if not isinstance(err, OSError):
+        return False
+    if err.errno is not None:
+        return err.errno in {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, n)}
+    return re.search(r"\d+ requested and \d+ written", str(err)) is not None
 
 
 def _umask() -> int:

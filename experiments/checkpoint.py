@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+class CheckpointError(RuntimeError):
+    """A file where a checkpoint should be that is not one of this version: the message says what to do."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
@@ -59,12 +63,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a checkpoint is only ever replaced whole, so this is not a torn write
-        raise RuntimeError(f"{path}: cannot read checkpoint ({err}); delete it to start the run afresh") from err
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err}); delete it to start the run afresh") from err
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict); "
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict); "
                            "delete it to start the run afresh")
     if state.get("format") != _FORMAT:
-        raise RuntimeError(f"{path}: not a checkpoint of this version (format {state.get('format')!r}, expected "
+        raise CheckpointError(f"{path}: not a checkpoint of this version (format {state.get('format')!r}, expected "
                            f"{_FORMAT}); delete it to start the run afresh")
     return state
 

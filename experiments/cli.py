@@ -278,15 +278,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     from data_prep import DataPrepError
+    from data_prep.meta import is_disk_full
     from embtable import BudgetError
+    from experiments.checkpoint import CheckpointError
     from experiments.config import ConfigError
     from experiments.study_storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StorageError, BudgetError, DataPrepError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, BudgetError, DataPrepError, CheckpointError, FileNotFoundError) as err:
         print(f"embtable {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"embtable {args.command}: the disk is full (or a file size limit was hit) writing "
+              f"{err.filename or 'a file'}: {err.strerror or err}. Every file is written whole or not at all: "
+              "free some space and run the same command again, it continues where it stopped", file=sys.stderr)
+        return 1
+
 
 
 if __name__ == "__main__":
