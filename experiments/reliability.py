@@ -112,11 +112,21 @@ def _input(name: str, argv: Sequence[str], code: int, expect: str = "",
 
 
 # ----- sample files ------------------------------------------------------------------------------------
-def _tiny_tsv(path: Path, rows: int = 400) -> Path:
-    from data_prep import GeneratorConfig, generate_tsv
+def _tiny_tsv(path: Path, rows: int = 400, seed: int = 0) -> Path:
+    """Criteo ``train.txt`` rows (label, 13 integers, 26 hex values; some empty), written directly."""
+    import numpy as np
 
-    cfg = GeneratorConfig(scale=1 / 3000, num_rows=rows, rows_per_shard=rows, calibration_rows=min(rows, 2000))
-    return generate_tsv(cfg, path, progress=False)
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(rows) < 0.25).astype(int)
+    dense = rng.integers(0, 500, (rows, 13))
+    cats = rng.zipf(1.3, (rows, 26)) % (1 << 32)
+    lines = []
+    for i in range(rows):
+        ints = ["" if (i + j) % 7 == 0 else str(v) for j, v in enumerate(dense[i])]
+        hexes = ["" if (i * j) % 11 == 5 else f"{v:08x}" for j, v in enumerate(cats[i])]
+        lines.append("\t".join([str(labels[i]), *ints, *hexes]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _avazu_csv(path: Path, rows: int = 200) -> Path:

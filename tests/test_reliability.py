@@ -285,3 +285,16 @@ def test_too_many_malformed_lines_stop_the_conversion_until_allowed(tmp_path, ca
     # the stopped run continues from its parsed chunks with a higher limit, to the same dataset
     resumed = convert_criteo(src, out, workers=1, chunk_bytes=6_000, progress=False, max_malformed=0.05)
     assert np.array_equal(_rows(resumed).to_numpy(), _rows(tmp_path / "ok").to_numpy())
+
+
+# ----- the fault report -------------------------------------------------------------------------------
+def test_fault_report_quick_mode_has_no_traceback_and_loses_nothing(tmp_path, capsys):
+    from experiments.reliability import main
+
+    summary = main(["--quick", "--work", str(tmp_path)])
+    figures = summary.figures
+    assert figures["inputs tried"] >= 15 and figures["faults injected"] >= 1
+    assert figures["runs resumed"] == figures["faults injected"]
+    assert figures["results lost"] == 0 and figures["tracebacks that reached the user"] == 0
+    assert figures["not as expected"] == 0, summary.table()
+    assert "tracebacks that reached the user: 0" in capsys.readouterr().out
