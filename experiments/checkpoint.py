@@ -7,6 +7,7 @@ tensors and plain Python data, so it loads with ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -45,6 +46,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:  # torch's zip writer reports a short write (full disk) as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        if "unexpected pos" not in str(err) and "failed writing" not in str(err):
+            raise
+        raise OSError(errno.ENOSPC, f"writing the checkpoint failed ({str(err).splitlines()[0][:120]}); "
+                      "the previous checkpoint is intact", str(path)) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
