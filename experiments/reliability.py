@@ -388,6 +388,8 @@ def _test_drills() -> list[Outcome]:
 
 
 def fault_drills(work: Path, quick: bool = False) -> list[Outcome]:
+    """Faults injected into child processes, each run resumed (quick: the full-disk conversion only)."""
+    work.mkdir(parents=True, exist_ok=True)
     outcomes = _prepare_drills(work, quick)
     if not quick:
         outcomes += _train_drills(work)
