@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .convert import DEFAULT_MAX_MALFORMED, convert_avazu, convert_criteo
