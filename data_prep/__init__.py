@@ -14,15 +14,17 @@ The public API::
 Command line: ``python -m data_prep --help``.
 """
 
-from .convert import convert_avazu, convert_criteo
+from .convert import TooManyMalformedError, convert_avazu, convert_criteo
 from .generator import PRESETS, GeneratorConfig, Teacher, generate_dataset, generate_tsv
-from .loader import BatchLoader
-from .meta import SPLITS, DatasetMeta, load_meta
+from .loader import BatchLoader, CorruptShardError
+from .meta import SPLITS, DataPrepError, DatasetMeta, load_meta
 from .table import prepare_table
 from .textparse import MALFORMED_KINDS, MalformedRowError
 
 __all__ = [
     "BatchLoader",
+    "CorruptShardError",
+    "DataPrepError",
     "DatasetMeta",
     "GeneratorConfig",
     "MALFORMED_KINDS",
@@ -30,6 +32,7 @@ __all__ = [
     "PRESETS",
     "SPLITS",
     "Teacher",
+    "TooManyMalformedError",
     "convert_avazu",
     "convert_criteo",
     "generate_dataset",

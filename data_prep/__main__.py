@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from .convert import convert_avazu, convert_criteo
+from .convert import DEFAULT_MAX_MALFORMED, convert_avazu, convert_criteo
 from .generator import PRESETS, generate_dataset, generate_tsv
-from .meta import load_meta
+from .meta import is_disk_full, load_meta
 
 
 def _info(path: str) -> dict:
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
         c.add_argument("--protocol", choices=["dlrm", "random"], default="dlrm" if name == "convert-criteo" else "random")
         c.add_argument("--min-count", type=int, default=None)
         c.add_argument("--strict", action="store_true", help="stop at the first malformed row")
+        c.add_argument("--max-malformed", type=float, default=DEFAULT_MAX_MALFORMED, metavar="FRACTION",
+                       help="largest fraction of malformed lines accepted (skipped and counted)")
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--workers", type=int, default=2)
         c.add_argument("--chunk-mb", type=float, default=32)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = a.path
     else:
         kw = dict(protocol=a.protocol, min_count=a.min_count, strict=a.strict, seed=a.seed, workers=a.workers,
-                  chunk_bytes=int(a.chunk_mb * (1 << 20)))
+                  chunk_bytes=int(a.chunk_mb * (1 << 20)), max_malformed=a.max_malformed)
         if a.cmd == "convert-criteo":
             path = convert_criteo(a.inputs, a.out, layout=a.layout, **kw)
         else:
@@ -86,3 +88,9 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: the disk is full (or a file size limit was hit) writing {e.filename or 'a file'}: "
+              f"{e.strerror or e}; free some space and run the same command again: it resumes", file=sys.stderr)
+        sys.exit(1)

@@ -10,6 +10,13 @@ Passes, each resumable (a killed run continues where it stopped, and ends with t
 3. map keys to ids on both cores and write the parquet shards;
 4. ``counts.npz`` and ``meta.json`` (manifest: shards with row counts and sha256, malformed rows).
 
+``meta.json`` is written last, atomically, and only when everything succeeded: a directory without it is
+never a dataset. Bad input stops a conversion with a :class:`DataPrepError` naming the file: an empty
+file, a wrong header (the missing and unexpected columns), a damaged gzip stream (where), or more than
+``max_malformed`` (default 1%) malformed lines (the first ones, their line numbers and kinds). The
+partial output of such a run is removed, except the parsed chunks of a run stopped for too many
+malformed lines: a rerun with a higher ``max_malformed`` continues from them.
+
 Protocols (never mixed; recorded in ``meta.json``):
 
 - ``"dlrm"``: Kaggle: rows cut into 7 equal consecutive days, days 1-6 train, day 7 halved into
@@ -35,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from .jobs import Workers, check_or_claim
-from .meta import SPLITS, atomic_write_json
+from .meta import SPLITS, DataPrepError, atomic_write_json
 from .schema import DENSE_TRANSFORM, FORMAT_VERSION, LABEL
 from .shards import (
     arrays_to_entries,
@@ -50,22 +57,33 @@ from .textparse import (
     AVAZU,
     CRITEO,
     MALFORMED_KINDS,
+    MalformedRowError,
     TextFormat,
+    check_header,
     count_lines,
+    criteo_format,
     is_gzip,
     iter_chunks,
     open_text,
     parse_chunk,
-    read_header,
+    read_first_lines,
 )
 from .vocab import KeyCounter, build_vocab, lookup_ids
 
-__all__ = ["convert_criteo", "convert_avazu", "MAX_LISTED_MALFORMED"]
+__all__ = ["convert_criteo", "convert_avazu", "MAX_LISTED_MALFORMED", "DEFAULT_MAX_MALFORMED", "TooManyMalformedError"]
+
+#: Default largest fraction of malformed lines a conversion accepts (more is an error; raise it with
+#: ``max_malformed=`` / ``--max-malformed``): a few bad lines are normal in web logs, 1% means a wrong file.
+DEFAULT_MAX_MALFORMED = 0.01
 
 #: At most this many malformed rows are listed one by one in ``meta.json`` (all are counted by kind).
 MAX_LISTED_MALFORMED = 10_000
 _FORMATS = {"criteo": CRITEO, "avazu": AVAZU}
 _DEFAULT_MIN_COUNT = {"dlrm": 1, "random": 10}
+
+
+class TooManyMalformedError(DataPrepError):
+    """More malformed lines than ``max_malformed`` allows: names the files, the first bad lines and their kinds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +119,7 @@ def convert_criteo(
     workers: int = 2,
     chunk_bytes: int = 32 << 20,
     progress: bool = True,
+    max_malformed: float = DEFAULT_MAX_MALFORMED,
 ) -> pathlib.Path:
     """Convert Criteo text files (Kaggle ``train.txt`` or 1TB ``day_0 .. day_23``, gzip or plain).
 
@@ -110,6 +129,8 @@ def convert_criteo(
         protocol: ``"dlrm"`` (consecutive days) or ``"random"`` (8:1:1 by seeded hash).
         min_count: ids seen fewer times in training become the OOV id 0 (default 1 for dlrm, 10 for random).
         strict: stop at the first malformed row with a :class:`MalformedRowError` naming file and line.
+        max_malformed: largest fraction of malformed lines accepted (0..1); more stops the conversion
+            with a :class:`TooManyMalformedError` listing the first bad lines.
         layout: ``"kaggle"`` (the inputs are one stream, cut into ``days`` days), ``"1tb"`` (one file per
             day) or ``"auto"`` (1tb when several files are given).
         seed: seed of the random split.
@@ -135,7 +156,7 @@ def convert_criteo(
     source = "criteo-1tb" if layout == "1tb" else "criteo-kaggle"
     return _convert("criteo", paths, out_dir, layout=layout, protocol=protocol, min_count=min_count,
                     strict=strict, seed=seed, days=days, workers=workers, chunk_bytes=chunk_bytes,
-                    progress=progress, source=source)
+                    progress=progress, source=source, max_malformed=max_malformed)
 
 
 def convert_avazu(
@@ -150,6 +171,7 @@ def convert_avazu(
     workers: int = 2,
     chunk_bytes: int = 32 << 20,
     progress: bool = True,
+    max_malformed: float = DEFAULT_MAX_MALFORMED,
 ) -> pathlib.Path:
     """Convert the Avazu ``train`` CSV (header ``id,click,hour,...``; gzip or plain).
 
@@ -160,13 +182,15 @@ def convert_avazu(
     """
     return _convert("avazu", [input], out_dir, layout="kaggle", protocol=protocol, min_count=min_count,
                     strict=strict, seed=seed, days=days, workers=workers, chunk_bytes=chunk_bytes,
-                    progress=progress, source="avazu")
+                    progress=progress, source="avazu", max_malformed=max_malformed)
 
 
 def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str, min_count: int | None,
              strict: bool, seed: int, days: int, workers: int, chunk_bytes: int, progress: bool,
-             source: str) -> pathlib.Path:
+             source: str, max_malformed: float) -> pathlib.Path:
 
+    if not 0 <= max_malformed <= 1:
+        raise ValueError(f"max_malformed is a fraction of the lines, 0..1; got {max_malformed!r}")
     if protocol not in _DEFAULT_MIN_COUNT:
         raise ValueError(f"protocol must be 'dlrm' or 'random', got {protocol!r}")
     min_count = _DEFAULT_MIN_COUNT[protocol] if min_count is None else int(min_count)
@@ -180,28 +204,74 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
         files.append(p)
     if layout == "1tb":
         files = _sort_days(files)
-    fmt = _FORMATS[fmt_name]
+    fmt = _input_format(fmt_name, files)
     job = _Job(fmt=fmt_name, inputs=tuple(map(str, files)), sizes=tuple(f.stat().st_size for f in files),
                layout=layout, protocol=protocol, min_count=min_count, seed=seed, days=days,
                chunk_bytes=chunk_bytes, strict=strict)
     out = pathlib.Path(out_dir)
     fp = job.fingerprint()
+    existed = out.exists()
     if check_or_claim(out, fp, f"convert-{fmt_name}"):
         return out
-    if fmt.header:  # a wrong file is refused before any work starts
-        for path in files:
-            got = [h.strip() for h in read_header(path).split(fmt.delimiter)]
-            if got != list(fmt.columns):
-                raise ValueError(f"{path}:1: header {got[:5]}... is not the {fmt.name} header "
-                                 f"{list(fmt.columns)[:5]}...")
     work = out / "_work"
-    with Workers(workers, initializer=_tune_malloc) as pool:
-        pool.start(_warm_up)  # the workers import their modules while this process plans
-        plan = _plan(job, fmt, work, progress, pool)
-        _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress)
-        pool.release()  # the workers exit while this process writes the metadata
-        _finish(out, fp, fmt, job, plan, files, source)
+    if sum(job.sizes) <= chunk_bytes:  # one chunk: starting worker processes would cost more than it saves
+        workers = 1
+    try:
+        with Workers(workers, initializer=_tune_malloc) as pool:
+            pool.start(_warm_up)  # the workers import their modules while this process plans
+            plan = _plan(job, fmt, work, progress, pool)
+            _convert_planned(pool, job, fmt, files, plan, work, out, strict, chunk_bytes, min_count, progress,
+                             max_malformed)
+            pool.release()  # the workers exit while this process writes the metadata
+            _finish(out, fp, fmt, job, plan, files, source)
+    except TooManyMalformedError:
+        raise  # the parsed chunks stay in _work: a rerun with a higher max_malformed continues from them
+    except MalformedRowError:  # strict mode: the input must change, so its partial output is of no use
+        _remove_partial(out, existed)
+        raise
+    except DataPrepError as err:
+        raise DataPrepError(f"{err} -- {_remove_partial(out, existed)}") from None
     return out
+
+
+def _input_format(fmt_name: str, files: list[pathlib.Path]) -> TextFormat:
+    """The layout of the inputs, checked before any work starts: a wrong or empty file is refused here."""
+    if fmt_name == "criteo":
+        fmts = [criteo_format(f) for f in files]
+        if len(set(fmts)) > 1:
+            kinds = {str(f.name): (repr(x.delimiter), "header" if x.header else "no header") for f, x in zip(files, fmts)}
+            raise DataPrepError(f"the Criteo inputs are not all in the same layout (delimiter, header): {kinds}")
+        fmt = fmts[0]
+    else:
+        fmt = _FORMATS[fmt_name]
+        for path in files:
+            check_header(path, fmt)
+    for path in files:
+        lines = read_first_lines(path, 2 if fmt.header else 1)
+        if len(lines) < (2 if fmt.header else 1):
+            what = "is empty" if not lines else "holds only its header line"
+            raise DataPrepError(f"{path} {what}: no data rows to convert")
+    return fmt
+
+
+def _remove_partial(out: pathlib.Path, existed: bool) -> str:
+    """Delete what this conversion wrote in ``out`` (work files, shards); say so for the error message."""
+    shutil.rmtree(out / "_work", ignore_errors=True)
+    removed = 0
+    for split in SPLITS:
+        for f in list((out / split).glob("part-*.parquet")) + list((out / split).glob(".*.tmp")):
+            f.unlink(missing_ok=True)
+            removed += 1
+        if (out / split).is_dir() and not any((out / split).iterdir()):
+            (out / split).rmdir()
+    for f in out.glob(".counts.*.tmp"):
+        f.unlink(missing_ok=True)
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        return f"nothing was written ({out} was not kept)"
+    if removed:
+        return f"nothing was kept: the {removed} shard file(s) written so far were removed from {out}"
+    return f"nothing was written to {out}"
 
 
 def _warm_up(_: int) -> int:
@@ -228,7 +298,7 @@ def _tune_malloc() -> None:
             pass
 
 
-def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, chunk_bytes, min_count, progress):
+def _convert_planned(pool, job, fmt, files, plan, work, out, strict, chunk_bytes, min_count, progress, max_malformed):
     """Passes 1-3 over a planned conversion (skipping chunks already done)."""
     total_lines = [sum(c["n_lines"] for c in plan if c["file_idx"] == i) for i in range(len(files))]
     line_offset = np.concatenate([[0], np.cumsum(total_lines)]).astype(np.int64).tolist()
@@ -244,7 +314,7 @@ def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, c
             by_file.setdefault(c["file_idx"], []).append(c)
         for i, chunks in sorted(by_file.items()):
             wanted = {c["offset"]: c for c in chunks}
-            base = {"fmt": fmt_name, "file": str(files[i]), "out": str(out), "strict": strict, "split": split_info}
+            base = {"fmt": fmt, "file": str(files[i]), "out": str(out), "strict": strict, "split": split_info}
             if not is_gzip(files[i]):
                 for c in chunks:
                     yield {**base, **c, "data": None}
@@ -253,10 +323,10 @@ def _convert_planned(pool, job, fmt, fmt_name, files, plan, work, out, strict, c
                 if offset in wanted:
                     yield {**base, **wanted[offset], "data": data}
 
-    _run_passes(pool, todo, pass1_jobs(), plan, work, out, fmt, fmt_name, min_count, progress)
+    _run_passes(pool, todo, pass1_jobs(), plan, work, out, fmt, files, min_count, progress, max_malformed)
 
 
-def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_count, progress) -> None:
+def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, files, min_count, progress, max_malformed) -> None:
     from tqdm.auto import tqdm
 
     # ---- pass 2: vocabularies, counted while pass 1 runs (this process is idle then) ----------------
@@ -266,6 +336,7 @@ def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_coun
               disable=not progress) as bar:
         done = _CountKeys(work, counters, bar)
         pool.run(_pass1, pass1_jobs, done, parallel=len(todo) > 1)
+    _check_malformed(plan, work, files, max_malformed)
     if counters is not None:
         for c in plan:  # chunks parsed by an earlier (interrupted) run
             if c["chunk"] not in done.counted:
@@ -279,7 +350,7 @@ def _run_passes(pool, todo, pass1_jobs, plan, work, out, fmt, fmt_name, min_coun
 
     # ---- pass 3: ids and shards ----------------------------------------------------------------------
     todo3 = [c for c in plan if not (work / f"p2-{c['chunk']:05d}.rec").is_file()]
-    jobs3 = [{"chunk": c["chunk"], "out": str(out), "fmt": fmt_name} for c in todo3]
+    jobs3 = [{"chunk": c["chunk"], "out": str(out), "fmt": fmt} for c in todo3]
     with tqdm(total=len(jobs3), unit="chunk", desc="write", disable=not progress) as bar:
         pool.run(_pass2, jobs3, bar, parallel=len(jobs3) > 1)
 
@@ -302,6 +373,33 @@ class _CountKeys:
         for f, counter in enumerate(self.counters):
             counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
         self.counted.add(chunk)
+
+
+def _check_malformed(plan: list[dict], work: pathlib.Path, files: list, max_malformed: float, show: int = 5) -> None:
+    """After parsing: stop when more than ``max_malformed`` of the lines are malformed, or no row is valid."""
+    lines = sum(c["n_lines"] for c in plan)
+    bad, rows, first = 0, 0, []
+    per_file = [0] * len(files)
+    for c in plan:
+        rec = read_record(work / f"p1-{c['chunk']:05d}.rec")
+        bad += len(rec["bad_lines"])
+        per_file[c["file_idx"]] += len(rec["bad_lines"])
+        rows += int(rec["rows"].sum())
+        for line, kind in zip(rec["bad_lines"][: show - len(first)].tolist(), rec["bad_kinds"].tolist()):
+            first.append(f"{files[c['file_idx']].name}:{line} ({MALFORMED_KINDS[kind]})")
+    if rows > 0 and bad <= max_malformed * lines:
+        return
+    where = ", ".join(f"{f} ({n:,} bad)" for f, n in zip(files, per_file) if n) or ", ".join(map(str, files))
+    if rows == 0:
+        msg = f"no valid row in {lines:,} lines of {where}"
+    else:
+        msg = (f"{bad:,} of {lines:,} lines ({bad / lines:.1%}) are malformed, more than max_malformed="
+               f"{max_malformed:g} allows, in {where}")
+    raise TooManyMalformedError(
+        f"{msg}; first bad lines: {', '.join(first)}. Check that the file is in the expected layout; to convert "
+        "anyway and skip the bad lines, pass a higher --max-malformed FRACTION (max_malformed=; the parsed "
+        "chunks are kept and reused)"
+    )
 
 
 def _sort_days(files: list[pathlib.Path]) -> list[pathlib.Path]:
@@ -415,7 +513,7 @@ def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: 
 
 def _pass1(job: dict) -> int:
     """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns (chunk, bytes)."""
-    fmt = _FORMATS[job["fmt"]]
+    fmt = job["fmt"]
     out = pathlib.Path(job["out"])
     data = job["data"]
     if data is None:
@@ -481,7 +579,7 @@ def _load_vocab(path: pathlib.Path, num_features: int) -> list[dict]:
 
 def _pass2(job: dict) -> int:
     """Map one chunk's keys to ids and write its shards; record them; drop the raw rows."""
-    fmt = _FORMATS[job["fmt"]]
+    fmt = job["fmt"]
     out = pathlib.Path(job["out"])
     chunk = job["chunk"]
     vocab = _load_vocab(out / "_work" / "vocab.rec", len(fmt.feature_names))

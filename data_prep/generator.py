@@ -29,14 +29,13 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .jobs import check_or_claim, run_ordered
-from .meta import SPLITS, atomic_write_json, load_meta
+from .meta import SPLITS, atomic_write_json, load_meta, temp_file
 from .schema import (
     CRITEO_CARDINALITIES,
     CRITEO_CATEGORICAL,
@@ -603,7 +602,7 @@ def generate_tsv(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     teacher = Teacher(cfg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as raw:
             sink = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if path.suffix == ".gz" else raw

@@ -4,27 +4,77 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import os
 import pathlib
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .meta import SPLITS, DatasetMeta, load_meta
+from .meta import SPLITS, DataPrepError, DatasetMeta, load_meta
 
-__all__ = ["BatchLoader", "Bag", "read_block", "read_shard"]
+__all__ = ["BatchLoader", "Bag", "read_block", "read_shard", "CorruptShardError"]
+
+
+class CorruptShardError(DataPrepError):
+    """A shard of a dataset directory is missing, unreadable, or does not match its manifest checksum."""
+
+
+#: Shards whose bytes matched the manifest's sha256 in this process, as (path, size, mtime): each shard is
+#: checked once, on its first read (hashing is cheap next to parquet decoding, and the bytes are read anyway).
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _rebuild_hint(meta: DatasetMeta) -> str:
+    inputs = [i["file"] for i in meta.raw.get("inputs", [])]
+    how = (f"convert {', '.join(inputs)} again" if inputs else
+           f"generate it again (`embtable prepare generate --out {meta.path} ...`)" if meta.source.startswith("generator")
+           else "prepare it again from its source")
+    return f"the dataset must be rebuilt: delete {meta.path} and {how} (source: {meta.source})"
+
+
+def _shard_bytes(path: pathlib.Path, meta: DatasetMeta) -> bytes:
+    """The bytes of a shard, checked against ``meta.json``'s sha256 on the first read in this process."""
+    rel = path.relative_to(meta.path).as_posix() if path.is_relative_to(meta.path) else str(path)
+    expected = next((s.get("sha256") for s in meta.raw["manifest"]["shards"] if s["path"] == rel), None)
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as err:
+        raise CorruptShardError(f"shard {path} listed in {meta.path / 'meta.json'} cannot be read ({err}); "
+                                f"{_rebuild_hint(meta)}") from None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if expected and key not in _VERIFIED:
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected:
+            raise CorruptShardError(
+                f"shard {path} does not match the manifest in {meta.path / 'meta.json'}: its sha256 is "
+                f"{got[:16]}..., the manifest says {expected[:16]}... (the file was damaged or changed after "
+                f"it was written); {_rebuild_hint(meta)}"
+            )
+        _VERIFIED.add(key)
+    return data
 
 
 def read_shard(path: pathlib.Path, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One parquet shard as ``labels`` float32 ``[N]``, ``dense`` float32 ``[N, num_dense]``, ``ids`` int64 ``[N, F]``.
 
+    A shard that does not match its manifest checksum or cannot be decoded raises :class:`CorruptShardError`
+    naming it and how to rebuild the dataset.
     One id per feature: a dataset with multi-hot features is read by :func:`read_block`.
     """
     if meta.multi_hot_features:
         raise ValueError(f"{meta.path} has multi-hot features {meta.multi_hot_features}: read it with read_block "
                          "(or BatchLoader), which keeps the bags")
-    table = pq.read_table(path)
+    path = pathlib.Path(path)
+    data = _shard_bytes(path, meta)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptShardError(f"shard {path} cannot be decoded as parquet ({type(err).__name__}: {err}); "
+                                f"{_rebuild_hint(meta)}") from None
     n = table.num_rows
     labels = table[meta.label].to_numpy().astype(np.float32)
     dense = np.empty((n, meta.num_dense), dtype=np.float32)
@@ -87,7 +137,13 @@ def read_block(path: pathlib.Path, meta: DatasetMeta) -> tuple:
     """
     if not meta.multi_hot_features:
         return (*read_shard(path, meta), [])
-    table = pq.read_table(path)
+    path = pathlib.Path(path)
+    data = _shard_bytes(path, meta)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptShardError(f"shard {path} cannot be decoded as parquet ({type(err).__name__}: {err}); "
+                                f"{_rebuild_hint(meta)}") from None
     n = table.num_rows
     labels = table[meta.label].to_numpy().astype(np.float32)
     dense = np.empty((n, meta.num_dense), dtype=np.float32)

@@ -15,10 +15,13 @@ Everything is readable with plain pandas / pyarrow.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import re
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,10 +29,55 @@ import numpy as np
 if TYPE_CHECKING:
     from embtable.features import FeatureSpec
 
-__all__ = ["DatasetMeta", "load_meta", "atomic_write_bytes", "atomic_write_json", "sha256_file", "SPLITS"]
+__all__ = [
+    "DataPrepError", "DatasetMeta", "load_meta", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+    "SPLITS", "is_disk_full", "temp_file",
+]
 
 #: The splits every dataset has, in this order.
 SPLITS = ("train", "valid", "test")
+
+
+class DataPrepError(ValueError):
+    """Bad input data or a damaged dataset directory: the message names the file and what to do."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """``err`` is a write that found the disk full, a quota or a file size limit (``RLIMIT_FSIZE``).
+
+    Python's own writes say so with an errno; numpy's ``tofile`` and pyarrow's writers report a short
+    write as a bare ``OSError("N requested and M written")``.
+    """
+    if not isinstance(err, OSError):
+        return False
+    if err.errno is not None:
+        return err.errno in {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, n)}
+    return re.search(r"\d+ requested and \d+ written", str(err)) is not None
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and put back)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: pathlib.Path, prefix: str | None = None) -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``path``, with the mode a plain ``open`` would give (``0o666 & ~umask``).
+
+    ``mkstemp`` creates its files with mode 0600, which would leave every dataset file unreadable for the
+    other users of a shared machine once renamed into place.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -128,6 +176,12 @@ class DatasetMeta:
         """
         from embtable.features import FeatureSpec  # lazy: embtable imports torch, workers need not
 
+        if self.split_rows.get("train", 0) <= 0:
+            raise DataPrepError(
+                f"dataset {self.path} has no training rows (rows per split: "
+                + ", ".join(f"{k} {v:,}" for k, v in self.split_rows.items())
+                + "): nothing to size tables or train on; prepare it again from a file with data rows"
+            )
         counts = self.counts() if with_counts else {}
         return [
             FeatureSpec(name, self.num_embeddings[name], embedding_dim, counts.get(name))

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .meta import SPLITS, sha256_file
+from .meta import SPLITS, sha256_file, temp_file
 from .schema import LABEL
 
 __all__ = ["write_counts", "write_shard", "shard_path", "record_path", "write_record", "read_record", "make_table"]
@@ -67,7 +66,7 @@ def write_shard(out_dir: pathlib.Path, rel: str, table: pa.Table, dictionary: Se
     """
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         # Statistics would let readers skip row groups, which nothing here does: keep them off.
@@ -120,7 +119,7 @@ def write_record(path: pathlib.Path, **arrays: np.ndarray) -> None:
     checksum is computed, which matters for the raw rows of a large conversion.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.array(list(arrays), dtype=np.str_))
@@ -158,7 +157,7 @@ def arrays_to_entries(rec: dict[str, np.ndarray]) -> list[dict]:
 
 def write_counts(out: pathlib.Path, counts: dict[str, np.ndarray]) -> None:
     """Atomically write ``counts.npz``: one int64 array of training id frequencies per feature."""
-    fd, tmp = tempfile.mkstemp(prefix=".counts.", suffix=".tmp", dir=out)
+    fd, tmp = temp_file(out / "counts.npz", prefix=".counts.")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v, dtype=np.int64) for k, v in counts.items()})

@@ -16,6 +16,10 @@ wrong field count, an empty or bad label, a value it does not decode exactly) th
 the exact parser, which finds and classifies the malformed lines. Both give identical results.
 
 Every rejected line keeps its 1-based line number in the file and a reason (:data:`MALFORMED_KINDS`).
+Windows line ends (``\\r\\n``) are read like ``\\n``; a carriage return anywhere else in a line is the
+reason ``crlf``. Criteo files may also come with a header naming the columns (``label,I1,..,C26``,
+comma- or tab-separated, as Kaggle's CSV exports): :func:`criteo_format` reads the layout from it, and
+integer values written as decimals (``260.0``) are read as the integers they are.
 """
 
 from __future__ import annotations
@@ -24,19 +28,22 @@ import dataclasses
 import gzip
 import os
 import pathlib
-from collections.abc import Iterator
+import re
+import zlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from .meta import DataPrepError
 from .schema import AVAZU_CATEGORICAL, AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_DENSE
 from .splits import mix64
 
 __all__ = [
-    "TextFormat", "CRITEO", "AVAZU", "MALFORMED_KINDS", "MISSING_KEY", "MalformedRowError",
-    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk",
+    "TextFormat", "CRITEO", "AVAZU", "MALFORMED_KINDS", "MISSING_KEY", "MalformedRowError", "DataPrepError",
+    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk", "criteo_format", "check_header",
 ]
 
 #: Key of a missing (empty) categorical value: it gets its own vocabulary entry like any value.
@@ -45,12 +52,12 @@ MISSING_KEY = -1
 #: Reasons a line is rejected; the code stored per rejected line is the index in this tuple.
 MALFORMED_KINDS = (
     "blank_line", "crlf", "field_count", "empty_label", "bad_label", "non_integer_dense",
-    "non_hex_category", "bad_hour",
+    "non_hex_category", "bad_hour", "non_utf8",
 )
 _K = {k: i for i, k in enumerate(MALFORMED_KINDS)}
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(DataPrepError):
     """A malformed row in strict mode: names the file, the 1-based line and what is wrong."""
 
     def __init__(self, file: str, line: int, kind: str, detail: str = "") -> None:
@@ -111,6 +118,85 @@ def open_text(path: str | os.PathLike):
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
+#: What a damaged or cut gzip stream raises while it is read.
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _gzip_error(path, f, text_offset: int, err: BaseException) -> DataPrepError:
+    raw = getattr(f, "fileobj", None)
+    try:
+        at = f" near byte {raw.tell():,} of {os.path.getsize(path):,}" if raw is not None else ""
+    except (OSError, ValueError):
+        at = ""
+    return DataPrepError(
+        f"{path}: the gzip data is damaged or cut short{at} (within 1 MiB after byte {text_offset:,} of the "
+        f"decompressed text): {type(err).__name__}: {err}. Download or copy the file again (`gzip -t FILE` checks it)"
+    )
+
+
+def read_first_lines(path: str | os.PathLike, n: int = 2) -> list[bytes]:
+    """The first ``n`` lines of a raw file (fewer if it has fewer), a damaged gzip stream named as such."""
+    lines: list[bytes] = []
+    with open_text(path) as f:
+        try:
+            while len(lines) < n and (line := f.readline()):
+                lines.append(line)
+        except _GZIP_ERRORS as err:
+            raise _gzip_error(path, f, sum(map(len, lines)), err) from None
+    return lines
+
+
+def _split_header(line: str) -> tuple[str, list[str]]:
+    """The delimiter (tab or comma, the one giving more fields) and the stripped fields of a line."""
+    delim = "\t" if line.count("\t") >= line.count(",") else ","
+    return delim, [f.strip() for f in line.rstrip("\r\n").split(delim)]
+
+
+def _column_diff(got: list[str], expected: Sequence[str]) -> str:
+    missing = [c for c in expected if c not in got]
+    unexpected = [c for c in got if c not in expected]
+    if missing or unexpected:
+        return f"missing columns {missing}, unexpected columns {unexpected}"
+    return f"the columns are all there but in another order: {got}"
+
+
+def check_header(path: str | os.PathLike, fmt: TextFormat) -> None:
+    """Raise :class:`DataPrepError` naming the missing and unexpected columns if ``path``'s header is not ``fmt``'s."""
+    lines = read_first_lines(path, 1)
+    got = _split_header(lines[0].decode("utf-8", "replace"))[1] if lines else []
+    if got != list(fmt.columns):
+        raise DataPrepError(f"{path}:1: not the {fmt.name} header: {_column_diff(got, fmt.columns)}; "
+                            f"expected {fmt.delimiter!r}-separated {list(fmt.columns)}")
+
+
+def criteo_format(path: str | os.PathLike) -> TextFormat:
+    """The Criteo layout of ``path``, read from its first line.
+
+    Kaggle's ``train.txt`` / the 1TB day files: tab-separated, no header. A first line naming the
+    columns (``label, I1..I13, C1..C26``, any case, tab- or comma-separated) is a header and sets the
+    delimiter; 40 comma-separated values without a header are read too. A header naming other columns
+    is an error listing the missing and unexpected ones.
+    """
+    lines = read_first_lines(path, 1)
+    if not lines:
+        return CRITEO
+    first = lines[0].decode("utf-8", "replace")
+    delim, fields = _split_header(first)
+    expected = [c.lower() for c in CRITEO.columns]
+    if [f.lower() for f in fields] == expected:
+        return dataclasses.replace(CRITEO, delimiter=delim, header=True)
+    if delim == "," and len(fields) == len(expected) and fields[0] in ("0", "1"):
+        return dataclasses.replace(CRITEO, delimiter=",")
+    if fields and re.search(r"[A-Za-z]", fields[0]):  # a header, but not Criteo's
+        names = [f.lower() for f in fields]
+        raise DataPrepError(
+            f"{path}:1: this header does not name the Criteo layout: {_column_diff(names, expected)}. "
+            f"Expected either no header (Kaggle train.txt: tab-separated label, 13 integers, 26 hex values) "
+            f"or a header label,I1..I13,C1..C26 (comma- or tab-separated)"
+        )
+    return CRITEO
+
+
 def is_gzip(path: str | os.PathLike) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -126,10 +212,10 @@ def iter_chunks(path: str | os.PathLike, chunk_bytes: int, skip_header: bool) ->
         offset = 0
         carry = b""
         if skip_header:
-            header = f.readline()
+            header = _read(path, f, offset, f.readline)
             offset = len(header)
         while True:
-            block = f.read(chunk_bytes)
+            block = _read_block(path, f, offset + len(carry), chunk_bytes)
             if not block:
                 break
             data = carry + block
@@ -142,6 +228,27 @@ def iter_chunks(path: str | os.PathLike, chunk_bytes: int, skip_header: bool) ->
             offset += cut + 1
         if carry:
             yield offset, carry
+
+
+def _read(path, f, offset: int, fn, *args) -> bytes:
+    try:
+        return fn(*args)
+    except _GZIP_ERRORS as err:
+        raise _gzip_error(path, f, offset, err) from None
+
+
+def _read_block(path, f, offset: int, nbytes: int, piece: int = 1 << 20) -> bytes:
+    """Up to ``nbytes`` from ``f``, read in pieces so that a damaged gzip stream is located to a piece."""
+    if not isinstance(f, gzip.GzipFile):
+        return f.read(nbytes)
+    parts, got = [], 0
+    while got < nbytes:
+        part = _read(path, f, offset + got, f.read, min(piece, nbytes - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def read_header(path: str | os.PathLike) -> str:
@@ -507,7 +614,7 @@ def _binary_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.diff(offsets).astype(np.int64), data[offsets[0]: offsets[-1]]
 
 
-def _criteo_fast(data: bytes, first_line: int) -> ParsedChunk | None:
+def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> ParsedChunk | None:
     """A chunk of only well-formed Criteo lines, parsed through ``pyarrow.csv``; None when in doubt.
 
     ``pyarrow.csv`` (C++) splits the lines into binary columns; labels, dense integers and 8-digit
@@ -519,13 +626,12 @@ def _criteo_fast(data: bytes, first_line: int) -> ParsedChunk | None:
     """
     if data.find(b"\r") >= 0 or len(data) >= 1 << 31:  # (int32 offsets of one binary column)
         return None
-    fmt = CRITEO
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
             # pyarrow's default 1 MB blocks: one block per chunk would be half as fast (caches)
             read_options=pacsv.ReadOptions(column_names=list(fmt.columns), use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+            parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, escape_char=False,
                                              double_quote=False, newlines_in_values=False,
                                              ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(fmt.columns, pa.binary())),
@@ -590,11 +696,14 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
         >>> p.labels.tolist(), p.lines.tolist(), p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]
         ([1, 1], [1, 3], [2], ['blank_line'])
     """
+    data = _normalise(data, fmt)
     if fmt.name == "criteo":
-        fast = _criteo_fast(data, first_line)
+        fast = _criteo_fast(data, first_line, fmt)
         if fast is not None:
             return fast
     arr, starts, ends, delims, code = _scan(data, fmt)
+    if not fmt.hex_categories:
+        _flag_non_utf8(data, arr, starts, ends, code)
     line_no = first_line + np.arange(len(ends), dtype=np.int64)
     good = code < 0
     if strict and not good.all():
@@ -625,6 +734,35 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     ok = ~bad_rows
     return ParsedChunk(labels=labels[ok], dense=dense[ok], keys=keys[ok], lines=rows_line[ok],
                        bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
+
+
+def _flag_non_utf8(data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, code: np.ndarray) -> None:
+    """Mark the lines that are not UTF-8 (string columns are read as text); one C pass when all are."""
+    try:
+        data.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    for i in np.flatnonzero(code < 0):  # only in a chunk holding bad bytes
+        try:
+            arr[starts[i]:ends[i]].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            code[i] = _K["non_utf8"]
+
+
+#: An integer written as a decimal (``260.0``, ``3.``) in a Criteo field: the fraction is dropped.
+_DECIMAL_ZERO = re.compile(rb"(?<=[0-9])\.0*(?=[\t,\r\n]|\Z)")
+
+
+def _normalise(data: bytes, fmt: TextFormat) -> bytes:
+    """Windows line ends become ``\\n``; Criteo integers written as ``N.0`` become ``N`` (lines stay lines)."""
+    if data.find(b"\r") >= 0:
+        data = data.replace(b"\r\n", b"\n")
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    if fmt.name == "criteo" and data.find(b".") >= 0:
+        data = _DECIMAL_ZERO.sub(b"", data)
+    return data
 
 
 def _avazu_hour(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

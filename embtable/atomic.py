@@ -32,6 +32,20 @@ from typing import IO, Any
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and put back)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename or a new file in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
@@ -60,6 +74,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the machine's other users
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()

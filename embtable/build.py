@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -11,7 +12,7 @@ from .config import MethodConfig, OutOfRange, Pooling, method_class
 from .features import FeatureSpec, check_features
 from .module import EmbeddingModule
 
-__all__ = ["build"]
+__all__ = ["build", "seeded"]
 
 
 def build(
@@ -66,6 +67,23 @@ def build(
     kwargs = dict(pooling=pooling, is_weighted=is_weighted, out_of_range=out_of_range, device=device)
     if seed is None:
         return cls(features, sized, **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         return cls(features, sized, **kwargs)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the body with the generators seeded from ``seed``, and leave every generator as it was.
+
+    The CPU generator is always forked; CUDA generators only when CUDA is in use (initialised, or the
+    body allocates on a CUDA ``device``): they are then seeded and restored too. ``torch.manual_seed``
+    alone would also reseed (or queue a reseed of) every CUDA generator for good.
+    """
+    device = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() and (torch.cuda.is_initialized() or (device is not None and device.type == "cuda"))
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for i in devices:
+            torch.cuda.default_generators[i].manual_seed(seed)
+        yield

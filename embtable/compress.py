@@ -16,9 +16,11 @@ each table module is replaced by an embtable module with the same call signature
     ==========================  ==================================================================
 
 The model's own ``forward`` is untouched: only its submodules are swapped. What cannot be honoured
-(``padding_idx``, ``max_norm``, ``scale_grad_by_freq``, ``mode="max"``, non-fp32 tables, weights tied to
-another module) is an error that names the table and the fix, or with ``on_unsupported="skip"`` a table
-left full and listed with its reason in the report; nothing is dropped silently.
+(``max_norm``, ``scale_grad_by_freq``, ``mode="max"``, non-fp32 tables, weights tied to another module)
+is an error that names the table and the fix, or with ``on_unsupported="skip"`` a table
+left full and listed with its reason in the report; nothing is dropped silently. A ``padding_idx`` is
+kept, for every method: the new module reads an exact zero vector for that id (a bag leaves it out) and
+never trains it, without storing anything more.
 """
 
 from __future__ import annotations
@@ -202,11 +204,6 @@ def _under(path: str, prefix: str) -> bool:
 def _table_problems(module: nn.Module) -> list[str]:
     """Settings of an nn.Embedding / nn.EmbeddingBag a compressed table cannot honour."""
     problems = []
-    if getattr(module, "padding_idx", None) is not None:
-        problems.append(
-            f"padding_idx={module.padding_idx}: a compressed row may be shared with other ids, so it cannot be "
-            "a fixed zero row; mask padded positions in the model instead"
-        )
     if getattr(module, "max_norm", None) is not None:
         problems.append(
             f"max_norm={module.max_norm}: renormalising looked-up rows in place is not defined for shared or "
@@ -393,12 +390,12 @@ def _build_site(site: _Site, config: MethodConfig, seed: int | None,
     t0 = site.tables[0]
     if site.kind == "Embedding":
         new = Embedding(t0.num_embeddings, t0.embedding_dim, method=config, counts=counts.get(t0.key),
-                        name=t0.local, device=device, seed=seed)
+                        name=t0.local, device=device, seed=seed, padding_idx=module.padding_idx)
         inner = new.collection
     elif site.kind == "EmbeddingBag":
         new = EmbeddingBag(t0.num_embeddings, t0.embedding_dim, method=config, mode=module.mode,
                            include_last_offset=module.include_last_offset, counts=counts.get(t0.key),
-                           name=t0.local, device=device, seed=seed)
+                           name=t0.local, device=device, seed=seed, padding_idx=module.padding_idx)
         inner = new.collection
     elif site.kind == "EmbeddingBagCollection":
         pooling = Pooling.SUM if module.embedding_bag_configs()[0].pooling == PoolingType.SUM else Pooling.MEAN
@@ -640,6 +637,8 @@ def compress(
             new, inner = _build_site(s, config, seed, counts)
             for t in s.tables:
                 inits[t.key] = _initialise(inner, t.local, t.weight) if init_from_weights else "random"
+                if getattr(s.module, "padding_idx", None) is not None:
+                    inits[t.key] += f"; padding_idx={s.module.padding_idx} reads an exact zero row, never trained"
             planned = sum(p.bytes for p in feature_plans) + sum(shared_bytes.values())
             measured = memory_report(new).inference_bytes
             if measured != planned:

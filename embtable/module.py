@@ -16,6 +16,7 @@ out-of-range policy, so each method only implements :meth:`EmbeddingModule.poole
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -219,7 +220,7 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
                 "for sum); use pooling='sum', or normalise the weights yourself to get a weighted mean"
             )
         self._is_weighted = bool(is_weighted)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
         # the features as stored: OutOfRange.RESERVED adds one row (id = num_embeddings) per feature
         self.logical_features = list(features)
         self.features = _with_reserved_row(self.logical_features, self.out_of_range)
@@ -238,6 +239,17 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
             )
             for f in self.features
         ]
+
+    @property
+    def device(self) -> torch.device:
+        """Where this module's tensors are (after ``.to(...)`` too); the constructor's device before any exists."""
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            return t.device
+        return self._device
+
+    @device.setter
+    def device(self, value: torch.device | str) -> None:
+        self._device = torch.device(value)
 
     # ----- the TorchRec contract -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -31,6 +31,9 @@ class EmbeddingBag(nn.Module):
         include_last_offset: as in ``nn.EmbeddingBag``.
         counts: optional id frequency counts (for methods that use popularity).
         out_of_range, device, seed: as in :func:`embtable.build`.
+        padding_idx: as in ``nn.EmbeddingBag``: entries of this id are left out of their bag (a mean
+            counts only the others; a bag of padding only is zeros), so the id never trains. Whatever
+            row the method stores for it is not read.
 
     Shape:
         - input ``[B, L]`` (fixed-length bags, ``offsets`` None) or ``[N]`` with ``offsets [B]``
@@ -58,12 +61,14 @@ class EmbeddingBag(nn.Module):
         device: torch.device | str | None = None,
         seed: int | None = None,
         name: str = "feature",
+        padding_idx: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' for a compressed EmbeddingBag, got {mode!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.include_last_offset, self.name = mode, include_last_offset, name
+        self.padding_idx = _padding_idx(padding_idx, num_embeddings)
         self.collection = build(
             [FeatureSpec(name, num_embeddings, embedding_dim, counts)],
             method if method is not None else FullConfig(),
@@ -103,6 +108,14 @@ class EmbeddingBag(nn.Module):
             raise ValueError(f"input must be 1-D or 2-D, got shape {tuple(input.shape)}")
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError("per_sample_weights are only supported with mode='sum', as in nn.EmbeddingBag")
+        if self.padding_idx is not None:  # drop the padding entries from their bags (no Python branch on data)
+            keep = values != self.padding_idx
+            kept = torch.cat([torch.zeros(1, dtype=torch.int64, device=values.device), keep.cumsum(0)])
+            ends = lengths.cumsum(0)
+            lengths = kept[ends] - kept[ends - lengths]
+            values = values[keep]
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights[keep]
         weights = None
         if self.mode == "sum":
             weights = (
@@ -117,13 +130,24 @@ class EmbeddingBag(nn.Module):
         return memory_report(self)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{pad}"
+
+
+def _padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    """``padding_idx`` checked and made non-negative, as ``nn.Embedding`` does."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx % num_embeddings
 
 
 class Embedding(nn.Module):
     """A compressed stand-in for ``nn.Embedding``: ids of any shape -> vectors ``[*ids.shape, embedding_dim]``.
 
-    Each id is looked up as a bag of one, so every method works unchanged.
+    Each id is looked up as a bag of one, so every method works unchanged. With ``padding_idx`` (as in
+    ``nn.Embedding``) that id reads an exact zero vector and gets no gradient, whatever the method stores.
 
     >>> import embtable
     >>> emb = Embedding(50_000, 8, method=embtable.HashConfig(), budget="1/10", seed=0)
@@ -143,9 +167,11 @@ class Embedding(nn.Module):
         device: torch.device | str | None = None,
         seed: int | None = None,
         name: str = "feature",
+        padding_idx: int | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.name = num_embeddings, embedding_dim, name
+        self.padding_idx = _padding_idx(padding_idx, num_embeddings)
         self.collection = build(
             [FeatureSpec(name, num_embeddings, embedding_dim, counts)],
             method if method is not None else FullConfig(),
@@ -159,10 +185,14 @@ class Embedding(nn.Module):
         flat = input.reshape(-1)
         lengths = torch.ones(flat.numel(), dtype=torch.int64, device=input.device)
         kjt = KeyedJaggedTensor(keys=[self.name], values=flat, lengths=lengths)
-        return self.collection(kjt).values().reshape(*input.shape, self.embedding_dim)
+        out = self.collection(kjt).values()  # [N, D]
+        if self.padding_idx is not None:  # an exact zero row that never trains
+            out = out.masked_fill((flat == self.padding_idx).unsqueeze(-1), 0.0)
+        return out.reshape(*input.shape, self.embedding_dim)
 
     def memory(self) -> MemoryReport:
         return memory_report(self)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"

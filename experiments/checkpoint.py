@@ -7,6 +7,7 @@ tensors and plain Python data, so it loads with ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -17,7 +18,11 @@ import torch
 
 from embtable.atomic import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+class CheckpointError(RuntimeError):
+    """A file where a checkpoint should be that is not one of this version: the message says what to do."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = 1
@@ -33,8 +38,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         >>> load_checkpoint(d / "c.pt")["step"]
         3
     """
-    with atomic_write(path) as f:
-        torch.save({"format": _FORMAT, **state}, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save({"format": _FORMAT, **state}, f)
+    except RuntimeError as err:  # torch's zip writer reports a short write (full disk) as a RuntimeError
+        if "unexpected pos" not in str(err) and "failed writing" not in str(err):
+            raise
+        raise OSError(errno.ENOSPC, f"writing the checkpoint failed ({str(err).splitlines()[0][:120]}); "
+                      "the previous checkpoint is intact", str(path)) from err
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -45,9 +56,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a checkpoint is only ever replaced whole, so this is not a torn write
-        raise RuntimeError(f"{path}: cannot read checkpoint ({err}); delete it to start the run afresh") from err
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise RuntimeError(f"{path}: not a checkpoint of this version (format {state.get('format')!r})")
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err}); delete it to start the run afresh") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict); "
+                           "delete it to start the run afresh")
+    if state.get("format") != _FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this version (format {state.get('format')!r}, expected "
+                           f"{_FORMAT}); delete it to start the run afresh")
     return state
 
 

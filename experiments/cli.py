@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         conv.add_argument("--min-count", type=int, default=None,
                           help="ids seen fewer times in training become the out-of-vocabulary id (default: the protocol's)")
         conv.add_argument("--strict", action="store_true", help="stop at the first malformed row (file and line)")
+        conv.add_argument("--max-malformed", type=float, default=None, metavar="FRACTION",
+                          help="largest fraction of malformed lines accepted, skipped and counted (default 0.01)")
 
     _add_prepare_table(prep_sub)
 
@@ -182,6 +184,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     convert = data_prep.convert_criteo if args.source == "criteo" else data_prep.convert_avazu
     kwargs: dict[str, Any] = {"strict": args.strict, "min_count": args.min_count}
+    if args.max_malformed is not None:
+        kwargs["max_malformed"] = args.max_malformed
     if args.protocol is not None:
         kwargs["protocol"] = args.protocol
     if args.source == "avazu" and len(args.inputs) != 1:
@@ -333,15 +337,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     printed as one line naming the problem, with exit code 2, not as a traceback.
     """
     args = build_parser().parse_args(argv)
+    from data_prep import DataPrepError
+    from data_prep.meta import is_disk_full
     from embtable import BudgetError
+    from experiments.checkpoint import CheckpointError
     from experiments.config import ConfigError
     from experiments.study_storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StorageError, BudgetError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, StorageError, BudgetError, DataPrepError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"embtable {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"embtable {args.command}: the disk is full (or a file size limit was hit) writing "
+              f"{err.filename or 'a file'}: {err.strerror or err}. Every file is written whole or not at all: "
+              "free some space and run the same command again, it continues where it stopped", file=sys.stderr)
+        return 1
+
 
 
 if __name__ == "__main__":

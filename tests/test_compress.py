@@ -324,7 +324,6 @@ def test_budget_errors_are_raised_before_any_change():
 
 # ----- refusals: never silent -----
 @pytest.mark.parametrize("table, problem", [
-    (nn.Embedding(100, 4, padding_idx=0), "padding_idx=0"),
     (nn.Embedding(100, 4, max_norm=1.0), "max_norm=1.0"),
     (nn.Embedding(100, 4, scale_grad_by_freq=True), "scale_grad_by_freq"),
     (nn.EmbeddingBag(100, 4, mode="max"), "mode='max'"),

@@ -86,7 +86,7 @@ def test_hex_categories_match_python():
 
 def test_line_level_problems_and_last_line_without_newline():
     good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
-    data = "\n".join([good, "", good + "\r", good + "\tx", good[:-9], "\t" + good[2:], good]).encode()
+    data = "\n".join([good, "", good[:20] + "\r" + good[20:], good + "\tx", good[:-9], "\t" + good[2:], good]).encode()
     p = parse_chunk(data, 10, CRITEO)
     assert p.lines.tolist() == [10, 16]
     kinds = dict(zip(p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]))
@@ -134,7 +134,7 @@ def test_criteo_fast_path_matches_exact_parser(monkeypatch):
     fast_path = tp._criteo_fast
     assert fast_path(data, 3) is not None
     fast = parse_chunk(data, 3, CRITEO)
-    monkeypatch.setattr(tp, "_criteo_fast", lambda data, first_line: None)
+    monkeypatch.setattr(tp, "_criteo_fast", lambda data, first_line, fmt=None: None)
     exact = parse_chunk(data, 3, CRITEO)
     for name in ("labels", "dense", "keys", "lines", "bad_lines", "bad_kinds"):
         a, b = getattr(fast, name), getattr(exact, name)
