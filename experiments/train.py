@@ -46,6 +46,7 @@ __all__ = [
     "TrainState",
     "Optimizers",
     "make_optimizers",
+    "resolve_threads",
     "train_steps",
     "evaluate",
     "run",
@@ -199,6 +200,7 @@ class RunResult:
     epochs: float
     resumed_from_step: int | None
     history: list[dict[str, Any]]
+    num_threads: int | None = None  # torch intra-op threads the run used (the bits depend on it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
@@ -374,13 +376,28 @@ def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") 
     }
 
 
+# ----- threads -----
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(num_threads: int | None) -> int:
+    """``train.num_threads`` as run: ``None`` means every available core."""
+    return available_cores() if num_threads is None else int(num_threads)
+
+
 @contextlib.contextmanager
-def _deterministic(num_threads: int) -> Iterator[None]:
-    """Fix the thread count and deterministic kernels for the run; restore the caller's settings after."""
+def _deterministic(num_threads: int | None) -> Iterator[None]:
+    """Fix the thread count (``None``: all available cores) and deterministic kernels for the run; restore
+    the caller's settings after. A run is bitwise reproducible for the same thread count."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(resolve_threads(num_threads))
     torch.use_deterministic_algorithms(True)
     try:
         yield
@@ -491,7 +508,7 @@ def run(
         record = dict(
             name=config.name, config=config_dict, versions=_versions(), seed=train_cfg.seed,
             dataset=str(path), embedding_optimizer=train_cfg.embedding_optimizer,
-            full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc,
+            full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc, num_threads=torch.get_num_threads(),
         )
         method = embtable.method_config_from_dict(config.embedding.method, source=f"{config.name}: embedding.method")
         try:
