@@ -172,7 +172,7 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
                 infeasible[name] = str(err).split("\n")[0]
                 break
             if fused and not did_fuse:
-                infeasible[label] = "storage cannot be fused (see fused_storage_unsupported)"
+                infeasible[label] = "storage not fused (fused_storage_unsupported, or dims not multiples of 4)"
                 continue
             contenders[label] = (fwd, train)
     for fwd, train in contenders.values():  # warm up: first-call allocations, optimizer state
