@@ -10,6 +10,7 @@ The public API::
     export.export / export.load      the trained model as one file a server loads (fp32/fp16/int8/int4 rows)
     memory_report / training_bytes   exact bytes at inference / with an optimizer's state
     sparse_parameters / dense_parameters / RowWiseAdagrad   sparse table updates for training
+    fuse_storage / unfuse_storage    train the tables with FBGEMM's fused optimizers (embtable.fused)
     FullConfig, HashConfig, ...      method configs; registered_methods() lists them all
 """
 
@@ -29,6 +30,7 @@ from .config import (
     registered_methods,
 )
 from .features import FeatureSpec
+from .fused import fuse_storage, unfuse_storage
 from .memory import (
     MemoryReport,
     dense_parameters,
@@ -120,6 +122,7 @@ __all__ = [
     "count_second_moments",
     "dense_parameters",
     "export",
+    "fuse_storage",
     "largest_feasible",
     "low_rank_from_trained",
     "memory_report",
@@ -133,4 +136,5 @@ __all__ = [
     "sparse_parameters",
     "table_parameters",
     "training_bytes",
+    "unfuse_storage",
 ]

@@ -93,13 +93,21 @@ def _report(module: nn.Module, training: bool) -> MemoryReport:
 
 
 def table_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The weights of every embedding table (``nn.Embedding`` / ``nn.EmbeddingBag``) inside ``module``."""
+    """The weights of every embedding table (``nn.Embedding`` / ``nn.EmbeddingBag``, and the tables of
+    :func:`embtable.fuse_storage`'s fused storage) inside ``module``."""
+    from .fused import fused_storages
+
     out: list[nn.Parameter] = []
     seen: set[int] = set()
     for sub in module.modules():
         if isinstance(sub, nn.Embedding | nn.EmbeddingBag) and id(sub.weight) not in seen:
             seen.add(id(sub.weight))
             out.append(sub.weight)
+    for storage in fused_storages(module):
+        for p in storage.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
     return out
 
 
@@ -134,12 +142,23 @@ def optimizer_state_bytes(module: nn.Module, optimizer: str, *, tables_only: boo
     - ``rowwise_adagrad``: table weights ``rows*4`` (one accumulator per row, :class:`embtable.RowWiseAdagrad`),
       other parameters as ``adagrad``
     - ``adam``: ``2*n*s + 4`` (two moments, step)
+
+    Tables in fused storage (:func:`embtable.fuse_storage`) count the kernel's own state, exactly: ``sgd`` 0,
+    ``adagrad`` ``n*s`` (no step tensor), ``rowwise_adagrad`` ``rows*4``; ``optimizer`` must be the one
+    they were fused with.
     """
+    from .fused import fused_storages
+
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
     table_ids = {id(p) for p in table_parameters(module)}
     total = 0
     seen: set[int] = set()
+    for storage in fused_storages(module):
+        if storage.optimizer != optimizer:
+            raise ValueError(f"tables fused with {storage.optimizer!r} cannot be counted as trained with {optimizer!r}")
+        total += storage.optimizer_state_bytes()
+        seen.update(id(p) for p in storage.parameters())
     for p in module.parameters():
         if not p.requires_grad or id(p) in seen:
             continue

@@ -345,6 +345,10 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
     #: raises it as its error. A method whose storage is not TorchRec tables sets it (class or instance).
     sharding_unsupported: str | None = None
 
+    #: why :func:`embtable.fuse_storage` must leave this module's storage unfused (None: it may fuse it); a
+    #: method whose storage is not plain TorchRec tables, or that updates rows itself, sets it
+    fused_storage_unsupported: str | None = None
+
     def _select(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()
         if keys == self.feature_names:

@@ -121,7 +121,8 @@ def shard(
     backward, as TorchRec does); optimise the remaining (dense) parameters yourself, e.g. with
     ``torchrec.optim.optimizers.in_backward_optimizer_filter(dmp.named_parameters())``.
     The model's weights are loaded into the shards after wrapping. A module whose class sets
-    ``sharding_unsupported`` (a reason) is refused with a ``ValueError`` that gives it.
+    ``sharding_unsupported`` (a reason) is refused with a ``ValueError`` that gives it. Storage fused by
+    :func:`embtable.fuse_storage` is turned back into plain collections (same weights) first.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -138,6 +139,9 @@ def shard(
     if not torch.distributed.is_initialized():
         raise RuntimeError("shard() needs an initialised process group (torch.distributed.init_process_group)")
     device = device or torch.device("cpu")
+    from .fused import unfuse_storage
+
+    unfuse_storage(model)  # DMP shards plain collections and installs its own fused optimizer on the shards
     _check_dims(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for _, module in storage_modules(model):

@@ -114,7 +114,12 @@ class TrainConfig:
         embedding_optimizer: optimizer of the embedding rows, which get sparse gradients: one of
             ``EMBEDDING_OPTIMIZERS``. Row-wise Adagrad is DLRM practice: one accumulator per row.
         embedding_lr: learning rate of the embedding optimizer.
-        num_threads: torch intra-op threads; fixed so that results are bitwise reproducible.
+        fused_tables: train the method's plain TorchRec tables with FBGEMM's fused kernel for
+            ``embedding_optimizer`` (:func:`embtable.fuse_storage`; same update, several times faster);
+            ``False``: sparse gradients and a Python optimizer.
+        num_threads: torch intra-op threads; ``None`` (default): every core this process may use
+            (``os.sched_getaffinity``; a sweep with ``--jobs N`` gives each worker its share). The count
+            is recorded in the result; a run is bitwise reproducible for the same count.
         checkpoint_every: write a checkpoint every this many steps (also at every epoch end);
             ``None``: only at epoch ends. Only when the run has an ``out_dir``.
         eval_every: also evaluate on the validation split every this many steps (for pruning by
@@ -134,7 +139,8 @@ class TrainConfig:
     dense_lr: float = 1e-3
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.05
-    num_threads: int = 1
+    fused_tables: bool = True
+    num_threads: int | None = None
     checkpoint_every: int | None = 500
     eval_every: int | None = None
     max_loss: float = 10.0

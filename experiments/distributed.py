@@ -103,7 +103,9 @@ def _worker(rank: int, world_size: int, config_dict: dict, out_dir: str, shardin
 def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_types: list[str] | None,
            progress: bool) -> None:
     train = config.train
-    torch.set_num_threads(max(1, train.num_threads // world_size) if train.num_threads else 1)
+    from experiments.train import resolve_threads
+
+    torch.set_num_threads(max(1, resolve_threads(train.num_threads) // world_size))
     device = torch.device("cuda", rank % torch.cuda.device_count()) if dist.get_backend() == "nccl" else torch.device("cpu")
     model, _, _ = build_model(config)
     optimizer = train.embedding_optimizer

@@ -389,6 +389,15 @@ def _dataset_meta(cells: Sequence[Cell], log: Callable[[str], None]) -> dict[str
     return metas
 
 
+def _share_threads(config: dict[str, Any], jobs: int) -> dict[str, Any]:
+    """A cell left at ``train.num_threads: null`` gets its worker's share of the cores (at least one)."""
+    if config.get("train", {}).get("num_threads") is not None:
+        return config
+    from experiments.train import available_cores
+
+    return {**config, "train": {**config["train"], "num_threads": max(1, available_cores() // jobs)}}
+
+
 def run_sweep(
     spec: SweepSpec,
     out_dir: str | os.PathLike,
@@ -455,8 +464,8 @@ def run_sweep(
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_execute, c.config.to_dict(), str(out / "runs" / c.key), False, c.runner,
-                                   c.runner_options): c for c in todo}
+            futures = {pool.submit(_execute, _share_threads(c.config.to_dict(), jobs), str(out / "runs" / c.key),
+                                   False, c.runner, c.runner_options): c for c in todo}
             try:
                 for future in cf.as_completed(futures):
                     record(futures[future], future.result())

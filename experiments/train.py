@@ -35,6 +35,7 @@ import ctr_models
 import data_prep
 import embtable
 from embtable.atomic import atomic_write_json
+from embtable.fused import FusedTableOptimizer, fused_storages
 from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiments.config import RunConfig
 
@@ -48,6 +49,7 @@ __all__ = [
     "make_optimizers",
     "embedding_modules",
     "batch_loss",
+    "resolve_threads",
     "train_steps",
     "train_epochs",
     "loader_epochs",
@@ -126,11 +128,13 @@ class Optimizers:
         dense: Adam over every trainable parameter that is not an embedding table weight.
         sparse: SGD / Adagrad / row-wise Adagrad over the embedding tables (sparse gradients).
         embedding_optimizer: the name of ``sparse``'s kind ("sgd", "adagrad", "rowwise_adagrad").
+        fused: some tables train through FBGEMM's fused kernels (``sparse`` then holds their state).
     """
 
     dense: torch.optim.Optimizer | None
-    sparse: torch.optim.Optimizer
+    sparse: Any
     embedding_optimizer: str
+    fused: bool = False
 
     def zero_grad(self) -> None:
         for opt in self._all():
@@ -205,15 +209,23 @@ class RunResult:
     epochs: float
     resumed_from_step: int | None
     history: list[dict[str, Any]]
+    num_threads: int | None = None  # torch intra-op threads the run used (the bits depend on it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
         return dataclasses.asdict(self)
 
 
+# ----- the table optimizers (fused FBGEMM kernels or sparse gradients): make_optimizers -----
 def make_optimizers(model: nn.Module, embedding: nn.Module, embedding_optimizer: str, embedding_lr: float,
-                    dense_lr: float) -> Optimizers:
-    """Switch ``embedding``'s tables to sparse gradients and build the two optimizers over ``model``.
+                    dense_lr: float, *, fused_tables: bool = False) -> Optimizers:
+    """Set up ``embedding``'s tables for training and build the optimizers over ``model``.
+
+    With ``fused_tables`` the plain TorchRec tables of ``embedding`` are replaced by FBGEMM's fused kernel
+    (:func:`embtable.fuse_storage`: the update runs in backward; ``sparse`` is then a
+    :class:`embtable.fused.FusedTableOptimizer` handle, or a list-combining one when some tables stay
+    unfused). Tables that cannot be fused (a method's ``fused_storage_unsupported``, unpooled storage) and
+    all tables without ``fused_tables`` get sparse gradients and a Python optimizer.
 
     Args:
         model: the whole model (its parameters not in the tables go to Adam).
@@ -221,23 +233,52 @@ def make_optimizers(model: nn.Module, embedding: nn.Module, embedding_optimizer:
         embedding_optimizer: "sgd", "adagrad" or "rowwise_adagrad".
         embedding_lr: learning rate of the table optimizer.
         dense_lr: Adam's learning rate.
+        fused_tables: train the tables with the fused kernels where they can be.
     """
-    tables = embtable.sparse_parameters(embedding)
-    if not tables:
-        raise ValueError(f"{type(embedding).__name__} holds no embedding tables to train")
-    table_ids = {id(p) for p in tables}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
-    if embedding_optimizer == "sgd":
-        sparse: torch.optim.Optimizer = torch.optim.SGD(tables, lr=embedding_lr)
-    elif embedding_optimizer == "adagrad":
-        sparse = torch.optim.Adagrad(tables, lr=embedding_lr)
-    elif embedding_optimizer == "rowwise_adagrad":
-        sparse = embtable.RowWiseAdagrad(tables, lr=embedding_lr)
-    else:
+    if embedding_optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):
         raise ValueError(
             f"unknown embedding_optimizer {embedding_optimizer!r}; choose sgd, adagrad or rowwise_adagrad"
         )
-    return Optimizers(torch.optim.Adam(dense, lr=dense_lr) if dense else None, sparse, embedding_optimizer)
+    fused = None
+    if fused_tables and embtable.fuse_storage(embedding, embedding_optimizer, embedding_lr):
+        fused = FusedTableOptimizer(fused_storages(embedding))
+    tables = [p for p in embtable.sparse_parameters(embedding) if p.requires_grad]
+    if not tables and fused is None:
+        raise ValueError(f"{type(embedding).__name__} holds no embedding tables to train")
+    table_ids = {id(p) for p in embtable.table_parameters(embedding)}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
+    sparse: Any = None
+    if tables and embedding_optimizer == "sgd":
+        sparse = torch.optim.SGD(tables, lr=embedding_lr)
+    elif tables and embedding_optimizer == "adagrad":
+        sparse = torch.optim.Adagrad(tables, lr=embedding_lr)
+    elif tables:
+        sparse = embtable.RowWiseAdagrad(tables, lr=embedding_lr)
+    if fused is not None:
+        sparse = fused if sparse is None else _BothTableOptimizers(fused, sparse)
+    return Optimizers(torch.optim.Adam(dense, lr=dense_lr) if dense else None, sparse, embedding_optimizer,
+                      fused=fused is not None)
+
+
+class _BothTableOptimizers:
+    """Fused tables and Python-optimized ones in one model, behind one optimizer-shaped handle."""
+
+    def __init__(self, fused: FusedTableOptimizer, sparse: torch.optim.Optimizer) -> None:
+        self.fused, self.sparse = fused, sparse
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.sparse.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fused": self.fused.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fused.load_state_dict(state["fused"])
+        self.sparse.load_state_dict(state["sparse"])
+# ----- end of the table optimizers -----
 
 
 def embedding_modules(model: nn.Module) -> list[embtable.EmbeddingModule]:
@@ -412,13 +453,28 @@ def evaluate(model: nn.Module, batches: Iterable[Any], *, split: str = "valid") 
     }
 
 
+# ----- threads -----
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(num_threads: int | None) -> int:
+    """``train.num_threads`` as run: ``None`` means every available core."""
+    return available_cores() if num_threads is None else int(num_threads)
+
+
 @contextlib.contextmanager
-def deterministic(num_threads: int) -> Iterator[None]:
-    """Fix the thread count and deterministic kernels for the run; restore the caller's settings after."""
+def deterministic(num_threads: int | None) -> Iterator[None]:
+    """Fix the thread count (``None``: all available cores) and deterministic kernels for the run; restore
+    the caller's settings after. A run is bitwise reproducible for the same thread count."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(resolve_threads(num_threads))
     torch.use_deterministic_algorithms(True)
     try:
         yield
@@ -518,7 +574,7 @@ def run(
         record = dict(
             name=config.name, config=config_dict, versions=versions(), seed=train_cfg.seed,
             dataset=str(path), embedding_optimizer=train_cfg.embedding_optimizer,
-            full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc,
+            full_table_bytes=full_table_bytes, bayes_auc=meta.bayes_auc, num_threads=torch.get_num_threads(),
         )
         method = embtable.method_config_from_dict(config.embedding.method, source=f"{config.name}: embedding.method")
         try:
@@ -530,7 +586,8 @@ def run(
             return _finish(out, wall_start, TrainState(), None, f"infeasible budget: {err}", record)
         model = ctr_models.build_model(config.model.name, embedding, meta.num_dense, **config.model.options)
         optimizers = make_optimizers(
-            model, embedding, train_cfg.embedding_optimizer, train_cfg.embedding_lr, train_cfg.dense_lr
+            model, embedding, train_cfg.embedding_optimizer, train_cfg.embedding_lr, train_cfg.dense_lr,
+            fused_tables=train_cfg.fused_tables,
         )
         record.update(_byte_counts(model, embedding, train_cfg.embedding_optimizer))
 

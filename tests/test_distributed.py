@@ -122,7 +122,8 @@ def test_sharded_equals_unsharded(sharded_results, method):
         types = {t for types in result["plan"].values() for t in types}
         assert types == {sharding}, f"{method}: planned {types}, asked for {sharding}"
         forward, *trained = result["diffs"]
-        assert forward == 0.0, f"{method} rank {rank}: sharded forward differs by {forward}"
+        # table lookups are exact; a dense decoder (dhe's MLP) may sum in another order once DMP wraps it
+        assert forward <= 1e-6, f"{method} rank {rank}: sharded forward differs by {forward}"
         assert max(trained) < 1e-5, f"{method} rank {rank}: after training, outputs differ by {max(trained)}"
 
 

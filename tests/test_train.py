@@ -200,3 +200,24 @@ def test_docstring_examples_run(module: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_threads_default_to_the_cores_are_recorded_and_reproducible(tiny: Path) -> None:
+    from experiments.sweep import _share_threads
+    from experiments.train import available_cores
+
+    first = run(config(tiny, max_steps=4), progress=False)  # num_threads: null in base.yaml
+    assert first.num_threads == available_cores() and first.status == "ok"
+    again = run(config(tiny, max_steps=4), progress=False)
+    assert (again.test_logloss, again.training_bytes) == (first.test_logloss, first.training_bytes)  # bitwise
+    two = config(tiny, max_steps=4, num_threads=2).to_dict()
+    assert _share_threads(two, 4) == two  # an explicit count is kept
+    shared = _share_threads(config(tiny).to_dict(), 64)
+    assert shared["train"]["num_threads"] == max(1, available_cores() // 64)
+
+
+def test_fused_and_unfused_tables_train_alike(tiny: Path) -> None:
+    fused = run(config(tiny, max_steps=6, num_threads=1), progress=False)
+    plain = run(config(tiny, max_steps=6, num_threads=1, fused_tables=False), progress=False)
+    assert fused.training_bytes == plain.training_bytes and fused.inference_bytes == plain.inference_bytes
+    assert abs(fused.test_logloss - plain.test_logloss) < 1e-4

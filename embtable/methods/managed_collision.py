@@ -182,6 +182,10 @@ class ManagedCollisionEmbeddingBagCollection(EmbeddingModule):
         "ManagedCollisionEmbeddingBagCollectionSharder yourself"
     )
 
+    fused_storage_unsupported = (
+        "its tables sit inside TorchRec's ManagedCollisionEmbeddingBagCollection, whose remap and eviction own them"
+    )
+
     def __init__(self, features: Sequence[FeatureSpec], config: ManagedCollisionConfig, **kwargs) -> None:
         super().__init__(features, config, **kwargs)
         self.zch_sizes = _zch_sizes(self.features, config)

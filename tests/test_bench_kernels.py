@@ -1,0 +1,16 @@
+"""The kernel benchmark runs end to end on a tiny shape and reports shares of its own ceiling."""
+
+from __future__ import annotations
+
+from experiments.bench_kernels import bench, format_table
+
+
+def test_bench_kernels_smoke():
+    result = bench(rows=200, budget="1/2", methods=["full", "hash"], paths="unfused", threads=1, batch_size=64,
+                   iters=1, rounds=1, log=lambda s: None)
+    paths = [r["path"] for r in result["rows"]]
+    assert paths[:2] == ["ceiling", "tbe"] and "full" in paths and "hash 1/2" in paths
+    ceiling = result["rows"][0]
+    assert ceiling["forward_share"] == 1.0 and ceiling["train_share"] == 1.0
+    assert all(r["forward_samples_per_s"] > 0 and r["train_samples_per_s"] > 0 for r in result["rows"])
+    assert "| hash 1/2 |" in format_table(result)
