@@ -202,3 +202,18 @@ def test_init_from_weights_copies_hot_rows_and_averages_hashed_ones():
     r = int(rows[0])
     expected = trained["a"][cold[rows == r]].mean(0)
     torch.testing.assert_close(module.storage.embedding_bags["a"].weight[r].detach(), expected)
+
+
+def test_migration_with_fused_storage_keeps_outputs():
+    # the trainer fuses the storage into FBGEMM's TBE by default: migration writes the kernel's rows
+    from embtable.fused import fuse_storage
+
+    module = _build(migrate_every=1)
+    assert fuse_storage(module, "sgd", lr=0.1) > 0
+    module.train()
+    probe = _kjt(list(range(40)), a_lengths=[1] * 40)
+    module(_kjt([1, 1, 2, 2, 2, 3])).values().square().sum().backward()  # the kernel updates in backward
+    before = module(probe).values().detach()
+    module.train_step_end(0)
+    assert {1, 2} <= set(module.hot_ids("a").tolist())
+    assert torch.equal(module(probe).values(), before)

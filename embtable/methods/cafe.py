@@ -65,6 +65,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
+from ..fused import FusedEmbeddingBagStorage
 from ..hashing import PRIME, hash_coefficients, universal_hash
 from ..module import (
     EmbeddingModule,
@@ -333,7 +334,7 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
     @torch.no_grad()
     def migrate(self) -> None:
         """Give the ``H_f`` highest-scoring sketch entries of each feature exclusive rows (see the docstring)."""
-        if type(self.storage) is not EmbeddingBagCollection:
+        if not isinstance(self.storage, EmbeddingBagCollection | FusedEmbeddingBagStorage):  # DMP-sharded
             raise RuntimeError(
                 "cafe: migration writes storage rows and needs the same sketch on every rank; it is not "
                 "implemented for sharded (DMP) storage; build with CafeConfig(migrate_every=0) to train sharded "
