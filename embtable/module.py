@@ -34,6 +34,7 @@ __all__ = [
     "EmbeddingModule",
     "IdRangePolicy",
     "is_tracing",
+    "per_id",
     "with_values",
     "storage_collection",
     "storage_values",
@@ -109,6 +110,23 @@ def is_tracing() -> bool:
     )
 
 
+def per_id(kjt: KeyedJaggedTensor, per_key: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Row ``f`` of ``per_key [F, ...]`` for each id of feature ``f``: ``[N, ...]``.
+
+    Built from the lengths (bag f * B + b belongs to feature f), not from ``kjt.length_per_key()``, whose
+    Python ints need a host read-back (a graph break under ``torch.compile``).
+    """
+    if kjt.variable_stride_per_key():
+        per_bag = per_key.repeat_interleave(torch.tensor(kjt.stride_per_key(), device=per_key.device), dim=0)
+    else:
+        # [F * B, ...] in the KJT's key-major bag order; a gather, not an expand: a traced batch of 1 stays valid
+        lengths = kjt.lengths()
+        feature = torch.div(torch.arange(lengths.shape[0], device=lengths.device), max(kjt.stride(), 1),
+                            rounding_mode="floor")
+        per_bag = per_key[feature]
+    return torch.repeat_interleave(per_bag, kjt.lengths(), dim=0, output_size=num_ids)
+
+
 class IdRangePolicy(nn.Module):
     """Checks or maps ids outside ``[0, num_embeddings)`` per feature (see :class:`OutOfRange`).
 
@@ -125,13 +143,8 @@ class IdRangePolicy(nn.Module):
         self.policy = OutOfRange(policy)
 
     def bounds(self, kjt: KeyedJaggedTensor, values: torch.Tensor) -> torch.Tensor:
-        """``num_embeddings`` of each id's feature, ``[N]`` (from the lengths: no host read-back)."""
-        per_key = torch.tensor(self.num_embeddings, dtype=torch.int64, device=values.device)  # [F]
-        if kjt.variable_stride_per_key():
-            per_bag = per_key.repeat_interleave(torch.tensor(kjt.stride_per_key(), device=values.device))
-        else:
-            per_bag = per_key.repeat_interleave(kjt.stride())  # [F * B], the KJT's key-major bag order
-        return torch.repeat_interleave(per_bag, kjt.lengths(), output_size=values.shape[0])  # [N]
+        """``num_embeddings`` of each id's feature, ``[N]``."""
+        return per_id(kjt, torch.tensor(self.num_embeddings, dtype=torch.int64, device=values.device), values.shape[0])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         values = kjt.values()

@@ -253,7 +253,7 @@ class OptEmbedIdMapper(nn.Module):
     def _map_field(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of ``ids`` [N] and a keep mask [N] (``None``: all kept)."""
         kind, k = self.kinds[i], self.kept[i]
-        if kind == "identity" or (ids.numel() == 0 and not is_tracing()):
+        if kind == "identity" or (not is_tracing() and ids.numel() == 0):
             return ids, None
         buf = getattr(self, f"remap_{i}")
         if kind == "dense":
