@@ -719,7 +719,7 @@ class FlatInputs(nn.Module):
         return signature, flat
 
 
-def _dynamic_shapes(signature, flat: list[torch.Tensor]) -> tuple:
+def _dynamic_shapes(signature, flat: list[torch.Tensor], min_batch: int = 1) -> tuple:
     """Batch size and bag lengths dynamic: one ``batch`` Dim (the KJTs' stride and every tensor argument's
     first dim of that size), one Dim per KJT's number of ids; other tensors' first dim ``Dim.AUTO``."""
     from torch.export import Dim
@@ -732,7 +732,7 @@ def _dynamic_shapes(signature, flat: list[torch.Tensor]) -> tuple:
         if b < 2:
             raise ValueError(f"export(format='pt2') needs example inputs with a batch of at least 2 (got {b}): "
                              "torch.export specialises sizes 0 and 1")
-        batch = (b, Dim("batch", min=1, max=2**20))
+        batch = (b, Dim("batch", min=min_batch, max=2**20))
     shapes: list = []
     for k, spec in enumerate(signature):
         i = _flat_index(signature, k)
@@ -787,9 +787,19 @@ def export_program(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32
     wrapper = FlatInputs(served, signature).eval()
     # size-oblivious reasoning about the batch: no guard "batch != 1" from TorchRec's lengths views, so
     # the program serves a batch of 1 too
+    min_batch = 1
     with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        program = torch.export.export(wrapper, tuple(flat), dynamic_shapes={"args": _dynamic_shapes(signature, flat)},
-                                      strict=False)
+        try:
+            program = torch.export.export(wrapper, tuple(flat), dynamic_shapes={"args": _dynamic_shapes(signature, flat)},
+                                          strict=False)
+        except torch._dynamo.exc.UserError as err:
+            if "batch" not in str(err):
+                raise
+            # some mappings (qr, unified: TorchRec views of their stacked bags) guard "batch != 1"; such a
+            # program serves batches >= 2 (a server pads a single request), recorded as min_batch
+            min_batch = 2
+            program = torch.export.export(wrapper, tuple(flat), strict=False,
+                                          dynamic_shapes={"args": _dynamic_shapes(signature, flat, min_batch)})
     modules: dict[str, dict[str, Any]] = {}
     table_tensors = []
     for p, m in _table_modules(served):
@@ -807,7 +817,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32
     metadata = {
         "format": PT2_FORMAT, "format_version": FORMAT_VERSION, "embtable_version": __version__,
         "torch_version": str(torch.__version__), "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "dtype": dtype, "inputs": inputs, "kjt_keys": [None if s is None else s[0] for s in signature],
+        "dtype": dtype, "inputs": inputs, "min_batch": min_batch, "kjt_keys": [None if s is None else s[0] for s in signature],
         "modules": list(modules.values()),
     }
     folder = os.path.dirname(os.path.abspath(path))

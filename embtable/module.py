@@ -120,9 +120,10 @@ def per_id(kjt: KeyedJaggedTensor, per_key: torch.Tensor, num_ids: int) -> torch
         per_bag = per_key.repeat_interleave(torch.tensor(kjt.stride_per_key(), device=per_key.device), dim=0)
     else:
         # [F * B, ...] in the KJT's key-major bag order; a gather, not an expand: a traced batch of 1 stays valid
-        lengths = kjt.lengths()
-        feature = torch.div(torch.arange(lengths.shape[0], device=lengths.device), max(kjt.stride(), 1),
-                            rounding_mode="floor")
+        lengths, stride = kjt.lengths(), kjt.stride()
+        if not is_tracing() and stride == 0:  # an empty batch has no ids
+            return per_key[:0]
+        feature = torch.div(torch.arange(lengths.shape[0], device=lengths.device), stride, rounding_mode="floor")
         per_bag = per_key[feature]
     return torch.repeat_interleave(per_bag, kjt.lengths(), dim=0, output_size=num_ids)
 
