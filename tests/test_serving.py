@@ -207,7 +207,7 @@ def test_pt2_program_loads_without_embtable_and_matches(method, dtype, served):
         if dtype == "fp32":  # fp32 export predicts exactly as the trained model
             torch.testing.assert_close(program[row], trained[row], atol=TOLERANCE, rtol=TOLERANCE)
     assert "outside its table's range" in outputs[dtype + ":bad"]
-    module = reports[dtype].modules[f"models.{row}"]
+    module = reports[dtype].modules[f"models.{row}.embedding"]
     assert module["method"] == method
     assert module["bytes"] <= module["bytes_fp32"]
 
