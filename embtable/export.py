@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_write
 from .compress import EMBTABLE_MODULES
-from .module import EmbeddingModule
+from .module import EmbeddingModule, is_tracing
 
 __all__ = [
     "DTYPES",
@@ -57,7 +57,9 @@ __all__ = [
     "ExportReport",
     "QuantizedEmbedding",
     "QuantizedEmbeddingBag",
+    "FlatInputs",
     "export",
+    "export_program",
     "inference_model",
     "load",
     "quantize_rows",
@@ -126,7 +128,7 @@ def dequantize_rows(rows: torch.Tensor, dtype: str, dim: int) -> torch.Tensor:
     """
     if dtype in ("fp32", "fp16"):
         return rows.to(torch.float32)
-    if rows.shape[0] == 0:
+    if not is_tracing() and rows.shape[0] == 0:
         return torch.zeros(0, dim, device=rows.device)
     ops = _fbgemm()
     if dtype == "int8":
@@ -505,7 +507,8 @@ class _StructureUnpickler(pickle.Unpickler):
         return self.made[(kind, key)]
 
 
-def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> ExportReport:
+def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32", *, format: str = "embtable",
+           example_inputs: tuple | None = None) -> ExportReport:
     """Write the inference form of a trained model to ``path`` (one file); see the module docstring.
 
     Args:
@@ -513,6 +516,11 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
         path: the file to write (atomically and durably: :func:`embtable.atomic.atomic_write`).
         dtype: ``"fp32"`` (predictions equal the trained model's), ``"fp16"``, ``"int8"`` or ``"int4"``
             row-wise quantisation of the stored rows.
+        format: ``"embtable"`` (this file, read by :func:`load`) or ``"pt2"``: a ``torch.export`` program of
+            the whole model that a server loads with ``torch.export.load`` WITHOUT embtable (see
+            :func:`export_program`); it needs ``example_inputs``.
+        example_inputs: for ``"pt2"``, a tuple of the model's arguments (tensors and KeyedJaggedTensors, a
+            batch of at least 2); batch size and bag lengths stay dynamic in the program.
 
     Returns:
         an :class:`ExportReport` with the bytes of exactly what was written.
@@ -531,6 +539,13 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32") -> Ex
         True
         >>> folder.cleanup()
     """
+    if format == "pt2":
+        if example_inputs is None:
+            raise ValueError("export(format='pt2') traces the model: pass example_inputs=(dense, kjt) (your model's "
+                             "arguments, a batch of at least 2)")
+        return export_program(model, path, dtype, example_inputs=example_inputs)
+    if format != "embtable":
+        raise ValueError(f"export format must be 'embtable' or 'pt2', got {format!r}")
     dtype = _check_dtype(dtype)
     path = os.fspath(path)
     modules_fp32 = {p: (_module_bytes(m), _describe(p, m)) for p, m in _table_modules(model)}
@@ -646,3 +661,181 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             f"imported in this process ({err}); import the module that defines it first"
         ) from err
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pt2 format: a torch.export program of the whole model, loaded without embtable
+# ----------------------------------------------------------------------------------------------------
+PT2_FORMAT = "embtable.pt2"
+PT2_METADATA = "embtable.json"  # the extra file of the program holding the metadata (JSON)
+
+
+class FlatInputs(nn.Module):
+    """``model`` with each ``KeyedJaggedTensor`` argument given as plain tensors: ``values, lengths[, weights]``.
+
+    A server's program then takes only tensors: ``model(dense, kjt)`` becomes ``flat(dense, values,
+    lengths)`` with ``values``/``lengths`` exactly the KJT's (``lengths`` key-major, ``[F * B]``; the keys
+    are fixed at export). A ``KeyedTensor`` output (a bare table module) is returned as its ``values()``.
+
+    Args:
+        model: the model to call.
+        signature: per positional argument of ``model``, ``None`` (a tensor, passed through) or
+            ``(keys, weighted)`` (a KJT rebuilt from the next two or three tensors).
+    """
+
+    def __init__(self, model: nn.Module, signature: list[tuple[list[str], bool] | None]) -> None:
+        super().__init__()
+        self.model = model
+        self.signature = [None if s is None else (list(s[0]), bool(s[1])) for s in signature]
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+        call, i = [], 0
+        for spec in self.signature:
+            if spec is None:
+                call.append(args[i])
+                i += 1
+                continue
+            keys, weighted = spec
+            weights = args[i + 2] if weighted else None
+            call.append(KeyedJaggedTensor(keys=keys, values=args[i], lengths=args[i + 1], weights=weights))
+            i += 3 if weighted else 2
+        out = self.model(*call)
+        return out.values() if isinstance(out, KeyedTensor) else out
+
+    @staticmethod
+    def flatten(example_inputs: tuple) -> tuple[list[tuple[list[str], bool] | None], list[torch.Tensor]]:
+        """The signature and flat tensors of ``example_inputs`` (see the class)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        signature, flat = [], []
+        for x in example_inputs:
+            if isinstance(x, KeyedJaggedTensor):
+                weights = x.weights_or_none()
+                signature.append((list(x.keys()), weights is not None))
+                flat += [x.values(), x.lengths()] + ([weights] if weights is not None else [])
+            elif isinstance(x, torch.Tensor):
+                signature.append(None)
+                flat.append(x)
+            else:
+                raise TypeError(f"export(format='pt2') takes tensors and KeyedJaggedTensors as inputs, got a "
+                                f"{type(x).__name__}")
+        return signature, flat
+
+
+def _dynamic_shapes(signature, flat: list[torch.Tensor], min_batch: int = 1) -> tuple:
+    """Batch size and bag lengths dynamic: one ``batch`` Dim (the KJTs' stride and every tensor argument's
+    first dim of that size), one Dim per KJT's number of ids; other tensors' first dim ``Dim.AUTO``."""
+    from torch.export import Dim
+
+    kjts = [s for s in signature if s is not None]
+    batch = None
+    if kjts:
+        first = _flat_index(signature, [i for i, s in enumerate(signature) if s is not None][0])
+        b = flat[first + 1].shape[0] // max(len(kjts[0][0]), 1)
+        if b < 2:
+            raise ValueError(f"export(format='pt2') needs example inputs with a batch of at least 2 (got {b}): "
+                             "torch.export specialises sizes 0 and 1")
+        batch = (b, Dim("batch", min=min_batch, max=2**20))
+    shapes: list = []
+    for k, spec in enumerate(signature):
+        i = _flat_index(signature, k)
+        if spec is None:
+            t = flat[i]
+            if t.dim() == 0:
+                shapes.append({})
+            elif batch is not None and t.shape[0] == batch[0]:
+                shapes.append({0: batch[1]})
+            else:
+                shapes.append({0: Dim.AUTO})
+            continue
+        keys, weighted = spec
+        ids = Dim(f"ids_{k}", min=0, max=2**40)
+        shapes += [{0: ids}, {0: len(keys) * batch[1]}] + ([{0: ids}] if weighted else [])
+    return tuple(shapes)
+
+
+def _flat_index(signature, position: int) -> int:
+    return sum(1 if s is None else (3 if s[1] else 2) for s in signature[:position])
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32", *,
+                   example_inputs: tuple) -> ExportReport:
+    """Write ``model``'s inference form as a ``torch.export`` program (``export(..., format="pt2")``).
+
+    The program takes the model's inputs with every ``KeyedJaggedTensor`` flattened to ``values, lengths[,
+    weights]`` (see :class:`FlatInputs`), with a dynamic batch size and number of ids per KJT, and loads
+    in a process without embtable (nor torchrec)::
+
+        import torch, fbgemm_gpu  # fbgemm_gpu registers the FBGEMM operators the program calls
+        served = torch.export.load(path).module()
+        logits = served(dense, values, lengths)
+
+    Out-of-range ids are an error (``out_of_range="error"``) through a runtime assertion in the program.
+    The metadata (method configs, dtype, input names) is the program's extra file ``embtable.json``.
+    """
+    import json
+
+    dtype = _check_dtype(dtype)
+    path = os.fspath(path)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    modules_fp32 = {p: (_module_bytes(m), _describe(p, m)) for p, m in _table_modules(model)}
+    if not modules_fp32:
+        raise ValueError(
+            f"{type(model).__name__} holds no embtable module to export; compress it first "
+            "(embtable.compress(model, budget, method)) or build its tables with embtable"
+        )
+    served = inference_model(model, dtype)
+    signature, flat = FlatInputs.flatten(example_inputs)
+    wrapper = FlatInputs(served, signature).eval()
+    # size-oblivious reasoning about the batch: no guard "batch != 1" from TorchRec's lengths views, so
+    # the program serves a batch of 1 too
+    min_batch = 1
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        try:
+            program = torch.export.export(wrapper, tuple(flat), dynamic_shapes={"args": _dynamic_shapes(signature, flat)},
+                                          strict=False)
+        except torch._dynamo.exc.UserError as err:
+            if "batch" not in str(err):
+                raise
+            # some mappings (qr, unified: TorchRec views of their stacked bags) guard "batch != 1"; such a
+            # program serves batches >= 2 (a server pads a single request), recorded as min_batch
+            min_batch = 2
+            program = torch.export.export(wrapper, tuple(flat), strict=False,
+                                          dynamic_shapes={"args": _dynamic_shapes(signature, flat, min_batch)})
+    modules: dict[str, dict[str, Any]] = {}
+    table_tensors = []
+    for p, m in _table_modules(served):
+        own = list(m.parameters()) + list(m.buffers())
+        table_tensors.extend(own)
+        modules[p] = {**modules_fp32[p][1], "bytes_fp32": modules_fp32[p][0], "bytes": _unique_bytes(own)}
+    table_ids = {id(t) for t in table_tensors}
+    other = [t for t in list(served.parameters()) + list(served.buffers()) if id(t) not in table_ids]
+    from . import __version__
+
+    inputs = []
+    for k, spec in enumerate(signature):
+        inputs += [f"arg{k}"] if spec is None else [f"arg{k}.values", f"arg{k}.lengths"] + (
+            [f"arg{k}.weights"] if spec[1] else [])
+    metadata = {
+        "format": PT2_FORMAT, "format_version": FORMAT_VERSION, "embtable_version": __version__,
+        "torch_version": str(torch.__version__), "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "dtype": dtype, "inputs": inputs, "min_batch": min_batch, "kjt_keys": [None if s is None else s[0] for s in signature],
+        "modules": list(modules.values()),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".pt2", dir=folder)
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp, extra_files={PT2_METADATA: json.dumps(metadata, default=str)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ExportReport(path=path, dtype=dtype, table_bytes_fp32=sum(v[0] for v in modules_fp32.values()),
+                        table_bytes=_unique_bytes(table_tensors), other_bytes=_unique_bytes(other),
+                        file_bytes=os.path.getsize(path), modules=modules)

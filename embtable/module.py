@@ -35,6 +35,8 @@ from .memory import MemoryReport, memory_report
 __all__ = [
     "EmbeddingModule",
     "IdRangePolicy",
+    "is_tracing",
+    "per_id",
     "with_values",
     "storage_collection",
     "storage_values",
@@ -130,10 +132,45 @@ def storage_values(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
     return torch.cat([per_key[k] for k in keys], dim=1)
 
 
+def is_tracing() -> bool:
+    """True while ``torch.compile`` / ``torch.export`` / FX / TorchScript tracing runs the code.
+
+    Hot paths use it to choose between an eager check (a Python branch on data, with a precise error) and
+    a traceable form (masks, ``torch.where``, ``torch._assert_async``) that never reads data back to Python.
+    """
+    if torch.jit.is_scripting():
+        return False
+    return bool(
+        torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    )
+
+
+def per_id(kjt: KeyedJaggedTensor, per_key: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Row ``f`` of ``per_key [F, ...]`` for each id of feature ``f``: ``[N, ...]``.
+
+    Built from the lengths (bag f * B + b belongs to feature f), not from ``kjt.length_per_key()``, whose
+    Python ints need a host read-back (a graph break under ``torch.compile``).
+    """
+    if kjt.variable_stride_per_key():
+        per_bag = per_key.repeat_interleave(torch.tensor(kjt.stride_per_key(), device=per_key.device), dim=0)
+    else:
+        # [F * B, ...] in the KJT's key-major bag order; a gather, not an expand: a traced batch of 1 stays valid
+        lengths, stride = kjt.lengths(), kjt.stride()
+        if not is_tracing() and stride == 0:  # an empty batch has no ids
+            return per_key[:0]
+        feature = torch.div(torch.arange(lengths.shape[0], device=lengths.device), stride, rounding_mode="floor")
+        per_bag = per_key[feature]
+    return torch.repeat_interleave(per_bag, kjt.lengths(), dim=0, output_size=num_ids)
+
+
 class IdRangePolicy(nn.Module):
     """Checks or maps ids outside ``[0, num_embeddings)`` per feature (see :class:`OutOfRange`).
 
     Holds no tensors: the bounds are rebuilt per call from Python ints (a few dozen elements).
+    In eager mode an out-of-range id under ``ERROR`` raises a ``ValueError`` naming the feature and id;
+    under tracing (``torch.compile``, ``torch.export``) the same policy is a runtime assertion in the graph
+    (``torch._assert_async``), and ``WRAP``/``RESERVED`` are masks: no data-dependent Python branch.
     """
 
     def __init__(self, feature_names: list[str], num_embeddings: list[int], policy: OutOfRange) -> None:
@@ -142,25 +179,27 @@ class IdRangePolicy(nn.Module):
         self.num_embeddings = list(num_embeddings)
         self.policy = OutOfRange(policy)
 
+    def bounds(self, kjt: KeyedJaggedTensor, values: torch.Tensor) -> torch.Tensor:
+        """``num_embeddings`` of each id's feature, ``[N]``."""
+        return per_id(kjt, torch.tensor(self.num_embeddings, dtype=torch.int64, device=values.device), values.shape[0])
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         values = kjt.values()
         if values.dtype != torch.int64:
             if values.is_floating_point():
                 raise TypeError(f"ids must be integers, got a {values.dtype} tensor of values")
             values = values.to(torch.int64)
+        if is_tracing():
+            return with_values(kjt, self._traced(kjt, values))
         if values.numel() == 0:
             return with_values(kjt, values)
-        counts = torch.tensor(kjt.length_per_key(), device=values.device)
-        bounds = torch.repeat_interleave(
-            torch.tensor(self.num_embeddings, dtype=torch.int64, device=values.device), counts,
-            output_size=values.numel(),
-        )
+        bounds = self.bounds(kjt, values)
         bad = (values < 0) | (values >= bounds)
         if not bool(bad.any()):
             return with_values(kjt, values)
         if self.policy is OutOfRange.ERROR:
             first = int(bad.nonzero()[0, 0])
-            ends = torch.cumsum(counts, 0)
+            ends = torch.cumsum(torch.tensor(kjt.length_per_key(), device=values.device), 0)
             feature = int((ends <= first).sum())
             name, size = self.feature_names[feature], self.num_embeddings[feature]
             raise ValueError(
@@ -171,6 +210,20 @@ class IdRangePolicy(nn.Module):
         if self.policy is OutOfRange.WRAP:
             return with_values(kjt, torch.remainder(values, bounds))
         return with_values(kjt, torch.where(bad, bounds, values))
+
+    def _traced(self, kjt: KeyedJaggedTensor, values: torch.Tensor) -> torch.Tensor:
+        bounds = self.bounds(kjt, values)
+        if self.policy is OutOfRange.WRAP:
+            return torch.remainder(values, bounds)
+        bad = (values < 0) | (values >= bounds)
+        if self.policy is OutOfRange.RESERVED:
+            return torch.where(bad, bounds, values)
+        torch._assert_async(
+            torch.logical_not(bad.any()),
+            "an id is outside its table's range [0, num_embeddings); fix the ids, or build the module with "
+            "out_of_range='wrap' or 'reserved'",
+        )
+        return values
 
     def extra_repr(self) -> str:
         return f"policy={self.policy.value}"

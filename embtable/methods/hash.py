@@ -28,6 +28,8 @@ from ..hashing import PRIME, hash_coefficients, universal_hash
 from ..module import (
     EmbeddingModule,
     config_field_per_feature,
+    is_tracing,
+    per_id,
     storage_collection,
     storage_values,
     with_values,
@@ -92,10 +94,9 @@ class HashIdMapper(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         values = kjt.values()
-        if values.numel() == 0:
+        if not is_tracing() and values.numel() == 0:
             return kjt
-        counts = torch.tensor(kjt.length_per_key(), device=values.device)
-        params = torch.repeat_interleave(self.hash_params, counts, dim=0, output_size=values.numel())  # [N, 6]
+        params = per_id(kjt, self.hash_params, values.shape[0])  # [N, 6]
         m, n = params[:, 4], params[:, 5]
         if self.hash_fn == "modulo":
             hashed = values % m

@@ -41,7 +41,7 @@ from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
+from ..module import EmbeddingModule, config_field_per_feature, is_tracing, storage_collection, storage_values
 
 __all__ = [
     "OptEmbedConfig",
@@ -253,7 +253,7 @@ class OptEmbedIdMapper(nn.Module):
     def _map_field(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of ``ids`` [N] and a keep mask [N] (``None``: all kept)."""
         kind, k = self.kinds[i], self.kept[i]
-        if kind == "identity" or ids.numel() == 0:
+        if kind == "identity" or (not is_tracing() and ids.numel() == 0):
             return ids, None
         buf = getattr(self, f"remap_{i}")
         if kind == "dense":
@@ -284,7 +284,7 @@ class OptEmbedIdMapper(nn.Module):
             bag_lengths = lengths[i * batch:(i + 1) * batch]
             start += count
             rows, keep = self._map_field(i, ids)
-            if keep is not None and not bool(keep.all()):
+            if keep is not None and (is_tracing() or not bool(keep.all())):  # traced: always the masked form
                 bag = torch.repeat_interleave(torch.arange(batch, device=ids.device), bag_lengths, output_size=count)
                 kept_bags = bag[keep]
                 ones = torch.ones(kept_bags.numel(), dtype=bag_lengths.dtype, device=ids.device)

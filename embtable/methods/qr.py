@@ -261,7 +261,7 @@ class QRIdMapper(nn.Module):
         values, weights, batch = kjt.values(), kjt.weights_or_none(), kjt.stride()
         per_key = kjt.length_per_key()
         # one slice per feature (the values of a KJT are grouped by key); a few whole-slice ops per feature
-        value_pieces, length_pieces = values.split(per_key), kjt.lengths().split(batch)
+        value_pieces, length_pieces = values.split(per_key), kjt.lengths().split([batch] * len(per_key))
         weight_pieces = weights.split(per_key) if weights is not None else None
         full = None
         if self.full:

@@ -83,7 +83,7 @@ from ..budget import FP32, BudgetError, FeaturePlan
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..module import EmbeddingModule, config_field_per_feature, is_tracing, storage_collection
 
 __all__ = ["UnifiedConfig", "UnifiedEmbeddingBagCollection", "UnifiedIdMapper", "unified_layout"]
 
@@ -293,7 +293,7 @@ class UnifiedIdMapper(nn.Module):
         per_feature = kjt.length_per_key()
         per_slot = [per_feature[f] for f in self.slot_feature]  # ids each slot looks up
         expanded = sum(per_slot)  # M
-        if expanded == 0:
+        if not is_tracing() and expanded == 0:  # traced: the general path handles no ids too
             return KeyedJaggedTensor(
                 keys=self.storage_keys, values=values.new_zeros(0),
                 weights=None if weights is None else weights.new_zeros(0),

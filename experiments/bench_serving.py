@@ -1,0 +1,134 @@
+"""Serving speed: the exported ``torch.export`` program against the eager model, per method (not a test).
+
+For each method, a DLRM (``ctr_models``) over ``embtable.build`` on the demo preset's 26 feature
+cardinalities (``data_prep.generator.PRESETS["demo"]``: no data is generated) is exported with
+``embtable.export.export(..., format="pt2")`` and loaded back with ``torch.export.load`` (as a server
+would, here in the same process). Ids are uniform random, one per feature and sample (Criteo layout).
+
+- ``lat1_ms``: median latency of one batch of 1 (eager model vs the loaded program);
+- ``qps512``: samples/s at batch 512 (median of the timed calls);
+- ``ratio``: program / eager (latency: < 1 is faster; throughput: > 1 is faster), measured in one run,
+  eager and program calls interleaved so that a busy machine slows both alike;
+- ``export_s``: seconds to trace and save the program.
+
+    python -m experiments.bench_serving --methods full hash qr --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+import ctr_models
+import embtable
+from data_prep.generator import PRESETS
+from embtable import export as E
+
+__all__ = ["main", "bench"]
+
+NUM_DENSE = 13
+DIM = 16
+BUDGET = "1/4"
+
+
+def _features(preset: str) -> list[embtable.FeatureSpec]:
+    return [embtable.FeatureSpec(f"C{i + 1}", n, DIM) for i, n in enumerate(PRESETS[preset].cardinalities)]
+
+
+def _batch(features, batch: int, gen: torch.Generator):
+    values = torch.cat([torch.randint(0, f.num_embeddings, (batch,), generator=gen) for f in features])
+    lengths = torch.ones(len(features) * batch, dtype=torch.int64)
+    dense = torch.randn(batch, NUM_DENSE, generator=gen)
+    return dense, KeyedJaggedTensor(keys=[f.name for f in features], values=values, lengths=lengths)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _metadata(path) -> str:
+    extra = {E.PT2_METADATA: ""}
+    torch.export.load(path, extra_files=extra)
+    return extra[E.PT2_METADATA]
+
+
+def bench(method: str, features, dtype: str, folder: Path, repeats: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    config = embtable.method_config_from_dict({"method": method}, source="bench_serving")
+    budget = None if method == "full" else BUDGET
+    model = ctr_models.build_model("dlrm", embtable.build(features, config, budget, seed=seed), NUM_DENSE).eval()
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    path = folder / f"{method}.pt2"
+    E.export(model, path, dtype, format="pt2", example_inputs=_batch(features, 4, gen))
+    export_s = time.perf_counter() - start
+    program = torch.export.load(path).module()
+    eager = E.inference_model(model, dtype)
+    row: dict = {"method": method, "export_s": export_s}
+    with torch.no_grad():
+        min_batch = json.loads(_metadata(path))["min_batch"]
+        for batch, reps in ((1, repeats * 10), (512, repeats)):
+            dense, kjt = _batch(features, max(batch, min_batch), gen)  # a program with min_batch 2: batch 2
+            args = (dense, kjt.values(), kjt.lengths())
+            torch.testing.assert_close(program(*args), eager(dense, kjt), atol=1e-4, rtol=1e-4)
+            for _ in range(2):  # warm-up
+                program(*args)
+                eager(dense, kjt)
+            t_eager, t_prog = [], []
+            for _ in range(reps):  # interleaved
+                t_eager.append(_median_seconds(lambda: eager(dense, kjt), 1))  # noqa: B023
+                t_prog.append(_median_seconds(lambda: program(*args), 1))  # noqa: B023
+            row[f"eager_{batch}"], row[f"program_{batch}"] = statistics.median(t_eager), statistics.median(t_prog)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | eager lat1 ms | program lat1 ms | ratio | eager qps512 | program qps512 | ratio | export s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | |")
+            continue
+        qe, qp = 512 / r["eager_512"], 512 / r["program_512"]
+        lines.append(f"| {r['method']} | {1e3 * r['eager_1']:.2f} | {1e3 * r['program_1']:.2f} | "
+                     f"{r['program_1'] / r['eager_1']:.2f} | {qe:,.0f} | {qp:,.0f} | {qp / qe:.2f} | {r['export_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--dtype", default="fp32", choices=E.DTYPES)
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls at batch 512 (x10 at batch 1)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    features = _features(args.preset)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for method in args.methods or sorted(embtable.registered_methods()):
+            try:
+                rows.append(bench(method, features, args.dtype, Path(folder), args.repeats))
+            except Exception as err:  # a method that does not export: say so in the table, go on
+                rows.append({"method": method, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{args.preset} preset, {len(features)} features, dim {DIM}, {args.dtype} rows, {args.threads} thread(s)")
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
