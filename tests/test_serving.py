@@ -97,7 +97,7 @@ def test_compile_fullgraph_forward_backward():
     """torch.compile(fullgraph=True) runs training steps (forward + backward) over FEW methods and matches eager.
 
     The ``aot_eager`` backend traces forward and backward as Inductor would, without its C++ build (slow on
-    CPU); ``experiments/bench_serving.py`` runs Inductor.
+    CPU); ``experiments/benchmarks/bench_serving.py`` runs Inductor.
     """
     torch._dynamo.reset()
     model, reference = Zoo(FEW), Zoo(FEW)

@@ -11,7 +11,7 @@ would, here in the same process). Ids are uniform random, one per feature and sa
   eager and program calls interleaved so that a busy machine slows both alike;
 - ``export_s``: seconds to trace and save the program.
 
-    python -m experiments.bench_serving --methods full hash qr --dtype fp32
+    python -m experiments.benchmarks.bench_serving --methods full hash qr --dtype fp32
 """
 
 from __future__ import annotations
