@@ -81,7 +81,13 @@ from ..build import build
 from ..config import MethodConfig, OutOfRange, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values, with_values
+from ..module import (
+    EmbeddingModule,
+    config_field_per_feature,
+    storage_collection,
+    storage_values,
+    with_values,
+)
 
 __all__ = [
     "LowRankConfig",
