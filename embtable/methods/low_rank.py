@@ -394,6 +394,9 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         ...                                           torch.tensor([2, 0, 1, 0, 0, 0]))
         >>> m(kjt).values().shape
         torch.Size([2, 48])
+        >>> tiny = embtable.plan(feats, LowRankConfig(), "1/100")  # below 1/d: hashed tails (K exclusive, T shared)
+        >>> tiny.config.tail_rows, tiny.config.rank, tiny.total_bytes == tiny.budget_bytes
+        ({'user': (2656, 2656), 'item': (2656, 2656)}, {'user': 2, 'item': 1, 'country': None}, True)
     """
 
     def __init__(self, features: Sequence[FeatureSpec], config: LowRankConfig, **kwargs) -> None:
