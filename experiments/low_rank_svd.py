@@ -123,7 +123,8 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
 
     result = {
         "name": config.name, "budget": str(config.embedding.budget), "moments": moments,
-        "ranks": compressed.config.rank, "inference_bytes": embtable.memory_report(compressed).inference_bytes,
+        "ranks": compressed.config.rank, "tail_rows": compressed.config.tail_rows,
+        "inference_bytes": embtable.memory_report(compressed).inference_bytes,
         "full_inference_bytes": full.inference_bytes,
         "full": {"valid_auc": full.valid_auc, "test_auc": full.test_auc, "test_logloss": full.test_logloss},
         "compressed": {f"{s}_{k}": before[s][k] for s in before for k in ("auc", "logloss")},

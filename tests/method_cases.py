@@ -393,9 +393,8 @@ CASES: dict[str, MethodCase] = {
             lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.LowRankConfig()),
             lambda: embtable.build([FeatureSpec("a", 100, 4)], embtable.LowRankConfig(rank={"b": 2})),
         ],
-        # every row is stored (at rank >= 1): 2**33 rows cannot fit a 1 MiB budget; ids above 2**24 are
-        # checked in tests/test_low_rank.py
-        huge_ids=False,
+        # 2**33 ids in a 1 MiB budget: the hashed tail (tail="hash", the default) stores a few thousand rows
+        huge_ids=True,
     ),
     "managed_collision": MethodCase(
         # TorchRec's MCH modules (LFU); ids are admitted by warm start and by eviction at every training step

@@ -83,11 +83,115 @@ def test_planner_fills_the_budget_and_keeps_small_features_full():
     assert embtable.memory_report(module).inference_bytes == embtable.plan(FEATURES[2:], LowRankConfig(), "1/4").total_bytes
 
 
-def test_budgets_below_one_over_dim_are_out_of_reach():
+def test_budgets_below_one_over_dim_need_the_tail():
     with pytest.raises(embtable.BudgetError, match="about 1/d of its full table"):
-        embtable.plan(FEATURES, LowRankConfig(), "1/32")
+        embtable.plan(FEATURES, LowRankConfig(tail="none"), "1/32")
+    plan = embtable.plan(FEATURES, LowRankConfig(), "1/32")
+    assert 0.95 * plan.budget_bytes <= plan.total_bytes <= plan.budget_bytes and "user" in plan.config.tail_rows
     with pytest.raises(ValueError, match="rank is not set"):
         embtable.build(FEATURES[-1:], LowRankConfig())
+    # below 2 rows per large feature: the error names the smallest budget, and that budget plans
+    with pytest.raises(embtable.BudgetError, match="smallest budget it can meet") as err:
+        embtable.plan(FEATURES, LowRankConfig(), 500)
+    smallest = err.value.smallest_bytes
+    assert embtable.plan(FEATURES, LowRankConfig(), smallest).total_bytes <= smallest
+    with pytest.raises(embtable.BudgetError):
+        embtable.plan(FEATURES, LowRankConfig(), smallest - 1)
+
+
+# ----- the hashed tail -----
+def demo_features(with_counts: bool) -> list[FeatureSpec]:
+    from data_prep.generator import PRESETS
+
+    rng = np.random.default_rng(0)
+    return [FeatureSpec(f"C{i}", n, 16, counts=rng.zipf(1.2, n).clip(max=10**6) if with_counts else None)
+            for i, n in enumerate(PRESETS["demo"].cardinalities)]
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_tail_reaches_any_budget_with_95_percent_fill(with_counts):
+    feats = demo_features(with_counts)
+    for budget in ["1/16", "1/100", "1/1000"]:
+        with pytest.raises(embtable.BudgetError):  # below what keeping every row reaches
+            embtable.plan(feats, LowRankConfig(tail="none"), budget)
+        plan = embtable.plan(feats, LowRankConfig(), budget)
+        assert 0.95 * plan.budget_bytes <= plan.total_bytes <= plan.budget_bytes, budget
+        assert plan.config.tail_rows, budget
+        for f in plan.features:  # a tail feature stores exclusive + tail rows, fewer than its ids
+            if f.name in plan.config.tail_rows:
+                assert f.rows == sum(plan.config.tail_rows[f.name]) < f.num_embeddings
+    module = embtable.build(feats, LowRankConfig(), "1/1000", seed=0)
+    assert embtable.memory_report(module).inference_bytes == embtable.plan(feats, LowRankConfig(), "1/1000").total_bytes
+    assert hasattr(module.mapper, "exclusive_keys") == with_counts  # the sorted list only for unordered counts
+
+
+def test_plans_that_fit_without_a_tail_are_unchanged():
+    feats = demo_features(with_counts=True)
+    for features, budget in [(FEATURES, "1/4"), (feats, "1/4"), (feats, "1/8")]:
+        plan = embtable.plan(features, LowRankConfig(), budget)
+        before = embtable.plan(features, LowRankConfig(tail="none"), budget)
+        assert plan.config == before.config.replace(tail="hash") and plan.config.tail_rows is None
+        assert plan.total_bytes == before.total_bytes
+    module = embtable.build(FEATURES[2:], LowRankConfig(), "1/4", device="meta")
+    assert module.mapper is None and not list(module.buffers())
+
+
+@pytest.mark.parametrize("order", ["none", "ordered", "shuffled"])
+def test_tail_mapping_is_exact_and_deterministic(order):
+    from embtable.hashing import hash_coefficients, universal_hash
+
+    n, exclusive, tail = 1000, 30, 20
+    counts = np.random.default_rng(1).zipf(1.2, n).clip(max=100_000)
+    counts = {"none": None, "ordered": np.sort(counts)[::-1].copy(), "shuffled": counts}[order]
+    feats = [FeatureSpec("small", 40, 8), FeatureSpec("a", n, 8, counts=counts)]
+    config = LowRankConfig(rank={"small": None, "a": 3}, tail_rows={"a": (exclusive, tail)})
+    a, b = (embtable.build(feats, config, seed=s) for s in (0, 1))
+    ids = torch.arange(n)
+    rows = a.mapper.rows(ids, torch.ones_like(ids))
+    assert torch.equal(rows, b.mapper.rows(ids, torch.ones_like(ids)))  # the same mapping in every build
+    expected = exclusive + universal_hash(ids, torch.tensor(hash_coefficients(0, "low_rank_tail", "a")), tail)
+    top = torch.arange(exclusive) if counts is None else torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:exclusive]))
+    expected[top] = torch.arange(exclusive)  # the most popular ids own the first rows, in id order
+    assert torch.equal(rows, expected)
+    assert len(set(expected[exclusive:].tolist())) > 1  # the tail really hashes
+    # the module: pooled rows of the mapped ids times the projection; the small feature is untouched
+    kjt = _kjt(feats, batch=8, seed=3)
+    out = a(kjt)
+    table = a.storage.embedding_bags["a"].weight
+    values, lengths = kjt["a"].values(), kjt["a"].lengths()
+    mapped = a.mapper.rows(values, torch.ones_like(values))
+    bags = torch.repeat_interleave(torch.arange(8), lengths)
+    pooled = torch.zeros(8, 3).index_add_(0, bags, table[mapped])
+    torch.testing.assert_close(out["a"], pooled @ a.projections["a"])
+    small_bags = torch.repeat_interleave(torch.arange(8), kjt["small"].lengths())
+    small_rows = a.storage.embedding_bags["small"].weight[kjt["small"].values()]
+    torch.testing.assert_close(out["small"], torch.zeros(8, 8).index_add_(0, small_bags, small_rows))
+    plan = embtable.plan(feats, config)
+    assert plan.total_bytes == embtable.memory_report(a).inference_bytes
+    listed = 0 if order != "shuffled" else exclusive * 8
+    assert plan.features[1].bytes == ((exclusive + tail) * 3 + 3 * 8) * 4 + 64 + listed
+    assert plan.features[1].rows == exclusive + tail
+    with pytest.raises(ValueError, match="fewer rows than its"):
+        embtable.build(feats, LowRankConfig(rank=2, tail_rows={"a": (600, 400)}))
+    with pytest.raises(ValueError, match="tail must be"):
+        LowRankConfig(tail="bloom")
+
+
+def test_compressing_into_a_tail_averages_the_shared_rows():
+    w = _trained_weight(1000, 8)
+    module = embtable.low_rank_from_trained(w, budget="1/32")
+    exclusive, tail = module.config.tail_rows["table"]
+    r = module.config.rank["table"]
+    full = embtable.low_rank_from_trained(w, rank=r)  # every row kept: the rank-r SVD rows
+    a_full = full.storage.embedding_bags["table"].weight
+    ids = torch.arange(1000)
+    rows = module.mapper.rows(ids, torch.zeros_like(ids))
+    stored = module.storage.embedding_bags["table"].weight
+    torch.testing.assert_close(stored[:exclusive], a_full[:exclusive])
+    for row in [exclusive, exclusive + tail - 1]:
+        assert int((rows == row).sum()) > 1
+        torch.testing.assert_close(stored[row], a_full[rows == row].mean(0))
+    torch.testing.assert_close(module.projections["table"], full.projections["table"])
 
 
 # ----- compressing a trained table -----

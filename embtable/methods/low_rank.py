@@ -33,8 +33,34 @@ feature has the coarsest steps, so each of its ranks ``1 .. d-1`` is tried with 
 around it; among the plans that use at least 95% of the budget the one with the fewest compressed
 features wins (else the one that uses the most). A rank step of a feature
 costs ``(n + d) * 4`` bytes, about ``1/d`` of its full table: with few features and a small dim the plan can
-stay below 95% of the budget, and budgets below about ``1/d`` of the full tables are out of reach (every
-row is kept, at rank >= 1).
+stay below 95% of the budget. Keeping every row, budgets below about ``1/d`` of the full tables are out of
+reach (rank >= 1); the hashed tail reaches them.
+
+**Hashed tail** (``tail="hash"``, the default; used only when rank 1 for every large feature does not fit,
+so every plan that fits without a tail is unchanged). A large feature of ``n`` ids stores ``K + T < n`` rows
+of its ``A``: its ``K`` most popular ids own a row each, every other id shares one of ``T`` tail rows by a
+salted universal hash (:mod:`embtable.hashing`, salt ``("low_rank_tail", feature)``, seed 0: the same
+mapping in every build)::
+
+    id ──► exclusive?  ids in popularity order (counts decreasing, or no counts: id order is taken as
+    │                  popularity order): id < K;  else: id in the sorted list of the K most counted ids
+    ├─ yes ──► row = id  (in id order)  or  its position in that sorted list
+    └─ no  ──► row = K + hash(id) mod T
+    rows of A_f:  [ K exclusive rows | T tail rows ] x r ──► pool ──► @ P_f [r x d]
+
+Memory of a module with at least one tail (every feature adds its 8 mapping parameters ``a0, a1, a2, b,
+T, K``, list start, key base as int64; a feature without a tail has ``T = 1, K = n``, so all its ids are
+exclusive)::
+
+    tail feature:   ((K + T) * r + r * d) * 4  +  [counts not in id order] * K * 8  +  64
+    other feature:  its bytes above  +  64
+
+(the exclusive-id list holds int64 keys ``key base + id``, one sorted array over all features). Planning:
+like mixed_dim's tail, a row cap ``C`` (the largest one at which every capped feature at rank 1 uses at
+most half the budget): a feature with ``n > C`` stores ``C`` rows, ``T = C / 2`` of them tail rows; the
+ranks are water-filled on the stored rows with the rest of the budget, and what the coarse rank steps
+leave goes back to rows (the largest ``C`` that fits with those ranks), so the plan uses >= 95% of the
+budget. Too small a budget raises :class:`BudgetError` naming the smallest one (2 rows per large feature).
 """
 
 from __future__ import annotations
@@ -50,15 +76,23 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, Budget, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, Budget, BudgetError, FeaturePlan, largest_feasible, smallest_budget_error
 from ..build import build
 from ..config import MethodConfig, OutOfRange, Pooling, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
+from ..hashing import PRIME, hash_coefficients, universal_hash
+from ..module import (
+    EmbeddingModule,
+    config_field_per_feature,
+    storage_collection,
+    storage_values,
+    with_values,
+)
 
 __all__ = [
     "LowRankConfig",
     "LowRankEmbeddingBagCollection",
+    "LowRankTailMapper",
     "low_rank_factors",
     "low_rank_from_trained",
     "output_second_moments",
@@ -75,10 +109,18 @@ class LowRankConfig(MethodConfig):
             feature keeps its full table, no projection), or ``None`` to let the planner pick the ranks
             from the budget. ``1 <= r <= embedding_dim``; ``r = embedding_dim`` stores more than the full table
             and only serves as a check (with an identity projection it is the plain table).
+        tail: ``"hash"`` (default): when rank 1 for every large feature does not fit the budget, the rarest
+            ids of large features share hashed tail rows (see the module docstring); ``"none"``: such
+            budgets raise :class:`BudgetError`. Budgets that fit without a tail plan exactly as with ``"none"``.
+        tail_rows: the sized tail: ``{feature: (exclusive, tail)}`` for the features with a hashed tail (the
+            ``exclusive`` most popular ids own rows, the others hash into ``tail`` shared rows); features left
+            out keep every row. ``None``: planned (only when needed).
     """
 
     method = "low_rank"
     rank: int | Mapping[str, int | None] | None = None
+    tail: str = "hash"
+    tail_rows: Mapping[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         values = self.rank.values() if isinstance(self.rank, Mapping) else [self.rank]
@@ -87,6 +129,22 @@ class LowRankConfig(MethodConfig):
                 raise ValueError(
                     f"LowRankConfig.rank must be integers >= 1 (or None in a mapping for a full table), got {v!r}"
                 )
+        if self.tail not in ("hash", "none"):
+            raise ValueError(f"LowRankConfig.tail must be 'hash' (rarest ids share hashed rows) or 'none', "
+                             f"got {self.tail!r}")
+        if self.tail_rows is not None:
+            if not isinstance(self.tail_rows, Mapping):
+                raise ValueError("LowRankConfig.tail_rows must map feature names to (exclusive rows, tail rows), "
+                                 f"e.g. {{'user': (5000, 5000)}}; got {self.tail_rows!r}")
+            clean = {}
+            for name, pair in dict(self.tail_rows).items():
+                pair = tuple(pair)
+                if (len(pair) != 2 or any(isinstance(v, bool) or int(v) != v or v < 1 for v in pair)
+                        or pair[1] > PRIME):
+                    raise ValueError(f"LowRankConfig.tail_rows[{name!r}] must be (exclusive rows >= 1, tail rows in "
+                                     f"[1, 2**31 - 1]), got {pair!r}")
+                clean[name] = (int(pair[0]), int(pair[1]))
+            object.__setattr__(self, "tail_rows", clean)
 
 
 def _ranks(features: Sequence[FeatureSpec], config: LowRankConfig) -> list[int | None]:
@@ -107,6 +165,50 @@ def _ranks(features: Sequence[FeatureSpec], config: LowRankConfig) -> list[int |
             )
         out.append(None if r is None else int(r))
     return out
+
+
+TAIL_PARAM_BYTES = 8 * 8  # per feature of a module with a tail: a0, a1, a2, b, T, K, list start, key base (int64)
+EXCLUSIVE_ID_BYTES = 8  # one int64 key per exclusive id of a feature whose counts are not in id order
+TAIL_SHARE = 0.5  # a tail feature's stored rows that are shared tail rows (the rest are exclusive rows)
+TAIL_ROW_BUDGET = 0.5  # the tail planner's row cap: the capped features at rank 1 use at most this share
+
+
+def _tails(features: Sequence[FeatureSpec], config: LowRankConfig) -> list[tuple[int, int] | None]:
+    """``(exclusive, tail)`` per feature, ``None`` where the feature keeps every row."""
+    tail_rows = config.tail_rows or {}
+    unknown = sorted(set(tail_rows) - {f.name for f in features})
+    if unknown:
+        raise ValueError(f"low_rank: tail_rows names unknown feature(s) {unknown}; features are "
+                         f"{[f.name for f in features]}")
+    out = []
+    for f in features:
+        pair = tail_rows.get(f.name)
+        if pair is not None and sum(pair) >= f.num_embeddings:
+            raise ValueError(f"low_rank: feature {f.name!r}: tail_rows {pair} must store fewer rows than its "
+                             f"{f.num_embeddings:,} ids; leave the feature out of tail_rows to keep every row")
+        out.append(pair)
+    return out
+
+
+def _in_id_order(f: FeatureSpec) -> bool:
+    """Whether id order is popularity order: counts decreasing, or no (or all-zero) counts."""
+    c = f.counts
+    return c is None or int(c.sum()) == 0 or bool(np.all(c[:-1] >= c[1:]))
+
+
+def _exclusive_ids(f: FeatureSpec, exclusive: int) -> np.ndarray:
+    """The ``exclusive`` most counted ids of ``f``, sorted by id (ties by id)."""
+    return np.sort(np.argsort(-f.counts, kind="stable")[:exclusive])
+
+
+def _tail_extra_bytes(f: FeatureSpec, exclusive: int) -> int:
+    """What a tail adds beyond its rows: the exclusive-id list when the counts are not in id order."""
+    return 0 if _in_id_order(f) else exclusive * EXCLUSIVE_ID_BYTES
+
+
+def _stored(f: FeatureSpec, tail: tuple[int, int] | None) -> FeatureSpec:
+    """The rows ``f`` stores, as a feature (no counts: the planner only needs its size)."""
+    return f if tail is None else FeatureSpec(f.name, sum(tail), f.embedding_dim)
 
 
 def _bytes(f: FeatureSpec, rank: int | None) -> int:
@@ -154,6 +256,115 @@ def _water_fill(features: Sequence[FeatureSpec], budget_bytes: int,
     return ranks
 
 
+def _tail_split(n: int, cap: int) -> tuple[int, int]:
+    """``(exclusive, tail)`` rows of a feature of ``n > cap >= 2`` ids stored in ``cap`` rows."""
+    tail = min(PRIME, max(1, int(cap * TAIL_SHARE)))
+    return cap - tail, tail
+
+
+def _solve_tail(features: Sequence[FeatureSpec], budget_bytes: int
+                ) -> tuple[dict[str, int | None], dict[str, tuple[int, int]]]:
+    """``(ranks, tail_rows)`` with hashed tails (see the module docstring); BudgetError naming the smallest
+    budget when even 2 rows per large feature do not fit."""
+    def at(cap: int) -> tuple[dict[str, tuple[int, int]], list[FeatureSpec], int]:
+        tails, stored, fixed = {}, [], 0
+        for f in features:
+            if f.num_embeddings > cap and _compressible(f):
+                tails[f.name] = _tail_split(f.num_embeddings, cap)
+                stored.append(_stored(f, tails[f.name]))
+                fixed += _tail_extra_bytes(f, tails[f.name][0])
+            else:
+                stored.append(f)
+        return tails, stored, fixed + (TAIL_PARAM_BYTES * len(features) if tails else 0)
+
+    def floor(cap: int) -> int:  # every large feature at rank 1 (every tail feature is large)
+        _, stored, fixed = at(cap)
+        return fixed + sum(_bytes(f, 1 if _compressible(f) else None) for f in stored)
+
+    largest = max(f.num_embeddings for f in features)
+    if floor(2) > budget_bytes:
+        raise smallest_budget_error(
+            "low_rank", floor(2), budget_bytes, features,
+            "hashed tails: every large feature in 2 rows at rank 1, with its projection and tail parameters; "
+            "small features at rank 1 or full",
+        )
+    cap = largest_feasible(floor, int(TAIL_ROW_BUDGET * budget_bytes), 2, largest) or 2
+    while True:
+        _, stored, fixed = at(cap)
+        ranks = _water_fill(stored, budget_bytes - fixed, {})
+        if ranks is not None or cap <= 2:
+            break
+        cap = max(2, cap // 2)
+    if ranks is None:  # cannot happen (floor(2) fits), kept as a guard
+        raise smallest_budget_error("low_rank", floor(2), budget_bytes, features, "hashed tails of 2 rows")
+
+    def with_ranks(c: int) -> int:  # the solved ranks kept, more rows
+        _, stored, fixed = at(c)
+        return fixed + sum(_bytes(f, ranks[f.name]) for f in stored)
+
+    # rank steps are coarse (one more column for every stored row): what they leave goes to more rows
+    cap = largest_feasible(with_ranks, budget_bytes, cap, largest) or cap
+    return ranks, at(cap)[0]
+
+
+class LowRankTailMapper(nn.Module):
+    """Maps ids to rows of the low-rank tables of a module with hashed tails (ids in, rows out, same layout).
+
+    Buffers: ``tail_params`` (int64 ``[F, 8]``: ``a0, a1, a2, b, T, K, start, key_base`` per feature; a
+    feature without a tail has ``T = 1, K = n``, ``start = -1``); ``exclusive_keys`` (int64, sorted), only
+    when some tail feature's counts are not in id order: ``key_base_f + id`` for its ``K_f`` most counted
+    ids, the features' lists one after another (``start_f`` is where feature ``f``'s list begins). The
+    mapping is masks and ``torch.where`` over every id at once: no data-dependent Python branch.
+    """
+
+    def __init__(self, features: Sequence[FeatureSpec], tails: Sequence[tuple[int, int] | None],
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        rows, keys, start, key_base = [], [], 0, 0
+        for f, t in zip(features, tails):
+            if t is None:
+                rows.append([0, 0, 0, 0, 1, f.num_embeddings, -1, 0])
+                continue
+            exclusive, tail = t
+            coefficients = hash_coefficients(0, "low_rank_tail", f.name)
+            if _in_id_order(f):
+                rows.append(coefficients + [tail, exclusive, -1, 0])
+                continue
+            rows.append(coefficients + [tail, exclusive, start, key_base])
+            keys.append(_exclusive_ids(f, exclusive).astype(np.int64) + key_base)
+            start += exclusive
+            key_base += f.num_embeddings
+        self.register_buffer("tail_params", torch.tensor(rows, dtype=torch.int64, device=device))
+        self.has_list = bool(keys)
+        if self.has_list:  # each feature's keys are above the previous features': the concatenation is sorted
+            self.register_buffer("exclusive_keys", torch.from_numpy(np.concatenate(keys)).to(device))
+
+    def rows(self, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (int64 ``[N]``), ``feature`` (int64 ``[N]``) the index of each id's feature."""
+        params = self.tail_params.index_select(0, feature)  # [N, 8]
+        tail, exclusive, start = params[:, 4], params[:, 5], params[:, 6]
+        listed = start >= 0
+        own, found = ids, ~listed & (ids < exclusive)
+        if self.has_list:  # a fixed property of the module, not of the data
+            keys = self.exclusive_keys
+            key = torch.where(listed, ids + params[:, 7], -1)  # -1: below every key, never found
+            at = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
+            found = found | (listed & (keys.index_select(0, at) == key))
+            own = torch.where(listed, at - start, ids)
+        return torch.where(found, own, exclusive + universal_hash(ids, params[:, :4], tail))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        values = kjt.values().to(torch.int64)
+        num_features = self.tail_params.shape[0]
+        per_key = kjt.lengths().view(num_features, -1).sum(1)
+        feature = torch.repeat_interleave(torch.arange(num_features, device=values.device), per_key,
+                                          output_size=values.numel())
+        return with_values(kjt, self.rows(values, feature))
+
+    def extra_repr(self) -> str:
+        return f"features={self.tail_params.shape[0]}, exclusive_list={self.has_list}"
+
+
 @register_method(LowRankConfig)
 class LowRankEmbeddingBagCollection(EmbeddingModule):
     """Per-feature ``n x r`` tables in one TorchRec ``EmbeddingBagCollection``, projected to ``d`` after pooling.
@@ -183,14 +394,20 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         ...                                           torch.tensor([2, 0, 1, 0, 0, 0]))
         >>> m(kjt).values().shape
         torch.Size([2, 48])
+        >>> tiny = embtable.plan(feats, LowRankConfig(), "1/100")  # below 1/d: hashed tails (K exclusive, T shared)
+        >>> tiny.config.tail_rows, tiny.config.rank, tiny.total_bytes == tiny.budget_bytes
+        ({'user': (2656, 2656), 'item': (2656, 2656)}, {'user': 2, 'item': 1, 'country': None}, True)
     """
 
     def __init__(self, features: Sequence[FeatureSpec], config: LowRankConfig, **kwargs) -> None:
         super().__init__(features, config, **kwargs)
         self.ranks = _ranks(self.features, config)
+        self.tails = _tails(self.features, config)
+        # only a module with a tail maps ids (a plan without one is the plain low-rank module, bytes unchanged)
+        self.mapper = LowRankTailMapper(self.features, self.tails, self.device) if any(self.tails) else None
         self.storage = storage_collection(
-            [(f.name, f.num_embeddings, f.embedding_dim if r is None else r, [f.name])
-             for f, r in zip(self.features, self.ranks)],
+            [(f.name, _stored(f, t).num_embeddings, f.embedding_dim if r is None else r, [f.name])
+             for f, r, t in zip(self.features, self.ranks, self.tails)],
             self.pooling, self._is_weighted, self.device,
         )
         self.projections = nn.ParameterDict()  # filled in feature order (a plain dict would be sorted by name)
@@ -207,8 +424,8 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         (``var(y_j) = var(a) * sum_i P_ij**2``, and ``sum_ij P_ij**2 = d``)."""
         if self.device.type == "meta":
             return
-        for f in self.features:
-            s = math.sqrt(1.0 / f.num_embeddings)
+        for f, t in zip(self.features, self.tails):
+            s = math.sqrt(1.0 / _stored(f, t).num_embeddings)
             self.storage.embedding_bags[f.name].weight.uniform_(-s, s)
         for p in self.projections.values():
             nn.init.orthogonal_(p)
@@ -220,14 +437,37 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         rank = self.ranks[self.feature_names.index(name)]
         target = self.storage.embedding_bags[name].weight
         if rank is None:
-            target.copy_(weight)
-            return "trained weights copied"
+            shared = self.load_rows(name, weight)
+            return "trained weights copied" + (" (tail rows: the mean of the ids sharing them)" if shared else "")
         table, projection = low_rank_factors(weight.to(target.device), rank)
-        target.copy_(table)
+        shared = self.load_rows(name, table)
         self.projections[name].copy_(projection)
-        return f"truncated SVD of the trained table (rank {rank})"
+        return f"truncated SVD of the trained table (rank {rank})" + (
+            "; a tail row is the mean of the rows of the ids sharing it" if shared else "")
+
+    @torch.no_grad()
+    def load_rows(self, name: str, table: torch.Tensor) -> bool:
+        """Set feature ``name``'s stored rows from a table with a row per id (``[n, width]``): copied, or with a
+        hashed tail each stored row is the mean of its ids' rows. Returns whether rows were shared."""
+        position = self.feature_names.index(name)
+        target = self.storage.embedding_bags[name].weight
+        if self.tails[position] is None:
+            target.copy_(table)
+            return False
+        sums = torch.zeros_like(target)
+        hits = torch.zeros(target.shape[0], dtype=target.dtype, device=target.device)
+        for start in range(0, table.shape[0], _CHUNK):
+            ids = torch.arange(start, min(table.shape[0], start + _CHUNK), device=target.device)
+            rows = self.mapper.rows(ids, torch.full_like(ids, position))
+            sums.index_add_(0, rows, table[start:start + ids.numel()].to(device=target.device, dtype=target.dtype))
+            hits.index_add_(0, rows, torch.ones_like(ids, dtype=target.dtype))
+        used = hits > 0
+        target[used] = sums[used] / hits[used, None]
+        return True
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        if self.mapper is not None:
+            kjt = self.mapper(kjt)
         x = storage_values(self.storage(kjt), self.feature_names)  # [B, S]: r_f columns per compressed feature, d_f per full one
         if not self.projections:
             return x
@@ -239,7 +479,8 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
 
     def extra_repr(self) -> str:
         ranks = {f.name: r for f, r in zip(self.features, self.ranks) if r is not None}
-        return f"{super().extra_repr()}, ranks={ranks}"
+        tails = {f.name: t for f, t in zip(self.features, self.tails) if t is not None}
+        return f"{super().extra_repr()}, ranks={ranks}" + (f", tail_rows={tails}" if tails else "")
 
     # ----- planning -----
     @classmethod
@@ -247,6 +488,9 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
         if config.rank is not None or budget_bytes is None:
             return config
         ranks = _water_fill(features, budget_bytes, {})
+        if ranks is None and config.tail == "hash":
+            ranks, tails = _solve_tail(features, budget_bytes)
+            return dataclasses.replace(config, rank=ranks, tail_rows=tails)
         if ranks is None:
             total = sum(_bytes(f, 1 if _compressible(f) else None) for f in features)
             raise BudgetError(
@@ -277,14 +521,23 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
     @classmethod
     def describe(cls, features, config):
         plans = []
-        for f, r in zip(features, _ranks(features, config)):
+        tails = _tails(features, config)
+        params = TAIL_PARAM_BYTES if any(tails) else 0
+        for f, r, t in zip(features, _ranks(features, config), tails):
+            sf = _stored(f, t)
+            nbytes = _bytes(sf, r) + params
             if r is None:
-                plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings,
-                                         f.embedding_dim, f.full_table_bytes, False, "identity"))
+                detail = "identity"
             else:
-                plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, r,
-                                         _bytes(f, r), True,
-                                         f"rank {r}: {f.num_embeddings:,}x{r} table + {r}x{f.embedding_dim} projection"))
+                detail = f"rank {r}: {sf.num_embeddings:,}x{r} table + {r}x{f.embedding_dim} projection"
+            if t is not None:
+                nbytes += _tail_extra_bytes(f, t[0])
+                detail = ("full dim" if r is None else detail) + (
+                    f"; {t[0]:,} exclusive ids, the rest hashed into {t[1]:,} tail rows"
+                    + ("" if _in_id_order(f) else " (sorted exclusive-id list)"))
+            plans.append(FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, sf.num_embeddings,
+                                     f.embedding_dim if r is None else r, nbytes, r is not None or t is not None,
+                                     detail))
         return plans, {}
 
 
@@ -459,12 +712,11 @@ def low_rank_from_trained(
                 f"low_rank_from_trained: feature {f.name!r} has a {tuple(w.shape)} table but the module stores "
                 f"{f.num_embeddings} x {f.embedding_dim} rows; build both with the same out_of_range policy"
             )
-        target = module.storage.embedding_bags[f.name].weight
         if r is None:
-            target.copy_(w)
+            module.load_rows(f.name, w)
             continue
         moment = None if second_moments is None else second_moments.get(f.name)
-        table, projection = low_rank_factors(w.to(target.device), r, moment)
-        target.copy_(table)
+        table, projection = low_rank_factors(w.to(module.projections[f.name].device), r, moment)
+        module.load_rows(f.name, table)  # with a hashed tail: a tail row is the mean of its ids' rows
         module.projections[f.name].copy_(projection)
     return module
