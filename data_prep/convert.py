@@ -533,11 +533,11 @@ def _pass1(job: dict) -> int:
     # table): the training counts are a bincount, and pass 3 maps only the distinct keys to ids.
     train = codes == SPLIT_CODES["train"]
     all_train = bool(train.all())
-    n, num_features = parsed.keys.shape
+    columns = parsed.columns()
+    n, num_features = len(parsed.labels), len(columns)
     index = np.empty((num_features, n), dtype=np.int32)
     uniques = []
-    for f in range(num_features):
-        idx, uniq = _dictionary_encode(parsed.keys[:, f])
+    for f, (idx, uniq) in enumerate(columns):
         index[f] = idx
         uniques.append(uniq)
         cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
@@ -548,19 +548,6 @@ def _pass1(job: dict) -> int:
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return chunk, job["nbytes"]
-
-
-def _dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(index int32 [n], distinct keys int64)`` with ``distinct[index] == keys`` (pyarrow's hash table).
-
-    Arrays move through their buffers: ``pa.array`` / ``to_numpy`` would import pandas (~0.2 s of
-    every worker's start).
-    """
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    enc = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)]).dictionary_encode()
-    idx, uniq = enc.indices, enc.dictionary
-    return (np.frombuffer(idx.buffers()[1], dtype=np.int32, count=len(idx), offset=idx.offset * 4),
-            np.frombuffer(uniq.buffers()[1], dtype=np.int64, count=len(uniq), offset=uniq.offset * 8))
 
 
 _VOCAB_CACHE: dict[str, list[dict[str, np.ndarray]]] = {}

@@ -43,7 +43,7 @@ from .splits import mix64
 
 __all__ = [
     "TextFormat", "CRITEO", "AVAZU", "MALFORMED_KINDS", "MISSING_KEY", "MalformedRowError", "DataPrepError",
-    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk", "criteo_format", "check_header",
+    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk", "dictionary_encode", "criteo_format", "check_header",
 ]
 
 #: Key of a missing (empty) categorical value: it gets its own vocabulary entry like any value.
@@ -266,17 +266,57 @@ def count_lines(data: bytes) -> int:
 class ParsedChunk:
     """Valid rows of a chunk and the rejected lines.
 
+    The categorical keys come either as a matrix (``keys``) or per feature as the distinct keys and an
+    index into them (``encoded``, what the Criteo fast path produces); each form is derived from the
+    other on first use (:attr:`keys`, :meth:`columns`).
+
     Shape:
         labels ``[N]`` int8, dense ``[N, num_dense]`` float32 (transformed), keys ``[N, F]`` int64,
-        lines ``[N]`` (1-based line numbers), bad_lines / bad_kinds ``[M]``.
+        lines ``[N]`` (1-based line numbers), bad_lines / bad_kinds ``[M]``; ``encoded``: per feature
+        ``(index int32 [N], distinct keys int64 [U])`` with ``distinct[index] == keys[:, f]``.
     """
 
     labels: np.ndarray
     dense: np.ndarray
-    keys: np.ndarray
-    lines: np.ndarray
-    bad_lines: np.ndarray
-    bad_kinds: np.ndarray
+    keys_matrix: dataclasses.InitVar[np.ndarray | None] = None
+    lines: np.ndarray = None
+    bad_lines: np.ndarray = None
+    bad_kinds: np.ndarray = None
+    encoded: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __post_init__(self, keys_matrix):
+        self._keys = keys_matrix
+        if keys_matrix is None and self.encoded is None:
+            raise ValueError("ParsedChunk needs keys_matrix or encoded")
+
+    @property
+    def keys(self) -> np.ndarray:
+        """``[N, F]`` int64 keys (built from ``encoded`` on first use)."""
+        if self._keys is None:
+            keys = np.empty((len(self.encoded), len(self.labels)), dtype=np.int64).T
+            for f, (idx, uniq) in enumerate(self.encoded):
+                np.take(uniq, idx, out=keys[:, f])
+            self._keys = keys
+        return self._keys
+
+    def columns(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per feature ``(index int32 [N], distinct keys int64)`` (pyarrow's hash table on first use)."""
+        if self.encoded is None:
+            self.encoded = [dictionary_encode(self._keys[:, f]) for f in range(self._keys.shape[1])]
+        return self.encoded
+
+
+def dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index int32 [n], distinct keys int64)`` with ``distinct[index] == keys`` (pyarrow's hash table).
+
+    The distinct keys are in order of first occurrence. Arrays move through their buffers: ``pa.array`` /
+    ``to_numpy`` would import pandas (~0.2 s of every worker's start).
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    enc = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)]).dictionary_encode()
+    idx, uniq = enc.indices, enc.dictionary
+    return (np.frombuffer(idx.buffers()[1], dtype=np.int32, count=len(idx), offset=idx.offset * 4),
+            np.frombuffer(uniq.buffers()[1], dtype=np.int64, count=len(uniq), offset=uniq.offset * 8))
 
 
 # ---- categorical keys ------------------------------------------------------------------------------
@@ -664,24 +704,28 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> Pars
             return None
         value[:, j] = np.where(signed & (c0 == 45), 0, v)
     dense = np.log1p(value.astype(np.float64)).astype(np.float32)
-    # categorical: 8 lowercase hex digits or empty (missing)
-    keys = np.empty((len(fmt.feature_names), n), dtype=np.int64).T  # [n, F], each column contiguous
-    for j, name in enumerate(fmt.categorical):
+    # categorical: 8 lowercase hex digits or empty (missing). The 8 characters of a value are one 64-bit
+    # word (a missing value is the word 0, never 8 hex digits): the words are dictionary-encoded and only
+    # the distinct ones are decoded, which is the same encoding as decoding every value first.
+    encoded = []
+    for name in fmt.categorical:
         lens, chars = _binary_column(table, name)
-        present = lens == 8
-        if not (present | (lens == 0)).all():
-            return None
-        vals, exact = _swar_hex8(chars.view("<u8"))
-        if not exact.all():
-            return None
-        if len(vals) == n:
-            keys[:, j] = vals
+        if len(chars) == 8 * n:  # (only 0 or 8 characters per value: then all are present)
+            words = chars.view("<u8")
         else:
-            col = np.full(n, MISSING_KEY, dtype=np.int64)
-            col[present] = vals
-            keys[:, j] = col
+            present = lens == 8
+            if not (present | (lens == 0)).all():
+                return None
+            words = np.zeros(n, dtype="<u8")
+            words[present] = chars.view("<u8")
+        idx, distinct = dictionary_encode(words.view(np.int64))
+        vals, exact = _swar_hex8(distinct.view("<u8"))
+        missing = distinct == 0
+        if not (exact | missing).all():
+            return None
+        encoded.append((idx, np.where(missing, MISSING_KEY, vals)))
     none = np.zeros(0, dtype=np.int64)
-    return ParsedChunk(labels=labels, dense=dense, keys=keys,
+    return ParsedChunk(labels=labels, dense=dense, encoded=encoded,
                        lines=first_line + np.arange(n, dtype=np.int64),
                        bad_lines=none, bad_kinds=none.astype(np.int8))
 
@@ -732,7 +776,7 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     bad_kinds = np.concatenate([code[~good], row_bad[bad_rows]])
     order = np.argsort(bad_lines, kind="stable")
     ok = ~bad_rows
-    return ParsedChunk(labels=labels[ok], dense=dense[ok], keys=keys[ok], lines=rows_line[ok],
+    return ParsedChunk(labels=labels[ok], dense=dense[ok], keys_matrix=keys[ok], lines=rows_line[ok],
                        bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
 
 
