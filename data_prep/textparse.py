@@ -647,11 +647,49 @@ def _criteo_block(arr: np.ndarray, words: np.ndarray, fs: np.ndarray, fe: np.nda
 def _binary_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Value lengths ``[n]`` (int64) and the bytes (from the first value on) of a binary column."""
     col = table[name]
-    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return _binary_parts(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
+
+
+def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Value lengths ``[n]`` (int64) and the bytes (from the first value on) of a binary array."""
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return np.diff(offsets).astype(np.int64), data[offsets[0]: offsets[-1]]
+
+
+def _dense_values(lens: np.ndarray, chars: np.ndarray) -> np.ndarray | None:
+    """``log1p`` (float32) of Criteo dense values given as binary parts; None unless all are integers.
+
+    An optional sign, then digits; missing (empty) and negative values are 0. The last 8 characters of
+    a value form one word, decoded with the same arithmetic as :func:`_criteo_block`.
+    """
+    buf = np.concatenate([np.full(_PAD, 48, np.uint8), chars, np.zeros(8, np.uint8)])
+    ends = np.cumsum(lens) + _PAD
+    c0 = buf[ends - lens]
+    signed = ((c0 == 45) | (c0 == 43)) & (lens > 0)
+    digits = lens - signed
+    words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
+    v, ok = _swar_int8(words[ends - 8], digits)
+    long = digits > 8
+    if long.any():
+        v[long], ok[long] = _long_ints(buf, ends[long], digits[long])
+    if not (ok & ~(signed & (digits == 0))).all():
+        return None
+    return np.log1p(np.where(signed & (c0 == 45), 0, v).astype(np.float64)).astype(np.float32)
+
+
+def _dictionary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary encoding of a (chunked) column: ``(index int32 [n], distinct values)``.
+
+    The chunks share one hash table, filled in order of first occurrence, so every chunk's indices
+    are valid in the last chunk's dictionary.
+    """
+    enc = col.dictionary_encode()
+    chunks = [c for c in enc.chunks if len(c)]
+    idx = [np.frombuffer(c.indices.buffers()[1], dtype=np.int32, count=len(c), offset=c.indices.offset * 4)
+           for c in chunks]
+    return (idx[0] if len(idx) == 1 else np.concatenate(idx)), chunks[-1].dictionary
 
 
 def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> ParsedChunk | None:
@@ -686,24 +724,16 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> Pars
     if not (lens == 1).all() or not ((chars == 48) | (chars == 49)).all():
         return None
     labels = (chars == 49).astype(np.int8)
-    # dense: optional sign, then digits (the last 8 chars of a field form one word, as in _criteo_block)
-    value = np.empty((n, len(fmt.dense)), dtype=np.int64)
+    # dense: each column is dictionary-encoded (pyarrow's hash table on the bytes), and only its distinct
+    # values are decoded (a few thousand per chunk), which is the same as decoding every value.
+    dense = np.empty((len(fmt.dense), n), dtype=np.float32)
     for j, name in enumerate(fmt.dense):
-        lens, chars = _binary_column(table, name)
-        buf = np.concatenate([np.full(_PAD, 48, np.uint8), chars, np.zeros(8, np.uint8)])
-        ends = np.cumsum(lens) + _PAD
-        c0 = buf[ends - lens]
-        signed = ((c0 == 45) | (c0 == 43)) & (lens > 0)
-        digits = lens - signed
-        words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
-        v, ok = _swar_int8(words[ends - 8], digits)
-        long = digits > 8
-        if long.any():
-            v[long], ok[long] = _long_ints(buf, ends[long], digits[long])
-        if not (ok & ~(signed & (digits == 0))).all():
+        idx, distinct = _dictionary_parts(table[name])
+        values = _dense_values(*_binary_parts(distinct))
+        if values is None:
             return None
-        value[:, j] = np.where(signed & (c0 == 45), 0, v)
-    dense = np.log1p(value.astype(np.float64)).astype(np.float32)
+        np.take(values, idx, out=dense[j])
+    dense = dense.T
     # categorical: 8 lowercase hex digits or empty (missing). The 8 characters of a value are one 64-bit
     # word (a missing value is the word 0, never 8 hex digits): the words are dictionary-encoded and only
     # the distinct ones are decoded, which is the same encoding as decoding every value first.
