@@ -520,7 +520,7 @@ def _pass1(job: dict) -> int:
         with open(job["file"], "rb") as f:
             f.seek(job["offset"])
             data = f.read(job["nbytes"])
-    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"])
+    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"], n_lines=job["n_lines"])
     first_data_line = 2 if fmt.header else 1
     codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
     chunk = job["chunk"]

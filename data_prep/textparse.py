@@ -692,7 +692,8 @@ def _dictionary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return (idx[0] if len(idx) == 1 else np.concatenate(idx)), chunks[-1].dictionary
 
 
-def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> ParsedChunk | None:
+def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
+                 n_lines: int | None = None) -> ParsedChunk | None:
     """A chunk of only well-formed Criteo lines, parsed through ``pyarrow.csv``; None when in doubt.
 
     ``pyarrow.csv`` (C++) splits the lines into binary columns; labels, dense integers and 8-digit
@@ -717,7 +718,7 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> Pars
     except pa.ArrowInvalid:
         return None
     n = table.num_rows
-    if n == 0 or n != count_lines(data):
+    if n == 0 or n != (count_lines(data) if n_lines is None else n_lines):
         return None
     # label: exactly one character, 0 or 1
     lens, chars = _binary_column(table, fmt.label)
@@ -761,8 +762,10 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> Pars
 
 
 def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
-                strict: bool = False) -> ParsedChunk:
+                strict: bool = False, n_lines: int | None = None) -> ParsedChunk:
     """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
+
+    ``n_lines``: the chunk's physical lines when the caller has counted them already (saves a pass).
 
     Example:
         >>> row = "1\\t" + "5\\t" * 13 + "\\t".join(["0a0b0c0d"] * 26) + "\\n"
@@ -772,7 +775,7 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     """
     data = _normalise(data, fmt)
     if fmt.name == "criteo":
-        fast = _criteo_fast(data, first_line, fmt)
+        fast = _criteo_fast(data, first_line, fmt, n_lines)
         if fast is not None:
             return fast
     arr, starts, ends, delims, code = _scan(data, fmt)
