@@ -370,8 +370,13 @@ class _CountKeys:
 
     def add(self, chunk: int) -> None:
         rec = read_record(self.work / f"p1-{chunk:05d}.rec")
-        for f, counter in enumerate(self.counters):
-            counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
+        if "cnt_sizes" in rec:
+            bounds = np.concatenate([[0], np.cumsum(rec["cnt_sizes"])])
+            for f, counter in enumerate(self.counters):
+                counter.add(rec["cnt_keys"][bounds[f]: bounds[f + 1]], rec["cnt_vals"][bounds[f]: bounds[f + 1]])
+        else:  # a record of an interrupted run by an earlier version: one array pair per feature
+            for f, counter in enumerate(self.counters):
+                counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
         self.counted.add(chunk)
 
 
@@ -536,13 +541,19 @@ def _pass1(job: dict) -> int:
     columns = parsed.columns()
     n, num_features = len(parsed.labels), len(columns)
     index = np.empty((num_features, n), dtype=np.int32)
-    uniques = []
+    uniques, cnt_keys, cnt_vals = [], [], []
     for f, (idx, uniq) in enumerate(columns):
         index[f] = idx
         uniques.append(uniq)
         cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
         seen = cnt > 0
-        rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = uniques[-1][seen], cnt[seen].astype(np.int64)
+        cnt_keys.append(uniq[seen])
+        cnt_vals.append(cnt[seen].astype(np.int64))
+    # all features' counts in three arrays: the main process loads every record several times, and
+    # each array costs a header parse
+    rec["cnt_sizes"] = np.array([len(k) for k in cnt_keys], dtype=np.int64)
+    rec["cnt_keys"] = np.concatenate(cnt_keys) if cnt_keys else np.zeros(0, np.int64)
+    rec["cnt_vals"] = np.concatenate(cnt_vals) if cnt_vals else np.zeros(0, np.int64)
     write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
                  index=index, uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
