@@ -39,7 +39,6 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from .jobs import Workers, check_or_claim
 from .meta import SPLITS, DataPrepError, atomic_write_json

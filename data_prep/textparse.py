@@ -10,8 +10,9 @@ A chunk is parsed in three steps, all vectorized:
    (Avazu) are hashed (FNV-1a + SplitMix64); a missing value is the key :data:`MISSING_KEY`.
 
 Criteo chunks first try a fast path (:func:`_criteo_fast`): ``pyarrow.csv`` (C++) splits the lines
-into binary columns and numpy decodes them with the same arithmetic as the exact parser
-(:func:`_criteo_fields`). It accepts a chunk only when every line is well-formed; on any doubt (a CR, a
+into binary columns, pyarrow's hash table dictionary-encodes each column, and numpy decodes only the
+distinct values, with the same arithmetic as the exact parser (:func:`_criteo_fields`); the categorical
+columns stay dictionary-encoded (:meth:`ParsedChunk.columns`), which is what the converter counts and maps. It accepts a chunk only when every line is well-formed; on any doubt (a CR, a
 wrong field count, an empty or bad label, a value it does not decode exactly) the chunk is re-parsed by
 the exact parser, which finds and classifies the malformed lines. Both give identical results.
 
@@ -697,8 +698,9 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
     """A chunk of only well-formed Criteo lines, parsed through ``pyarrow.csv``; None when in doubt.
 
     ``pyarrow.csv`` (C++) splits the lines into binary columns; labels, dense integers and 8-digit
-    lowercase hex categories are then decoded per column with the same SWAR arithmetic as the exact
-    parser, so the values are identical. Anything this path does not handle exactly -- a CR, a line
+    lowercase hex categories are then decoded with the same SWAR arithmetic as the exact parser, dense
+    and categorical values once per distinct value of the chunk, so the values are identical.
+    ``n_lines``: the chunk's line count when the caller knows it. Anything this path does not handle exactly -- a CR, a line
     whose field count is not 40 (pyarrow raises), a blank line (an empty label), a bad label, a dense
     value that is not an integer, a category that is not 8 lowercase hex digits -- returns None, and
     the caller re-parses the chunk with the exact parser, which finds and classifies the lines.
