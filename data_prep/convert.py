@@ -39,7 +39,6 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from .jobs import Workers, check_or_claim
 from .meta import SPLITS, DataPrepError, atomic_write_json
@@ -370,8 +369,13 @@ class _CountKeys:
 
     def add(self, chunk: int) -> None:
         rec = read_record(self.work / f"p1-{chunk:05d}.rec")
-        for f, counter in enumerate(self.counters):
-            counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
+        if "cnt_sizes" in rec:
+            bounds = np.concatenate([[0], np.cumsum(rec["cnt_sizes"])])
+            for f, counter in enumerate(self.counters):
+                counter.add(rec["cnt_keys"][bounds[f]: bounds[f + 1]], rec["cnt_vals"][bounds[f]: bounds[f + 1]])
+        else:  # a record of an interrupted run by an earlier version: one array pair per feature
+            for f, counter in enumerate(self.counters):
+                counter.add(rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"])
         self.counted.add(chunk)
 
 
@@ -520,7 +524,7 @@ def _pass1(job: dict) -> int:
         with open(job["file"], "rb") as f:
             f.seek(job["offset"])
             data = f.read(job["nbytes"])
-    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"])
+    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"], n_lines=job["n_lines"])
     first_data_line = 2 if fmt.header else 1
     codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
     chunk = job["chunk"]
@@ -533,34 +537,27 @@ def _pass1(job: dict) -> int:
     # table): the training counts are a bincount, and pass 3 maps only the distinct keys to ids.
     train = codes == SPLIT_CODES["train"]
     all_train = bool(train.all())
-    n, num_features = parsed.keys.shape
+    columns = parsed.columns()
+    n, num_features = len(parsed.labels), len(columns)
     index = np.empty((num_features, n), dtype=np.int32)
-    uniques = []
-    for f in range(num_features):
-        idx, uniq = _dictionary_encode(parsed.keys[:, f])
+    uniques, cnt_keys, cnt_vals = [], [], []
+    for f, (idx, uniq) in enumerate(columns):
         index[f] = idx
         uniques.append(uniq)
         cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
         seen = cnt > 0
-        rec[f"cnt_keys_{f}"], rec[f"cnt_vals_{f}"] = uniques[-1][seen], cnt[seen].astype(np.int64)
+        cnt_keys.append(uniq[seen])
+        cnt_vals.append(cnt[seen].astype(np.int64))
+    # all features' counts in three arrays: the main process loads every record several times, and
+    # each array costs a header parse
+    rec["cnt_sizes"] = np.array([len(k) for k in cnt_keys], dtype=np.int64)
+    rec["cnt_keys"] = np.concatenate(cnt_keys) if cnt_keys else np.zeros(0, np.int64)
+    rec["cnt_vals"] = np.concatenate(cnt_vals) if cnt_vals else np.zeros(0, np.int64)
     write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
                  index=index, uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return chunk, job["nbytes"]
-
-
-def _dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(index int32 [n], distinct keys int64)`` with ``distinct[index] == keys`` (pyarrow's hash table).
-
-    Arrays move through their buffers: ``pa.array`` / ``to_numpy`` would import pandas (~0.2 s of
-    every worker's start).
-    """
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    enc = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)]).dictionary_encode()
-    idx, uniq = enc.indices, enc.dictionary
-    return (np.frombuffer(idx.buffers()[1], dtype=np.int32, count=len(idx), offset=idx.offset * 4),
-            np.frombuffer(uniq.buffers()[1], dtype=np.int64, count=len(uniq), offset=uniq.offset * 8))
 
 
 _VOCAB_CACHE: dict[str, list[dict[str, np.ndarray]]] = {}

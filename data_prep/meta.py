@@ -80,19 +80,45 @@ def temp_file(path: pathlib.Path, prefix: str | None = None) -> tuple[int, str]:
     return fd, tmp
 
 
+def _atomic():
+    """embtable's one atomic writer, the module :mod:`embtable.atomic` (standard library only).
+
+    ``import embtable.atomic`` would first run ``embtable/__init__.py``, which imports torch and torchrec
+    (seconds; it was most of a small conversion's time): unless embtable is already imported, the module's
+    file is loaded on its own, once per process.
+    """
+    global _ATOMIC
+    if _ATOMIC is None:
+        import sys
+
+        if "embtable" in sys.modules:
+            import embtable.atomic as mod
+        else:
+            import importlib.util
+
+            spec = importlib.util.find_spec("embtable")  # locates the package without importing it
+            if spec is None or spec.origin is None:
+                raise ImportError("data_prep writes its metadata with embtable.atomic: install embtable")
+            path = pathlib.Path(spec.origin).with_name("atomic.py")
+            spec = importlib.util.spec_from_file_location("_embtable_atomic", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        _ATOMIC = mod
+    return _ATOMIC
+
+
+_ATOMIC = None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably with embtable's one writer
-    (:func:`embtable.atomic.atomic_write`; imported on first write, so ``import data_prep`` stays light)."""
-    from embtable.atomic import atomic_write_bytes as write
-
-    write(path, data)
+    (:func:`embtable.atomic.atomic_write`, loaded without the torch-importing ``embtable`` package)."""
+    _atomic().atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON, atomically and durably."""
-    from embtable.atomic import atomic_write_json as write
-
-    write(path, obj, indent=1)
+    _atomic().atomic_write_json(path, obj, indent=1)
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

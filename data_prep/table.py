@@ -59,7 +59,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 
 from .jobs import check_or_claim
 from .meta import SPLITS, atomic_write_json
@@ -169,7 +168,16 @@ def _format_of(path: pathlib.Path) -> str | None:
     return None
 
 
-def _file_format(fmt: str, column_types: Mapping[str, pa.DataType] | None = None) -> ds.FileFormat:
+def _ds():
+    """``pyarrow.dataset``, imported on first use: it imports pandas (~1 s), which ``import data_prep``
+    and every worker process of a Criteo / Avazu conversion would otherwise pay."""
+    import pyarrow.dataset as ds
+
+    return ds
+
+
+def _file_format(fmt: str, column_types: Mapping[str, pa.DataType] | None = None):
+    ds = _ds()
     if fmt == "parquet":
         return ds.ParquetFileFormat()
     parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
@@ -222,7 +230,7 @@ def infer_columns(
         (('user',), ('tags',), ('price',))
     """
     files, fmt = _input_files(inputs)
-    schema = ds.dataset([str(f) for f in files[:1]], format=_file_format(fmt)).schema
+    schema = _ds().dataset([str(f) for f in files[:1]], format=_file_format(fmt)).schema
     types = {name: schema.field(name).type for name in schema.names}
     text = {name: str(t) for name, t in types.items()}
     if label not in types:
@@ -329,7 +337,7 @@ def _chunks(files: list[pathlib.Path], fmt: str, cols: TableColumns, rows: int) 
     held = 0
     for i, f in enumerate(files):
         pos = 0
-        dataset = ds.dataset(str(f), format=file_format)
+        dataset = _ds().dataset(str(f), format=file_format)
         missing = [n for n in names if n not in dataset.schema.names]
         if missing:
             raise ValueError(f"{f}: columns {missing} are missing (the first input has them)")
@@ -509,7 +517,7 @@ def _total_rows(files: list[pathlib.Path], fmt: str, work: pathlib.Path) -> int:
     f = work / "total_rows.json"
     if f.is_file():
         return int(json.loads(f.read_text()))
-    n = sum(ds.dataset(str(p), format=_file_format(fmt)).count_rows() for p in files)
+    n = sum(_ds().dataset(str(p), format=_file_format(fmt)).count_rows() for p in files)
     atomic_write_json(f, n)
     return n
 

@@ -10,8 +10,9 @@ A chunk is parsed in three steps, all vectorized:
    (Avazu) are hashed (FNV-1a + SplitMix64); a missing value is the key :data:`MISSING_KEY`.
 
 Criteo chunks first try a fast path (:func:`_criteo_fast`): ``pyarrow.csv`` (C++) splits the lines
-into binary columns and numpy decodes them with the same arithmetic as the exact parser
-(:func:`_criteo_fields`). It accepts a chunk only when every line is well-formed; on any doubt (a CR, a
+into binary columns, pyarrow's hash table dictionary-encodes each column, and numpy decodes only the
+distinct values, with the same arithmetic as the exact parser (:func:`_criteo_fields`); the categorical
+columns stay dictionary-encoded (:meth:`ParsedChunk.columns`), which is what the converter counts and maps. It accepts a chunk only when every line is well-formed; on any doubt (a CR, a
 wrong field count, an empty or bad label, a value it does not decode exactly) the chunk is re-parsed by
 the exact parser, which finds and classifies the malformed lines. Both give identical results.
 
@@ -43,7 +44,7 @@ from .splits import mix64
 
 __all__ = [
     "TextFormat", "CRITEO", "AVAZU", "MALFORMED_KINDS", "MISSING_KEY", "MalformedRowError", "DataPrepError",
-    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk", "criteo_format", "check_header",
+    "open_text", "iter_chunks", "parse_chunk", "ParsedChunk", "dictionary_encode", "criteo_format", "check_header",
 ]
 
 #: Key of a missing (empty) categorical value: it gets its own vocabulary entry like any value.
@@ -266,17 +267,57 @@ def count_lines(data: bytes) -> int:
 class ParsedChunk:
     """Valid rows of a chunk and the rejected lines.
 
+    The categorical keys come either as a matrix (``keys``) or per feature as the distinct keys and an
+    index into them (``encoded``, what the Criteo fast path produces); each form is derived from the
+    other on first use (:attr:`keys`, :meth:`columns`).
+
     Shape:
         labels ``[N]`` int8, dense ``[N, num_dense]`` float32 (transformed), keys ``[N, F]`` int64,
-        lines ``[N]`` (1-based line numbers), bad_lines / bad_kinds ``[M]``.
+        lines ``[N]`` (1-based line numbers), bad_lines / bad_kinds ``[M]``; ``encoded``: per feature
+        ``(index int32 [N], distinct keys int64 [U])`` with ``distinct[index] == keys[:, f]``.
     """
 
     labels: np.ndarray
     dense: np.ndarray
-    keys: np.ndarray
-    lines: np.ndarray
-    bad_lines: np.ndarray
-    bad_kinds: np.ndarray
+    keys_matrix: dataclasses.InitVar[np.ndarray | None] = None
+    lines: np.ndarray = None
+    bad_lines: np.ndarray = None
+    bad_kinds: np.ndarray = None
+    encoded: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __post_init__(self, keys_matrix):
+        self._keys = keys_matrix
+        if keys_matrix is None and self.encoded is None:
+            raise ValueError("ParsedChunk needs keys_matrix or encoded")
+
+    @property
+    def keys(self) -> np.ndarray:
+        """``[N, F]`` int64 keys (built from ``encoded`` on first use)."""
+        if self._keys is None:
+            keys = np.empty((len(self.encoded), len(self.labels)), dtype=np.int64).T
+            for f, (idx, uniq) in enumerate(self.encoded):
+                np.take(uniq, idx, out=keys[:, f])
+            self._keys = keys
+        return self._keys
+
+    def columns(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per feature ``(index int32 [N], distinct keys int64)`` (pyarrow's hash table on first use)."""
+        if self.encoded is None:
+            self.encoded = [dictionary_encode(self._keys[:, f]) for f in range(self._keys.shape[1])]
+        return self.encoded
+
+
+def dictionary_encode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index int32 [n], distinct keys int64)`` with ``distinct[index] == keys`` (pyarrow's hash table).
+
+    The distinct keys are in order of first occurrence. Arrays move through their buffers: ``pa.array`` /
+    ``to_numpy`` would import pandas (~0.2 s of every worker's start).
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    enc = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)]).dictionary_encode()
+    idx, uniq = enc.indices, enc.dictionary
+    return (np.frombuffer(idx.buffers()[1], dtype=np.int32, count=len(idx), offset=idx.offset * 4),
+            np.frombuffer(uniq.buffers()[1], dtype=np.int64, count=len(uniq), offset=uniq.offset * 8))
 
 
 # ---- categorical keys ------------------------------------------------------------------------------
@@ -607,19 +648,59 @@ def _criteo_block(arr: np.ndarray, words: np.ndarray, fs: np.ndarray, fe: np.nda
 def _binary_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Value lengths ``[n]`` (int64) and the bytes (from the first value on) of a binary column."""
     col = table[name]
-    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return _binary_parts(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
+
+
+def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Value lengths ``[n]`` (int64) and the bytes (from the first value on) of a binary array."""
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return np.diff(offsets).astype(np.int64), data[offsets[0]: offsets[-1]]
 
 
-def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> ParsedChunk | None:
+def _dense_values(lens: np.ndarray, chars: np.ndarray) -> np.ndarray | None:
+    """``log1p`` (float32) of Criteo dense values given as binary parts; None unless all are integers.
+
+    An optional sign, then digits; missing (empty) and negative values are 0. The last 8 characters of
+    a value form one word, decoded with the same arithmetic as :func:`_criteo_block`.
+    """
+    buf = np.concatenate([np.full(_PAD, 48, np.uint8), chars, np.zeros(8, np.uint8)])
+    ends = np.cumsum(lens) + _PAD
+    c0 = buf[ends - lens]
+    signed = ((c0 == 45) | (c0 == 43)) & (lens > 0)
+    digits = lens - signed
+    words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
+    v, ok = _swar_int8(words[ends - 8], digits)
+    long = digits > 8
+    if long.any():
+        v[long], ok[long] = _long_ints(buf, ends[long], digits[long])
+    if not (ok & ~(signed & (digits == 0))).all():
+        return None
+    return np.log1p(np.where(signed & (c0 == 45), 0, v).astype(np.float64)).astype(np.float32)
+
+
+def _dictionary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary encoding of a (chunked) column: ``(index int32 [n], distinct values)``.
+
+    The chunks share one hash table, filled in order of first occurrence, so every chunk's indices
+    are valid in the last chunk's dictionary.
+    """
+    enc = col.dictionary_encode()
+    chunks = [c for c in enc.chunks if len(c)]
+    idx = [np.frombuffer(c.indices.buffers()[1], dtype=np.int32, count=len(c), offset=c.indices.offset * 4)
+           for c in chunks]
+    return (idx[0] if len(idx) == 1 else np.concatenate(idx)), chunks[-1].dictionary
+
+
+def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
+                 n_lines: int | None = None) -> ParsedChunk | None:
     """A chunk of only well-formed Criteo lines, parsed through ``pyarrow.csv``; None when in doubt.
 
     ``pyarrow.csv`` (C++) splits the lines into binary columns; labels, dense integers and 8-digit
-    lowercase hex categories are then decoded per column with the same SWAR arithmetic as the exact
-    parser, so the values are identical. Anything this path does not handle exactly -- a CR, a line
+    lowercase hex categories are then decoded with the same SWAR arithmetic as the exact parser, dense
+    and categorical values once per distinct value of the chunk, so the values are identical.
+    ``n_lines``: the chunk's line count when the caller knows it. Anything this path does not handle exactly -- a CR, a line
     whose field count is not 40 (pyarrow raises), a blank line (an empty label), a bad label, a dense
     value that is not an integer, a category that is not 8 lowercase hex digits -- returns None, and
     the caller re-parses the chunk with the exact parser, which finds and classifies the lines.
@@ -639,56 +720,54 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO) -> Pars
     except pa.ArrowInvalid:
         return None
     n = table.num_rows
-    if n == 0 or n != count_lines(data):
+    if n == 0 or n != (count_lines(data) if n_lines is None else n_lines):
         return None
     # label: exactly one character, 0 or 1
     lens, chars = _binary_column(table, fmt.label)
     if not (lens == 1).all() or not ((chars == 48) | (chars == 49)).all():
         return None
     labels = (chars == 49).astype(np.int8)
-    # dense: optional sign, then digits (the last 8 chars of a field form one word, as in _criteo_block)
-    value = np.empty((n, len(fmt.dense)), dtype=np.int64)
+    # dense: each column is dictionary-encoded (pyarrow's hash table on the bytes), and only its distinct
+    # values are decoded (a few thousand per chunk), which is the same as decoding every value.
+    dense = np.empty((len(fmt.dense), n), dtype=np.float32)
     for j, name in enumerate(fmt.dense):
+        idx, distinct = _dictionary_parts(table[name])
+        values = _dense_values(*_binary_parts(distinct))
+        if values is None:
+            return None
+        np.take(values, idx, out=dense[j])
+    dense = dense.T
+    # categorical: 8 lowercase hex digits or empty (missing). The 8 characters of a value are one 64-bit
+    # word (a missing value is the word 0, never 8 hex digits): the words are dictionary-encoded and only
+    # the distinct ones are decoded, which is the same encoding as decoding every value first.
+    encoded = []
+    for name in fmt.categorical:
         lens, chars = _binary_column(table, name)
-        buf = np.concatenate([np.full(_PAD, 48, np.uint8), chars, np.zeros(8, np.uint8)])
-        ends = np.cumsum(lens) + _PAD
-        c0 = buf[ends - lens]
-        signed = ((c0 == 45) | (c0 == 43)) & (lens > 0)
-        digits = lens - signed
-        words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
-        v, ok = _swar_int8(words[ends - 8], digits)
-        long = digits > 8
-        if long.any():
-            v[long], ok[long] = _long_ints(buf, ends[long], digits[long])
-        if not (ok & ~(signed & (digits == 0))).all():
-            return None
-        value[:, j] = np.where(signed & (c0 == 45), 0, v)
-    dense = np.log1p(value.astype(np.float64)).astype(np.float32)
-    # categorical: 8 lowercase hex digits or empty (missing)
-    keys = np.empty((len(fmt.feature_names), n), dtype=np.int64).T  # [n, F], each column contiguous
-    for j, name in enumerate(fmt.categorical):
-        lens, chars = _binary_column(table, name)
-        present = lens == 8
-        if not (present | (lens == 0)).all():
-            return None
-        vals, exact = _swar_hex8(chars.view("<u8"))
-        if not exact.all():
-            return None
-        if len(vals) == n:
-            keys[:, j] = vals
+        if len(chars) == 8 * n:  # (only 0 or 8 characters per value: then all are present)
+            words = chars.view("<u8")
         else:
-            col = np.full(n, MISSING_KEY, dtype=np.int64)
-            col[present] = vals
-            keys[:, j] = col
+            present = lens == 8
+            if not (present | (lens == 0)).all():
+                return None
+            words = np.zeros(n, dtype="<u8")
+            words[present] = chars.view("<u8")
+        idx, distinct = dictionary_encode(words.view(np.int64))
+        vals, exact = _swar_hex8(distinct.view("<u8"))
+        missing = distinct == 0
+        if not (exact | missing).all():
+            return None
+        encoded.append((idx, np.where(missing, MISSING_KEY, vals)))
     none = np.zeros(0, dtype=np.int64)
-    return ParsedChunk(labels=labels, dense=dense, keys=keys,
+    return ParsedChunk(labels=labels, dense=dense, encoded=encoded,
                        lines=first_line + np.arange(n, dtype=np.int64),
                        bad_lines=none, bad_kinds=none.astype(np.int8))
 
 
 def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
-                strict: bool = False) -> ParsedChunk:
+                strict: bool = False, n_lines: int | None = None) -> ParsedChunk:
     """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
+
+    ``n_lines``: the chunk's physical lines when the caller has counted them already (saves a pass).
 
     Example:
         >>> row = "1\\t" + "5\\t" * 13 + "\\t".join(["0a0b0c0d"] * 26) + "\\n"
@@ -698,7 +777,7 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     """
     data = _normalise(data, fmt)
     if fmt.name == "criteo":
-        fast = _criteo_fast(data, first_line, fmt)
+        fast = _criteo_fast(data, first_line, fmt, n_lines)
         if fast is not None:
             return fast
     arr, starts, ends, delims, code = _scan(data, fmt)
@@ -732,7 +811,7 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
     bad_kinds = np.concatenate([code[~good], row_bad[bad_rows]])
     order = np.argsort(bad_lines, kind="stable")
     ok = ~bad_rows
-    return ParsedChunk(labels=labels[ok], dense=dense[ok], keys=keys[ok], lines=rows_line[ok],
+    return ParsedChunk(labels=labels[ok], dense=dense[ok], keys_matrix=keys[ok], lines=rows_line[ok],
                        bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
 
 

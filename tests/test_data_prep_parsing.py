@@ -129,17 +129,25 @@ def test_criteo_fast_path_matches_exact_parser(monkeypatch):
     for i in range(300):
         dense = [dense_cells[int(j)] for j in rng.integers(0, len(dense_cells), 13)]
         cats = [f"{int(v):08x}" if v % 7 else "" for v in rng.integers(0, 2**32, 26)]
+        cats[3] = f"{int(rng.integers(0, 5)):08x}"  # few distinct values, repeated
+        cats[4] = ""  # a column with no value at all
         lines.append(_row(str(i % 2), dense, cats))
     data = ("\n".join(lines)).encode()  # the last line without a newline
     fast_path = tp._criteo_fast
     assert fast_path(data, 3) is not None
-    fast = parse_chunk(data, 3, CRITEO)
-    monkeypatch.setattr(tp, "_criteo_fast", lambda data, first_line, fmt=None: None)
+    assert fast_path(data, 3, n_lines=299) is None  # a line count that differs from pyarrow's: in doubt
+    fast = parse_chunk(data, 3, CRITEO, n_lines=300)
+    assert fast.encoded is not None  # the fast path hands over dictionary-encoded columns
+    monkeypatch.setattr(tp, "_criteo_fast", lambda *args, **kwargs: None)
     exact = parse_chunk(data, 3, CRITEO)
     for name in ("labels", "dense", "keys", "lines", "bad_lines", "bad_kinds"):
         a, b = getattr(fast, name), getattr(exact, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert len(fast.labels) == 300 and (fast.keys == MISSING_KEY).any()
+    for (fi, fu), (ei, eu) in zip(fast.columns(), exact.columns()):  # same partition, distinct keys
+        assert len(np.unique(fu)) == len(fu) and sorted(fu.tolist()) == sorted(eu.tolist())
+        assert np.array_equal(fu[fi], eu[ei])
+    assert fast.columns()[4][1].tolist() == [MISSING_KEY] and len(fast.columns()[3][1]) <= 5
     # anything unusual sends the chunk to the exact parser: upper case, a blank line, a CR, a bad field
     good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
     assert fast_path(f"{good}\n{good}\n".encode(), 1) is not None
