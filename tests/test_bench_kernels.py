@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.bench_kernels import bench, format_table
+from experiments.benchmarks.bench_kernels import bench, format_table
 
 
 def test_bench_kernels_smoke():

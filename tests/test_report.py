@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from experiments_helpers import tiny_dataset
 
-from experiments.report import pareto_front, write_report
-from experiments.results import export_parquet, load
-from experiments.sweep import SweepSpec, run_sweep
+from experiments.sweep.report import pareto_front, write_report
+from experiments.sweep.results import export_parquet, load
+from experiments.sweep.sweep import SweepSpec, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """Where a method's training step spends its time: mapper, storage, combine, and the rest (not a test).
 
-For each (method, budget) the DLRM of ``experiments.train.run`` is built over ``embtable.build`` on the
+For each (method, budget) the DLRM of ``experiments.training.train.run`` is built over ``embtable.build`` on the
 same in-memory batches (so the data loader is not timed) with the optimizers ``run`` uses, one thread.
 A *step* is what ``run`` times: forward, loss, backward and both optimizer steps. The embedding module's
 forward is split into:
@@ -33,8 +33,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 import ctr_models
 import data_prep
 import embtable
-from experiments.config import DataConfig
-from experiments.train import batch_loss, dataset_path, make_optimizers
+from experiments.training.config import DataConfig
+from experiments.training.train import batch_loss, dataset_path, make_optimizers
 
 __all__ = ["main", "bench"]
 

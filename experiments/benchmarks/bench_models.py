@@ -31,8 +31,8 @@ from torchrec.models.dlrm import DLRM as TorchRecDLRM
 import ctr_models
 import data_prep
 import embtable
-from experiments.config import DataConfig
-from experiments.train import dataset_path, make_optimizers
+from experiments.training.config import DataConfig
+from experiments.training.train import dataset_path, make_optimizers
 
 __all__ = ["main", "bench"]
 

@@ -8,7 +8,7 @@ One run measures, on the same synthetic batches (not a test):
   the kernel TorchRec's ``FusedEmbeddingBagCollection`` runs;
 - every registered method at ``--budget`` (``full`` at no budget), built with :func:`embtable.build`:
   forward (no grad), and a training step = forward, ``sum()`` loss (plus ``auxiliary_loss()``), backward,
-  the trainer's optimizers (:func:`experiments.train.make_optimizers`, row-wise Adagrad for the tables,
+  the trainer's optimizers (:func:`experiments.training.train.make_optimizers`, row-wise Adagrad for the tables,
   Adam for dense parts) and ``train_step_end``. With ``--paths fused`` (default ``both``) the tables train
   through :func:`embtable.fuse_storage` where the trainer would (``train.fused_tables``).
 
@@ -17,8 +17,8 @@ and sample, ids Zipf-like (``floor((n + 1) ** u) - 1`` with ``u`` uniform: P(id)
 Contenders run in interleaved rounds (a shared machine slows one round alike for all); each share is the
 median over rounds of ``ceiling seconds / contender seconds`` in the same round.
 
-    python -m experiments.bench_kernels                      # 100k rows per feature, 2 threads, ~2 min
-    python -m experiments.bench_kernels --rows 1000000 --threads 2 --methods full hash qr
+    python -m experiments.benchmarks.bench_kernels                      # 100k rows per feature, 2 threads, ~2 min
+    python -m experiments.benchmarks.bench_kernels --rows 1000000 --threads 2 --methods full hash qr
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _tbe(features, device):
 
 
 def _method(features, name: str, budget: str | None, fused: bool, device):
-    from experiments.train import make_optimizers
+    from experiments.training.train import make_optimizers
 
     config = embtable.registered_methods()[name]()
     emb = embtable.build(features, config, budget, seed=0, device=device)
@@ -211,7 +211,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000, help="cap on rows per feature (issue: 1000000)")
     parser.add_argument("--budget", default="1/16", help="every method's budget (full: none)")
     parser.add_argument("--methods", nargs="+", help="registered method names (default: all)")

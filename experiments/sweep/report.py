@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.results import load
+from experiments.sweep.results import load
 
 __all__ = ["Report", "summarize", "best_per_budget", "speed_table", "pareto_front", "write_report"]
 
