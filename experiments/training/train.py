@@ -558,9 +558,10 @@ def run(
     ``train_seconds`` and ``steps`` cover the whole run, resumed parts included; ``wall_seconds`` is
     this call's time only.
 
-    Example:
-        >>> # result = run(load_config("hash"), out_dir="runs/hash")
-        >>> # result.status, result.test_auc, result.inference_bytes
+    Example (not run as a doctest: training takes seconds to minutes; tests/test_train.py runs it)::
+
+        result = run(load_config("hash"), out_dir="runs/hash")
+        result.status, result.test_auc, result.inference_bytes
     """
     wall_start = time.perf_counter()
     hooks = hooks or RunHooks()

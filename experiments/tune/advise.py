@@ -26,9 +26,10 @@ Resume: the studies (SQLite, ``advise.sqlite3``), the final runs (``results.sqli
 sweeps, and their checkpoints) live in the output folder; running the same command again continues.
 The report page (``report/``) is :func:`experiments.sweep.report.write_report` over the final runs.
 
-Example:
-    >>> # advice = advise("data/mine", ["1/16"], time_limit="20m", out_dir="runs/advise/mine")
-    >>> # print(advice.table()); advice.recommended["1/16"]["method"]
+Example (not run as a doctest: it searches for minutes; tests/test_advise.py runs a small one)::
+
+    advice = advise("data/mine", ["1/16"], time_limit="20m", out_dir="runs/advise/mine")
+    print(advice.table()); advice.recommended["1/16"]["method"]
 """
 
 from __future__ import annotations
