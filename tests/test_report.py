@@ -73,6 +73,19 @@ def test_report_files_are_self_contained_and_say_seeds_protocol_and_data(swept: 
     assert report.context["seeds_per_cell"] == (2, 2) and report.context["protocol"] == "dlrm"
 
 
+def test_report_leaves_the_callers_matplotlib_backend_alone(swept: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # e.g. a notebook's backend: the report must not switch it
+    try:
+        write_report(swept, tmp_path / "report")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_export_parquet_round_trips(swept: Path, tmp_path: Path) -> None:
     out = export_parquet(swept, tmp_path / "runs.parquet")
     assert pd.read_parquet(out).shape == load(swept).shape
