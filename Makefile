@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests embtable README.md
+	$(PY) -m pytest -q tests embtable data_prep experiments README.md --ignore=experiments/benchmarks
 
 demo: install
 	$(PY) -m experiments.cli demo

@@ -138,9 +138,10 @@ def convert_criteo(
         chunk_bytes: text bytes per chunk (one parquet shard per chunk and split).
         progress: tqdm progress bars.
 
-    Example:
-        >>> # convert_criteo("train.txt", "data/criteo_kaggle")          # DLRM protocol
-        >>> # convert_criteo("train.txt", "data/criteo_x1", protocol="random")
+    Example (not run: it needs Criteo's ``train.txt``, 45M rows)::
+
+        convert_criteo("train.txt", "data/criteo_kaggle")          # DLRM protocol
+        convert_criteo("train.txt", "data/criteo_x1", protocol="random")
     """
     paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     if not paths:

@@ -187,8 +187,15 @@ class BatchLoader:
         ``labels`` float32 ``[B]``.
 
     Example:
-        >>> # loader = BatchLoader("data/demo", "train", 2048, seed=0)
-        >>> # for epoch in range(2): loader.set_epoch(epoch); for batch in loader: ...
+        >>> import tempfile
+        >>> from data_prep.generator import GeneratorConfig, generate_dataset
+        >>> path = generate_dataset(GeneratorConfig(scale=1 / 3000, num_rows=500), tempfile.mkdtemp(),
+        ...                         progress=False)   # 429 training rows
+        >>> loader = BatchLoader(path, "train", 128, seed=0)
+        >>> loader.set_epoch(0)   # a new shuffle each epoch
+        >>> batches = list(loader)
+        >>> [len(b.labels) for b in batches], batches[0].dense_features.shape, batches[0].sparse_features.keys()[:2]
+        ([128, 128, 128, 45], torch.Size([128, 13]), ['C1', 'C2'])
     """
 
     def __init__(

@@ -197,8 +197,13 @@ class DatasetMeta:
         """One :class:`FeatureSpec` per categorical feature, in order, optionally with training counts.
 
         Example:
-            >>> # specs = load_meta("data/demo").feature_specs(16)
-            >>> # specs[2].name, specs[2].num_embeddings, specs[2].counts.sum()
+            >>> import tempfile
+            >>> from data_prep.generator import GeneratorConfig, generate_dataset
+            >>> path = generate_dataset(GeneratorConfig(scale=1 / 3000, num_rows=500), tempfile.mkdtemp(),
+            ...                         progress=False)
+            >>> specs = load_meta(path).feature_specs(16)
+            >>> len(specs), specs[2].name, specs[2].num_embeddings, int(specs[2].counts.sum())
+            (26, 'C3', 3377, 429)
         """
         from embtable.features import FeatureSpec  # lazy: embtable imports torch, workers need not
 

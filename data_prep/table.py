@@ -479,8 +479,9 @@ def prepare_table(
     Returns:
         ``out_dir`` as a path (read it with ``load_meta`` / ``BatchLoader``).
 
-    Example:
-        >>> # prepare_table("logs/*.parquet", "data/mine", label="clicked", multi_hot=["recent_items"])
+    Example (not run: it needs the user's table; tests/test_prepare_table.py runs it on small files)::
+
+        prepare_table("logs/*.parquet", "data/mine", label="clicked", multi_hot=["recent_items"])
     """
     if protocol not in _DEFAULT_MIN_COUNT:
         raise ValueError(f"protocol must be 'random' or 'dlrm', got {protocol!r}")

@@ -13,17 +13,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ConfigError": "experiments.config",
-    "RunConfig": "experiments.config",
-    "load_config": "experiments.config",
-    "RunFailed": "experiments.train",
-    "RunHooks": "experiments.train",
-    "RunResult": "experiments.train",
-    "TrainState": "experiments.train",
-    "evaluate": "experiments.train",
-    "make_optimizers": "experiments.train",
-    "run": "experiments.train",
-    "train_steps": "experiments.train",
+    "ConfigError": "experiments.training.config",
+    "RunConfig": "experiments.training.config",
+    "load_config": "experiments.training.config",
+    "RunFailed": "experiments.training.train",
+    "RunHooks": "experiments.training.train",
+    "RunResult": "experiments.training.train",
+    "TrainState": "experiments.training.train",
+    "evaluate": "experiments.training.train",
+    "make_optimizers": "experiments.training.train",
+    "run": "experiments.training.train",
+    "train_steps": "experiments.training.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -202,8 +202,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     import data_prep
     import embtable
-    from experiments.config import DataConfig
-    from experiments.train import dataset_path
+    from experiments.training.config import DataConfig
+    from experiments.training.train import dataset_path
 
     path = Path(args.dataset) if args.dataset else dataset_path(DataConfig(preset=args.preset, data_dir=args.data_dir))
     meta = data_prep.load_meta(path)
@@ -233,8 +233,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from experiments.config import load_config
-    from experiments.train import run
+    from experiments.training.config import load_config
+    from experiments.training.train import run
 
     config = load_config(*args.configs, overrides=args.overrides)
     result = run(config, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
@@ -244,8 +244,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.report import write_report
-    from experiments.sweep import load_sweep, run_sweep
+    from experiments.sweep.report import write_report
+    from experiments.sweep.sweep import load_sweep, run_sweep
 
     spec = load_sweep(args.spec, args.overrides)
     out = Path(args.out or Path("runs") / "sweeps" / spec.name)
@@ -263,8 +263,8 @@ def _print_report(report: Any) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from experiments.report import write_report
-    from experiments.results import export_parquet
+    from experiments.sweep.report import write_report
+    from experiments.sweep.results import export_parquet
 
     store = Path(args.store)
     _print_report(write_report(store, args.out or store.parent / "report", args.sweep))
@@ -274,7 +274,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from experiments.tune import load_tune, run_study
+    from experiments.tune.tune import load_tune, run_study
 
     spec = load_tune(args.spec, n_trials=args.n_trials)
     result = run_study(spec, args.storage, workers=args.workers, worker_index=args.worker_index, out_dir=args.out)
@@ -286,7 +286,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
-    from experiments.advise import advise
+    from experiments.tune.advise import advise
 
     overrides = list(args.overrides)
     if args.preset:
@@ -303,8 +303,8 @@ def _cmd_advise(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from experiments.report import write_report
-    from experiments.sweep import format_duration, load_sweep, run_sweep
+    from experiments.sweep.report import write_report
+    from experiments.sweep.sweep import format_duration, load_sweep, run_sweep
 
     start = time.perf_counter()
     jobs = args.jobs or max(1, min(4, os.cpu_count() or 1))
@@ -340,9 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_prep import DataPrepError
     from data_prep.meta import is_disk_full
     from embtable import BudgetError
-    from experiments.checkpoint import CheckpointError
-    from experiments.config import ConfigError
-    from experiments.study_storage import StorageError
+    from experiments.training.checkpoint import CheckpointError
+    from experiments.training.config import ConfigError
+    from experiments.tune.study_storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)

@@ -6,8 +6,8 @@ import pytest
 
 import data_prep
 import embtable
-from experiments.advise import _confidence, _feasible, advise, parse_duration
-from experiments.config import ConfigError
+from experiments.training.config import ConfigError
+from experiments.tune.advise import _confidence, _feasible, advise, parse_duration
 
 # few steps: a search trial trains 2 steps (rungs every step), a final run 4 steps
 _FAST = {"train": {"max_steps": 4, "checkpoint_every": None, "eval_batch_size": 4096}}

@@ -154,7 +154,13 @@ def _batches(n: int) -> list[Batch]:
 
 
 def test_the_trainer_adds_auxiliary_losses_and_calls_train_step_end_under_any_name():
-    from experiments.train import TrainState, batch_loss, embedding_modules, make_optimizers, train_steps
+    from experiments.training.train import (
+        TrainState,
+        batch_loss,
+        embedding_modules,
+        make_optimizers,
+        train_steps,
+    )
 
     model = _Nested()
     probe = model.towers["user"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from experiments.bench_kernels import bench, format_table
+import torch
+
+from experiments.benchmarks.bench_kernels import bench, format_table
 
 
 def test_bench_kernels_smoke():
-    result = bench(rows=200, budget="1/2", methods=["full", "hash"], paths="unfused", threads=1, batch_size=64,
-                   iters=1, rounds=1, log=lambda s: None)
+    before = torch.get_num_threads()
+    result = bench(rows=200, budget="1/2", methods=["full", "hash"], paths="unfused", threads=before + 1,
+                   batch_size=64, iters=1, rounds=1, log=lambda s: None)
+    assert torch.get_num_threads() == before  # the benchmark gives the caller its thread count back
     paths = [r["path"] for r in result["rows"]]
     assert paths[:2] == ["ceiling", "tbe"] and "full" in paths and "hash 1/2" in paths
     ceiling = result["rows"][0]

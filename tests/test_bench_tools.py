@@ -8,7 +8,7 @@ import math
 import pytest
 
 from experiments.benchmarks.bench_tables import bench_table
-from experiments.results import ResultStore
+from experiments.sweep.results import ResultStore
 
 FULL = 1_000_000
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import embtable
 from embtable import Budget, BudgetError, FeatureSpec
 from embtable.hashing import hash_coefficients, universal_hash
-from experiments.scale import CRITEO_1TB  # defined once, for the scale study and these tests
-from experiments.scale import criteo_1tb_features as criteo_1tb
+from experiments.checks.scale import CRITEO_1TB  # defined once, for the scale study and these tests
+from experiments.checks.scale import criteo_1tb_features as criteo_1tb
 
 
 def test_criteo_1tb_features_follow_the_criteo_schema():

@@ -46,7 +46,7 @@ def _worker(rank: int, port: int, methods: dict[str, str], out: str) -> None:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from embtable.sharding import shard
-    from experiments.distributed import slice_kjt
+    from experiments.training.distributed import slice_kjt
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)

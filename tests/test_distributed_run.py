@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.config import load_config
-from experiments.distributed import train_distributed
-from experiments.train import run
+from experiments.training.config import load_config
+from experiments.training.distributed import train_distributed
+from experiments.training.train import run
 
 
 @pytest.mark.parametrize("method", ["hash"])

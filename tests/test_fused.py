@@ -11,8 +11,8 @@ from method_cases import CASES
 import embtable
 from embtable.fused import FusedEmbeddingBagStorage, fused_storages
 from embtable.sharding import storage_modules
-from experiments.bench_kernels import zipf_batch
-from experiments.train import make_optimizers
+from experiments.benchmarks.bench_kernels import zipf_batch
+from experiments.training.train import make_optimizers
 
 FEATURES = [embtable.FeatureSpec("a", 500, 8), embtable.FeatureSpec("b", 40, 8), embtable.FeatureSpec("c", 3000, 8)]
 

@@ -1,5 +1,5 @@
 """GPU readiness (marked ``gpu``; skipped, saying why, without CUDA). Run them all with
-``bash experiments/gpu_check.sh`` (about 8 minutes on one H200): every method's forward and backward on
+``bash experiments/benchmarks/gpu_check.sh`` (about 8 minutes on one H200): every method's forward and backward on
 CUDA equal the CPU's, the fused path on CUDA, DMP with NCCL on one GPU, export and load on CUDA, and the
 kernel benchmark against the GPU's gather ceiling."""
 
@@ -12,11 +12,11 @@ import torch
 from method_cases import CASES
 
 import embtable
-from experiments.bench_kernels import zipf_batch
+from experiments.benchmarks.bench_kernels import zipf_batch
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run experiments/gpu_check.sh on a GPU)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run experiments/benchmarks/gpu_check.sh on a GPU)"),
 ]
 
 FEATURES = [embtable.FeatureSpec("a", 5000, 16), embtable.FeatureSpec("b", 40, 16), embtable.FeatureSpec("c", 30000, 16)]
@@ -52,7 +52,7 @@ def test_forward_and_backward_on_cuda_equal_cpu(name):
 
 @pytest.mark.parametrize("name", ["full", "hash", "qr", "unified", "optembed"])
 def test_fused_path_on_cuda_equals_unfused(name):
-    from experiments.train import make_optimizers
+    from experiments.training.train import make_optimizers
 
     plain = _build(name).to(CUDA)
     fused = copy.deepcopy(plain)
@@ -92,7 +92,7 @@ def test_export_and_load_on_cuda(tmp_path):
 
 
 def test_kernel_benchmark_against_the_gpu_gather_ceiling():
-    from experiments.bench_kernels import bench
+    from experiments.benchmarks.bench_kernels import bench
 
     result = bench(rows=20_000, budget="1/4", methods=["full", "hash"], paths="both", threads=2, batch_size=1024,
                    iters=2, rounds=2, device="cuda", log=lambda s: None)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from experiments.config import load_config
-from experiments.low_rank_svd import RESULT, run_svd_finetune
+from experiments.runners.low_rank_svd import RESULT, run_svd_finetune
+from experiments.training.config import load_config
 
 
 @pytest.mark.parametrize("moments", ["table", "data"])

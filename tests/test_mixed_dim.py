@@ -19,7 +19,7 @@ from embtable.methods.mixed_dim import (
     power_rule_dims,
     solve_block_dims,
 )
-from experiments.scale import criteo_1tb_features as criteo  # Criteo-1TB cardinalities, defined once
+from experiments.checks.scale import criteo_1tb_features as criteo  # Criteo-1TB cardinalities, defined once
 
 
 def zipf_counts(n: int, seed: int, ordered: bool = False) -> np.ndarray:

@@ -290,7 +290,7 @@ def synthetic_source(seed: int = 0, rows: int = 3072, batch: int = 256):
     """Ids with zipf popularity; clicks from per-id effects, so that frequent rows matter most."""
     from torchrec.datasets.utils import Batch
 
-    from experiments.optembed import DataSource
+    from experiments.runners.optembed import DataSource
 
     rng = np.random.default_rng(seed)
     sizes = {"u": 300, "i": 120, "c": 30, "s": 8}
@@ -336,7 +336,7 @@ def synthetic_source(seed: int = 0, rows: int = 3072, batch: int = 256):
 
 
 def _run_config(budget="1/4"):
-    from experiments.config import load_config
+    from experiments.training.config import load_config
 
     return load_config(overrides={
         "model": {"name": "dlrm", "embedding_dim": 8, "options": {"dense_hidden_sizes": [16], "over_hidden_sizes": [16]}},
@@ -353,7 +353,7 @@ KILLED_SEARCH = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from test_optembed import STAGES, _run_config, synthetic_source
-from experiments.optembed import OptEmbedStages, StageHooks, run_optembed
+from experiments.runners.optembed import OptEmbedStages, StageHooks, run_optembed
 
 def kill(state):
     if len(state.fitness) == 9:
@@ -365,7 +365,7 @@ run_optembed(_run_config(), OptEmbedStages(**STAGES), sys.argv[2], source=synthe
 
 
 def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_path):
-    from experiments.optembed import RESULT_NAME, OptEmbedStages, StageHooks, run_optembed
+    from experiments.runners.optembed import RESULT_NAME, OptEmbedStages, StageHooks, run_optembed
 
     config, stages = _run_config(), OptEmbedStages(**STAGES)
     source = synthetic_source()
@@ -404,7 +404,7 @@ def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_p
 
 
 def test_retrain_from_the_supernet_starts_where_the_search_left_off():
-    from experiments.optembed import OptEmbedStages, run_optembed
+    from experiments.runners.optembed import OptEmbedStages, run_optembed
 
     stages = OptEmbedStages(**{**STAGES, "retrain_init": "supernet", "retrain_max_steps": 1, "generations": 1})
     result = run_optembed(_run_config(budget="1/2"), stages, source=synthetic_source(), progress=False)
@@ -415,7 +415,7 @@ def test_retrain_from_the_supernet_starts_where_the_search_left_off():
 
 
 def test_an_unreachable_budget_fails_before_training():
-    from experiments.optembed import OptEmbedStages, StageHooks, run_optembed
+    from experiments.runners.optembed import OptEmbedStages, StageHooks, run_optembed
 
     def no_training(stage, state):
         raise AssertionError("trained despite an unreachable budget")
@@ -427,7 +427,7 @@ def test_an_unreachable_budget_fails_before_training():
 
 def test_command_line_on_the_tiny_preset(tmp_path):
     import data_prep
-    from experiments.optembed import RESULT_NAME, main
+    from experiments.runners.optembed import RESULT_NAME, main
 
     tiny = data_prep.generate_dataset("tiny", tmp_path / "tiny", progress=False)
     result = main(["--budget", "1/8", "--set", f"data.path={tiny}", "--out", str(tmp_path / "run"),

@@ -252,7 +252,7 @@ def test_module_device_follows_its_tensors():
 
 
 def test_load_checkpoint_of_a_non_dict_file_gives_the_intended_error(tmp_path):
-    from experiments.checkpoint import load_checkpoint
+    from experiments.training.checkpoint import load_checkpoint
 
     torch.save([1, 2, 3], tmp_path / "checkpoint.pt")
     with pytest.raises(RuntimeError, match=r"checkpoint\.pt: not a checkpoint \(it holds a list"):
@@ -289,7 +289,7 @@ def test_too_many_malformed_lines_stop_the_conversion_until_allowed(tmp_path, ca
 
 # ----- the fault report -------------------------------------------------------------------------------
 def test_fault_report_quick_mode_has_no_traceback_and_loses_nothing(tmp_path, capsys):
-    from experiments.reliability import main
+    from experiments.checks.reliability import main
 
     summary = main(["--quick", "--work", str(tmp_path)])
     figures = summary.figures

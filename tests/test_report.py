@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from experiments_helpers import tiny_dataset
 
-from experiments.report import pareto_front, write_report
-from experiments.results import export_parquet, load
-from experiments.sweep import SweepSpec, run_sweep
+from experiments.sweep.report import pareto_front, write_report
+from experiments.sweep.results import export_parquet, load
+from experiments.sweep.sweep import SweepSpec, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -71,6 +71,19 @@ def test_report_files_are_self_contained_and_say_seeds_protocol_and_data(swept: 
     md = report.markdown.read_text()
     assert "| dlrm | none | full |" in md and "## Best method per budget" in md
     assert report.context["seeds_per_cell"] == (2, 2) and report.context["protocol"] == "dlrm"
+
+
+def test_report_leaves_the_callers_matplotlib_backend_alone(swept: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # e.g. a notebook's backend: the report must not switch it
+    try:
+        write_report(swept, tmp_path / "report")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_export_parquet_round_trips(swept: Path, tmp_path: Path) -> None:

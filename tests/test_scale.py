@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.scale import CRITEO_1TB, format_table, plan_at_scale
+from experiments.checks.scale import CRITEO_1TB, format_table, plan_at_scale
 
 
 def test_criteo_1tb_plan_fits_hosts_and_uses_compressed_sizes():

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from experiments_helpers import cli, tiny_dataset, wait_for
 
-from experiments.config import ConfigError
-from experiments.results import ResultStore, load
-from experiments.sweep import SweepSpec, load_sweep, run_sweep
+from experiments.sweep.results import ResultStore, load
+from experiments.sweep.sweep import SweepSpec, load_sweep, run_sweep
+from experiments.training.config import ConfigError
 
 
 @pytest.fixture(scope="module")

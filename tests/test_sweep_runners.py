@@ -11,9 +11,9 @@ import pytest
 from experiments_helpers import tiny_dataset
 
 import embtable
-from experiments.config import ConfigError
-from experiments.results import load
-from experiments.sweep import SweepSpec, load_sweep, run_sweep
+from experiments.sweep.results import load
+from experiments.sweep.sweep import SweepSpec, load_sweep, run_sweep
+from experiments.training.config import ConfigError
 
 # Short stages: a few steps of supernet and retrain, a small search.
 OPTEMBED = {"label": "optembed_search", "method": "optembed", "runner": "optembed",
@@ -129,7 +129,7 @@ class _Killed(BaseException):
 
 def test_killed_runner_cell_resumes_from_its_stage_checkpoints(tmp_path: Path, tiny: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import experiments.optembed as optembed
+    import experiments.runners.optembed as optembed
 
     spec = SweepSpec.from_dict(spec_dict(tiny))
     real_stage = optembed._train_stage

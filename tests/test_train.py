@@ -1,4 +1,4 @@
-"""experiments.train.run on the tiny generated preset: learning, reproducibility, failures, resume."""
+"""experiments.training.train.run on the tiny generated preset: learning, reproducibility, failures, resume."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import data_prep
-from experiments import checkpoint as ckpt
-from experiments.config import CONFIG_DIR, ConfigError, config_names, load_config
-from experiments.train import RESULT_NAME, RunFailed, RunHooks, evaluate, run
+from experiments.training import checkpoint as ckpt
+from experiments.training.config import CONFIG_DIR, ConfigError, config_names, load_config
+from experiments.training.train import RESULT_NAME, RunFailed, RunHooks, evaluate, run
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_run_leaves_the_callers_threads_flags_and_generators_alone(tiny: Path, t
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-@pytest.mark.parametrize("module", ["experiments.config", "experiments.checkpoint"])
+@pytest.mark.parametrize("module", ["experiments.training.config", "experiments.training.checkpoint"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib
@@ -203,8 +203,8 @@ def test_docstring_examples_run(module: str) -> None:
 
 
 def test_threads_default_to_the_cores_are_recorded_and_reproducible(tiny: Path) -> None:
-    from experiments.sweep import _share_threads
-    from experiments.train import available_cores
+    from experiments.sweep.sweep import _share_threads
+    from experiments.training.train import available_cores
 
     first = run(config(tiny, max_steps=4), progress=False)  # num_threads: null in base.yaml
     assert first.num_threads == available_cores() and first.status == "ok"

@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 
 import embtable
 from experiments.cli import main
-from experiments.config import ConfigError
-from experiments.search_space import load_spaces
-from experiments.study_storage import StorageError, open_storage
-from experiments.tune import TuneSpec, counted_trials, create_study, load_tune, outcome, run_worker
+from experiments.training.config import ConfigError
+from experiments.tune.search_space import load_spaces
+from experiments.tune.study_storage import StorageError, open_storage
+from experiments.tune.tune import TuneSpec, counted_trials, create_study, load_tune, outcome, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials(tmp_path: Path, tiny:
                     "or set EMBTABLE_TEST_POSTGRES_URL")
     import sqlalchemy as sa
 
-    from experiments.study_storage import normalize_url
+    from experiments.tune.study_storage import normalize_url
 
     try:
         sa.create_engine(normalize_url(url)[1]).connect().close()

@@ -3,7 +3,7 @@
 
 This is the *final* artifact of OptEmbed (what a server loads). The supernet, the budget-constrained
 evolutionary search and the retraining that produce it live in :mod:`embtable.methods.optembed_search`
-and ``experiments/optembed.py``. Without a search result, the budget planner keeps the most frequent ids
+and ``experiments/runners/optembed.py``. Without a search result, the budget planner keeps the most frequent ids
 (by ``FeatureSpec.counts``; ids ``0..k-1`` when there are no counts) at the base dim.
 
 Layout of one field ``f`` with ``n`` ids, ``k`` kept rows, dim ``d <= D`` and ``b`` OOV buckets::
@@ -312,7 +312,7 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
     """OptEmbed's compact table: kept rows only, per-field dims, zero-padded to the base dim.
 
     Build it from a budget (frequency pruning, as any method), or from a search result with
-    :meth:`set_kept_ids` / ``experiments.optembed``.
+    :meth:`set_kept_ids` / ``experiments.runners.optembed``.
 
     >>> import embtable
     >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]

@@ -18,7 +18,7 @@ rows with ``||e_i|| - t_f > c``) until the compact table's bytes (rows x dims + 
 even with one row per field does not survive.
 
 Stage 3, retraining, builds the compact table (:func:`compact_from_supernet` or from scratch); the
-stages are run by ``experiments/optembed.py``.
+stages are run by ``experiments/runners/optembed.py``.
 
 Supernet memory: ``sum_f n_f * D_f * 4 + F * 4`` bytes (full tables and one fp32 threshold per field).
 """

@@ -1,6 +1,6 @@
 """Where a method's training step spends its time: mapper, storage, combine, and the rest (not a test).
 
-For each (method, budget) the DLRM of ``experiments.train.run`` is built over ``embtable.build`` on the
+For each (method, budget) the DLRM of ``experiments.training.train.run`` is built over ``embtable.build`` on the
 same in-memory batches (so the data loader is not timed) with the optimizers ``run`` uses, one thread.
 A *step* is what ``run`` times: forward, loss, backward and both optimizer steps. The embedding module's
 forward is split into:
@@ -33,8 +33,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 import ctr_models
 import data_prep
 import embtable
-from experiments.config import DataConfig
-from experiments.train import batch_loss, dataset_path, make_optimizers
+from experiments.benchmarks import torch_threads
+from experiments.training.config import DataConfig
+from experiments.training.train import batch_loss, dataset_path, make_optimizers
 
 __all__ = ["main", "bench"]
 
@@ -92,43 +93,43 @@ def _round(model, emb, opts, batches: list, parts: bool) -> dict[str, float]:
 def bench(methods: list[dict[str, Any]], budgets: list[str], *, preset: str = "demo", data_dir: str = "data",
           batch_size: int = 256, steps: int = 60, rounds: int = 5, seed: int = 0) -> list[dict[str, Any]]:
     """Median per-round timings of every (method, budget); see the module docstring."""
-    torch.set_num_threads(1)
-    path = dataset_path(DataConfig(preset=preset, path=None, data_dir=data_dir))
-    meta = data_prep.load_meta(path)
-    features = meta.feature_specs(16)
-    loader = data_prep.BatchLoader(path, "train", batch_size, shuffle=True, seed=seed)
-    batches = list(islice(iter(loader), steps))
-    cells: list[tuple[str, dict[str, Any], str | None]] = []
-    for m in methods:
-        if m["method"] == "full":
-            cells.append(("full", m, None))
-            continue
-        for b in budgets:
-            cells.append((m.get("label", m["method"]), {k: v for k, v in m.items() if k != "label"}, b))
-    built = {}
-    for label, m, b in cells:
-        try:
-            built[(label, b)] = _setup(features, meta.num_dense, m, b, seed)
-        except embtable.BudgetError as err:
-            print(f"{label} @ {b}: infeasible ({err})", flush=True)
-    for model, emb, opts in built.values():  # warm up (first-call allocations, lazy inits)
-        _round(model, emb, opts, batches[:5], parts=True)
-    times: dict[tuple[str, str | None], list[dict[str, float]]] = {k: [] for k in built}
-    for r in range(rounds):
-        for key, (model, emb, opts) in built.items():
-            times[key].append(_round(model, emb, opts, batches, parts=True))
-        print(f"round {r + 1}/{rounds} done", flush=True)
-    rows = []
-    full_rounds = times.get(("full", None))
-    for (label, b), per_round in times.items():
-        row: dict[str, Any] = {"method": label, "budget": b}
-        for part in per_round[0]:
-            row[f"{part}_ms"] = 1e3 * statistics.median(t[part] for t in per_round)
-        row["samples_per_s"] = batch_size / statistics.median(t["step"] for t in per_round)
-        if full_rounds is not None:
-            row["rel_full"] = statistics.median(f["step"] / t["step"] for f, t in zip(full_rounds, per_round))
-        rows.append(row)
-    return rows
+    with torch_threads(1):  # the caller's thread count comes back after
+        path = dataset_path(DataConfig(preset=preset, path=None, data_dir=data_dir))
+        meta = data_prep.load_meta(path)
+        features = meta.feature_specs(16)
+        loader = data_prep.BatchLoader(path, "train", batch_size, shuffle=True, seed=seed)
+        batches = list(islice(iter(loader), steps))
+        cells: list[tuple[str, dict[str, Any], str | None]] = []
+        for m in methods:
+            if m["method"] == "full":
+                cells.append(("full", m, None))
+                continue
+            for b in budgets:
+                cells.append((m.get("label", m["method"]), {k: v for k, v in m.items() if k != "label"}, b))
+        built = {}
+        for label, m, b in cells:
+            try:
+                built[(label, b)] = _setup(features, meta.num_dense, m, b, seed)
+            except embtable.BudgetError as err:
+                print(f"{label} @ {b}: infeasible ({err})", flush=True)
+        for model, emb, opts in built.values():  # warm up (first-call allocations, lazy inits)
+            _round(model, emb, opts, batches[:5], parts=True)
+        times: dict[tuple[str, str | None], list[dict[str, float]]] = {k: [] for k in built}
+        for r in range(rounds):
+            for key, (model, emb, opts) in built.items():
+                times[key].append(_round(model, emb, opts, batches, parts=True))
+            print(f"round {r + 1}/{rounds} done", flush=True)
+        rows = []
+        full_rounds = times.get(("full", None))
+        for (label, b), per_round in times.items():
+            row: dict[str, Any] = {"method": label, "budget": b}
+            for part in per_round[0]:
+                row[f"{part}_ms"] = 1e3 * statistics.median(t[part] for t in per_round)
+            row["samples_per_s"] = batch_size / statistics.median(t["step"] for t in per_round)
+            if full_rounds is not None:
+                row["rel_full"] = statistics.median(f["step"] / t["step"] for f, t in zip(full_rounds, per_round))
+            rows.append(row)
+        return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -31,8 +31,9 @@ from torchrec.models.dlrm import DLRM as TorchRecDLRM
 import ctr_models
 import data_prep
 import embtable
-from experiments.config import DataConfig
-from experiments.train import dataset_path, make_optimizers
+from experiments.benchmarks import torch_threads
+from experiments.training.config import DataConfig
+from experiments.training.train import dataset_path, make_optimizers
 
 __all__ = ["main", "bench"]
 
@@ -114,32 +115,32 @@ def _time_steps(model: nn.Module, batches: list, lr: float = 0.05) -> tuple[floa
 
 def bench(path: Path, batch_size: int, steps: int, rounds: int, dim: int, threads: int) -> list[dict]:
     """Median samples/s and embedding share per model; see the module docstring."""
-    torch.set_num_threads(threads)
-    meta = data_prep.load_meta(path)
-    features = meta.feature_specs(dim, with_counts=False)
-    loader = data_prep.BatchLoader(path, "train", batch_size, shuffle=True, seed=0)
-    batches = [b for b in islice(iter(loader), steps) if b.labels.shape[0] == batch_size]
-    if len(batches) < 5:
-        raise ValueError(f"only {len(batches)} full batches of {batch_size} in {path}; lower --batch-size")
-    builders = _builders(meta.num_dense, dim)
-    builders["dlrm, embtable full"] = builders["dlrm"]
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
-    for r in range(rounds):
-        for name, make in builders.items():
-            table = _embtable_full(features, r) if name.endswith("embtable full") else _ebc(features, seed=r)
-            model = make(table)
-            model.embedding_width = sum(f.embedding_dim for f in features)
-            times[name].append(_time_steps(model, batches))
-            print(f"round {r + 1}/{rounds} {name:<14} {batch_size / times[name][-1][0]:>10,.0f} samples/s", flush=True)
-    rows = []
-    for name, measured in times.items():
-        whole = statistics.median(t for t, _ in measured)
-        emb = statistics.median(e for _, e in measured)
-        rows.append({
-            "model": name, "samples_per_s": batch_size / whole, "ms_per_step": 1e3 * whole,
-            "embedding_share": emb / whole, "dense_share": 1 - emb / whole,
-        })
-    return rows
+    with torch_threads(threads):  # the caller's thread count comes back after
+        meta = data_prep.load_meta(path)
+        features = meta.feature_specs(dim, with_counts=False)
+        loader = data_prep.BatchLoader(path, "train", batch_size, shuffle=True, seed=0)
+        batches = [b for b in islice(iter(loader), steps) if b.labels.shape[0] == batch_size]
+        if len(batches) < 5:
+            raise ValueError(f"only {len(batches)} full batches of {batch_size} in {path}; lower --batch-size")
+        builders = _builders(meta.num_dense, dim)
+        builders["dlrm, embtable full"] = builders["dlrm"]
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
+        for r in range(rounds):
+            for name, make in builders.items():
+                table = _embtable_full(features, r) if name.endswith("embtable full") else _ebc(features, seed=r)
+                model = make(table)
+                model.embedding_width = sum(f.embedding_dim for f in features)
+                times[name].append(_time_steps(model, batches))
+                print(f"round {r + 1}/{rounds} {name:<14} {batch_size / times[name][-1][0]:>10,.0f} samples/s", flush=True)
+        rows = []
+        for name, measured in times.items():
+            whole = statistics.median(t for t, _ in measured)
+            emb = statistics.median(e for _, e in measured)
+            rows.append({
+                "model": name, "samples_per_s": batch_size / whole, "ms_per_step": 1e3 * whole,
+                "embedding_share": emb / whole, "dense_share": 1 - emb / whole,
+            })
+        return rows
 
 
 def table(rows: list[dict]) -> str:

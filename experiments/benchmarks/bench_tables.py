@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.results import load
+from experiments.sweep.results import load
 
 __all__ = ["bench_table", "main"]
 

@@ -36,8 +36,14 @@ import data_prep
 import embtable
 from embtable.atomic import atomic_write_json
 from embtable.fused import FusedTableOptimizer, fused_storages
-from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from experiments.config import RunConfig
+from experiments.training.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from experiments.training.config import RunConfig
 
 __all__ = [
     "RESULT_NAME",
@@ -535,7 +541,7 @@ def run(
     """Train ``config`` and evaluate it on the validation and test splits.
 
     Args:
-        config: the run (see ``experiments.config``).
+        config: the run (see ``experiments.training.config``).
         out_dir: where checkpoints and ``result.json`` go; ``None`` keeps nothing on disk.
         resume: continue from ``out_dir``'s checkpoint if there is one (the result is identical to an
             uninterrupted run); ``False`` starts afresh and overwrites it.
@@ -552,9 +558,10 @@ def run(
     ``train_seconds`` and ``steps`` cover the whole run, resumed parts included; ``wall_seconds`` is
     this call's time only.
 
-    Example:
-        >>> # result = run(load_config("hash"), out_dir="runs/hash")
-        >>> # result.status, result.test_auc, result.inference_bytes
+    Example (not run as a doctest: training takes seconds to minutes; tests/test_train.py runs it)::
+
+        result = run(load_config("hash"), out_dir="runs/hash")
+        result.status, result.test_auc, result.inference_bytes
     """
     wall_start = time.perf_counter()
     hooks = hooks or RunHooks()

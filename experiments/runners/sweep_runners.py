@@ -10,14 +10,14 @@ A sweep's method entry names a runner with ``runner`` (and its settings with ``r
 Runners:
 
 * ``optembed``: OptEmbed's supernet -> budget-constrained evolutionary search -> retrain
-  (:func:`experiments.optembed.run_optembed`); ``runner_options`` are :class:`~experiments.optembed.OptEmbedStages`
+  (:func:`experiments.runners.optembed.run_optembed`); ``runner_options`` are :class:`~experiments.runners.optembed.OptEmbedStages`
   fields (e.g. ``supernet_max_steps``, ``population``).
 * ``svd``: full tables trained, compressed by SVD to the budget, fine-tuned
-  (:func:`experiments.low_rank_svd.run_svd_finetune`); ``runner_options``: ``moments``, ``finetune_steps``.
+  (:func:`experiments.runners.low_rank_svd.run_svd_finetune`); ``runner_options``: ``moments``, ``finetune_steps``.
 
 The cell's run config (data, model, budget, seed, optimizers) is the runner's config; the runner keeps its
 checkpoints in the cell's directory, so a killed cell resumes where its stages stopped. The runner's record
-is turned into the fields of a :class:`experiments.train.RunResult` (status, bytes, validation and test
+is turned into the fields of a :class:`experiments.training.train.RunResult` (status, bytes, validation and test
 AUC / logloss, samples/s, wall time), plus ``runner``, ``stage_seconds`` (seconds per stage) and
 ``runner_record`` (everything the runner returned), so a runner cell is one ordinary row of the results store.
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from experiments.config import RunConfig
+from experiments.training.config import RunConfig
 
 __all__ = ["Runner", "runners", "check_runner", "run_runner"]
 
@@ -65,12 +65,12 @@ class Runner:
 
 
 def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_bytes: int) -> int:
-    """``training_bytes`` as :func:`experiments.train.run` counts it, for the runner's final tables
+    """``training_bytes`` as :func:`experiments.training.train.run` counts it, for the runner's final tables
     (``method``: their config as plain data): inference bytes, the table optimizer's state, Adam's state
     for dense parameters inside the embedding module."""
     import data_prep
     import embtable
-    from experiments.train import adam_bytes, dataset_path
+    from experiments.training.train import adam_bytes, dataset_path
 
     features = data_prep.load_meta(dataset_path(config.data)).feature_specs(config.model.embedding_dim)
     module = embtable.build(features, embtable.method_config_from_dict(dict(method), source="runner tables"),
@@ -86,20 +86,20 @@ def _training_bytes(config: RunConfig, method: Mapping[str, Any], inference_byte
 # ---- optembed: supernet -> search -> retrain ----
 
 def _optembed_options() -> tuple[str, ...]:
-    from experiments.optembed import OptEmbedStages
+    from experiments.runners.optembed import OptEmbedStages
 
     return tuple(f.name for f in dataclasses.fields(OptEmbedStages))
 
 
 def _optembed_check(options: Mapping[str, Any]) -> None:
-    from experiments.optembed import OptEmbedStages
+    from experiments.runners.optembed import OptEmbedStages
 
     OptEmbedStages(**options)
 
 
 def _optembed_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress: bool) -> dict[str, Any]:
-    from experiments.checkpoint import load_checkpoint
-    from experiments.optembed import OptEmbedStages, run_optembed
+    from experiments.runners.optembed import OptEmbedStages, run_optembed
+    from experiments.training.checkpoint import load_checkpoint
 
     stages = OptEmbedStages(**{"checkpoint_every": config.train.checkpoint_every, **options})
     record = run_optembed(config, stages, out, progress=progress)
@@ -146,11 +146,11 @@ def _svd_check(options: Mapping[str, Any]) -> None:
 def _svd_run(config: RunConfig, options: Mapping[str, Any], out: Path, progress: bool) -> dict[str, Any]:
     import embtable
     from embtable.methods.low_rank import LowRankConfig
-    from experiments.low_rank_svd import StageFailed, run_svd_finetune
-    from experiments.train import RunFailed, dataset_path, deterministic
+    from experiments.runners.low_rank_svd import StageFailed, run_svd_finetune
+    from experiments.training.train import RunFailed, dataset_path, deterministic
 
     base = {"dataset": str(dataset_path(config.data))}
-    try:  # the run's thread count and deterministic kernels for every stage, as experiments.train.run does
+    try:  # the run's thread count and deterministic kernels for every stage, as experiments.training.train.run does
         with deterministic(config.train.num_threads):
             record = run_svd_finetune(config, out, moments=options.get("moments", "table"),
                                       finetune_steps=options.get("finetune_steps"), progress=progress)
@@ -232,11 +232,11 @@ def run_runner(name: str, config: RunConfig, options: Mapping[str, Any], out_dir
         progress: progress bars.
 
     Returns:
-        The fields of :class:`experiments.train.RunResult` (``dense_*`` and ``bayes_auc`` are ``None``:
+        The fields of :class:`experiments.training.train.RunResult` (``dense_*`` and ``bayes_auc`` are ``None``:
         the runners do not measure them), plus ``runner``, ``runner_options``,
         ``stage_seconds`` and ``runner_record``. Metrics are ``None`` unless ``status == "ok"``.
     """
-    from experiments.train import versions
+    from experiments.training.train import versions
 
     runner = runners()[name]
     start = time.perf_counter()

@@ -6,7 +6,7 @@ A spec (``experiments/configs/sweeps/<name>.yaml``)::
     configs: [demo]                  # run configs under every cell (base.yaml + these), e.g. the data
     overrides: {train: {epochs: 1}}  # then these fields, for every cell
     methods: registered              # every registered method, or a list: [hash, {method: qr, ...}]
-                                     # an entry may name a multi-stage runner (experiments.sweep_runners):
+                                     # an entry may name a multi-stage runner (experiments.runners.sweep_runners):
                                      # {label: optembed_search, method: optembed, runner: optembed,
                                      #  runner_options: {population: 10}}
     reference: [full]                # run once per model and seed WITHOUT a budget (the uncompressed point)
@@ -46,10 +46,10 @@ from typing import Any
 import yaml
 
 import embtable
-from experiments.config import CONFIG_DIR, ConfigError, RunConfig, load_config
-from experiments.results import ResultStore
-from experiments.specfile import read_spec, resolve_spec, where_of
-from experiments.sweep_runners import check_runner
+from experiments.runners.sweep_runners import check_runner
+from experiments.sweep.results import ResultStore
+from experiments.sweep.specfile import read_spec, resolve_spec, where_of
+from experiments.training.config import CONFIG_DIR, ConfigError, RunConfig, load_config
 
 __all__ = [
     "SWEEP_DIR",
@@ -85,7 +85,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 class MethodChoice:
     """One method of a sweep: ``label`` (its name in tables and plots) and its config as plain data.
 
-    ``runner`` names a multi-stage pipeline of :mod:`experiments.sweep_runners` (``None``: one training
+    ``runner`` names a multi-stage pipeline of :mod:`experiments.runners.sweep_runners` (``None``: one training
     run of the method's module); ``runner_options`` are its settings.
     """
 
@@ -343,8 +343,10 @@ def _execute(config_dict: dict[str, Any], out_dir: str, progress: bool = False, 
              runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one cell (in this process or a worker): one training run, or ``runner``'s stages; an exception
     becomes an ``error`` record."""
-    from experiments.sweep_runners import run_runner
-    from experiments.train import run  # imported here: workers import torch only when they run a cell
+    from experiments.runners.sweep_runners import run_runner
+    from experiments.training.train import (
+        run,  # imported here: workers import torch only when they run a cell
+    )
 
     try:
         config = RunConfig.from_dict(config_dict, source="sweep cell")
@@ -370,7 +372,7 @@ def _source_name(meta: Any, presets: Mapping[str, Any]) -> str:
 def _dataset_meta(cells: Sequence[Cell], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Prepare (generate if needed) every dataset the cells use, once, before any cell runs."""
     import data_prep
-    from experiments.train import dataset_path
+    from experiments.training.train import dataset_path
 
     metas: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
@@ -393,7 +395,7 @@ def _share_threads(config: dict[str, Any], jobs: int) -> dict[str, Any]:
     """A cell left at ``train.num_threads: null`` gets its worker's share of the cores (at least one)."""
     if config.get("train", {}).get("num_threads") is not None:
         return config
-    from experiments.train import available_cores
+    from experiments.training.train import available_cores
 
     return {**config, "train": {**config["train"], "num_threads": max(1, available_cores() // jobs)}}
 

@@ -1,7 +1,7 @@
 """The fault report: bad inputs tried through the command line, faults injected into real runs.
 
-    python -m experiments.reliability            # bad inputs + every fault drill (a few minutes)
-    python -m experiments.reliability --quick    # bad inputs + the full-disk drill of a conversion (seconds)
+    python -m experiments.checks.reliability            # bad inputs + every fault drill (a few minutes)
+    python -m experiments.checks.reliability --quick    # bad inputs + the full-disk drill of a conversion (seconds)
 
 Bad inputs (issue 15's table and more) go through ``embtable``'s command line in this process, as a user
 would type them: each must end with the expected exit code and a one-line message, never a traceback.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 __all__ = ["Outcome", "Summary", "bad_inputs", "fault_drills", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _drill_method() -> str:
@@ -338,9 +338,9 @@ def _prepare_drills(work: Path, quick: bool) -> list[Outcome]:
 def _train_drills(work: Path) -> list[Outcome]:
     """SIGKILL of a training run, and a full disk while it writes a checkpoint; each resumed."""
     import data_prep
-    from experiments.checkpoint import load_checkpoint
-    from experiments.config import load_config
-    from experiments.train import run
+    from experiments.training.checkpoint import load_checkpoint
+    from experiments.training.config import load_config
+    from experiments.training.train import run
 
     data = work / "tiny"
     if not (data / "meta.json").is_file():
@@ -406,7 +406,7 @@ def fault_drills(work: Path, quick: bool = False) -> list[Outcome]:
 
 def main(argv: Sequence[str] | None = None) -> Summary:
     """Run the report; print its table and figures; return the :class:`Summary`."""
-    p = argparse.ArgumentParser(prog="python -m experiments.reliability", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.checks.reliability", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="bad inputs and one full-disk drill only (seconds)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     a = p.parse_args(argv)

@@ -3,7 +3,7 @@
 Nothing is allocated: modules are built on the meta device, and TorchRec's planner places their storage
 tables on ``hosts`` ranks of ``memory_per_host`` bytes each.
 
-    python -m experiments.scale --hosts 8 --memory-per-host 64GiB
+    python -m experiments.checks.scale --hosts 8 --memory-per-host 64GiB
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def format_table(rows: Sequence[ScaleRow], hosts: int, memory_per_host: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> list[ScaleRow]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.checks.scale", description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--memory-per-host", default="64GiB", help="bytes per host, e.g. 64GiB")
     parser.add_argument("--dim", type=int, default=128)

@@ -1,13 +1,13 @@
 """OptEmbed's three stages through the trainer: supernet -> budget-constrained search -> retrain.
 
     from experiments import load_config
-    from experiments.optembed import OptEmbedStages, run_optembed
+    from experiments.runners.optembed import OptEmbedStages, run_optembed
     result = run_optembed(load_config("smoke", overrides=["embedding.budget=1/4"]), OptEmbedStages(), "runs/oe")
 
-or ``python -m experiments.optembed smoke --budget 1/4 --out runs/oe``.
+or ``python -m experiments.runners.optembed smoke --budget 1/4 --out runs/oe``.
 
 1. **supernet**: :class:`embtable.methods.optembed_search.OptEmbedSupernet` inside the configured CTR
-   model, trained with the trainer's :func:`~experiments.train.train_steps` (threshold regulariser
+   model, trained with the trainer's :func:`~experiments.training.train.train_steps` (threshold regulariser
    included through ``auxiliary_loss``), sparse row updates for the tables, Adam for the rest.
 2. **search**: evolutionary search over per-field dims; fitness = validation AUC of the supernet with
    those dims and the rows :func:`~embtable.methods.optembed_search.fit_rows` keeps within the budget.
@@ -54,9 +54,9 @@ from embtable.methods.optembed_search import (
     field_cost,
     fit_rows,
 )
-from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from experiments.config import RunConfig, load_config
-from experiments.train import (
+from experiments.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiments.training.config import RunConfig, load_config
+from experiments.training.train import (
     RunFailed,
     TrainState,
     dataset_path,
@@ -435,8 +435,8 @@ def _search(supernet: OptEmbedSupernet, model: nn.Module, features: Sequence[emb
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line: ``python -m experiments.optembed [CONFIG ...] --budget 1/4 --out DIR [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.optembed", description=__doc__.split("\n\n")[0])
+    """Command line: ``python -m experiments.runners.optembed [CONFIG ...] --budget 1/4 --out DIR [options]``."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.runners.optembed", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", help="run config names / YAML files applied over base.yaml")
     parser.add_argument("--budget", help="compact table budget: bytes, '64MiB' or a fraction such as 1/4")
     parser.add_argument("--out", help="output directory (checkpoints, compact.pt, optembed_result.json)")

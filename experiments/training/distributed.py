@@ -1,6 +1,6 @@
 """Train one run with its embedding storage sharded by TorchRec's DistributedModelParallel.
 
-The same run as :func:`experiments.train.run` (same config file, model, method and budget), on
+The same run as :func:`experiments.training.train.run` (same config file, model, method and budget), on
 ``world_size`` processes: every global batch is split evenly across ranks, the storage tables are sharded
 by TorchRec's planner (``embtable.sharding``), everything else is data-parallel. Backends: gloo on CPU,
 NCCL on GPU. At the end the sharded model is saved with ``torch.distributed.checkpoint`` and reloaded into
@@ -9,12 +9,12 @@ an ordinary, unsharded model for evaluation (and export).
 Usage (spawns its own processes on this machine; for several machines run one process per rank under
 ``torchrun`` with ``--spawn no``)::
 
-    python -m experiments.distributed hash --world-size 2 --out runs/dist_hash
-    torchrun --nnodes 2 --nproc-per-node 1 ... -m experiments.distributed hash --spawn no --out /shared/run
+    python -m experiments.training.distributed hash --world-size 2 --out runs/dist_hash
+    torchrun --nnodes 2 --nproc-per-node 1 ... -m experiments.training.distributed hash --spawn no --out /shared/run
 
 Gradients: each rank's loss is the mean over its share of the batch (plus the embtable modules'
 ``auxiliary_loss()``); DMP averages table gradients and DDP averages dense gradients over ranks, so training
-equals single-process training on the global batch. The step loop is :func:`experiments.train.train_steps`.
+equals single-process training on the global batch. The step loop is :func:`experiments.training.train.train_steps`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import data_prep
 import embtable
 from embtable.atomic import atomic_write_json
 from embtable.sharding import shard
-from experiments.config import RunConfig, load_config
-from experiments.train import TrainState, dataset_path, evaluate, train_epochs
+from experiments.training.config import RunConfig, load_config
+from experiments.training.train import TrainState, dataset_path, evaluate, train_epochs
 
 __all__ = ["build_model", "slice_kjt", "slice_batch", "load_unsharded", "train_distributed", "main"]
 
@@ -103,7 +103,7 @@ def _worker(rank: int, world_size: int, config_dict: dict, out_dir: str, shardin
 def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_types: list[str] | None,
            progress: bool) -> None:
     train = config.train
-    from experiments.train import resolve_threads
+    from experiments.training.train import resolve_threads
 
     torch.set_num_threads(max(1, resolve_threads(train.num_threads) // world_size))
     device = torch.device("cuda", rank % torch.cuda.device_count()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -142,7 +142,7 @@ def _train(rank: int, world_size: int, config: RunConfig, out: Path, sharding_ty
 
 
 class _DenseOptimizer:
-    """The optimizer interface :func:`experiments.train.train_steps` drives, for the dense parameters only."""
+    """The optimizer interface :func:`experiments.training.train.train_steps` drives, for the dense parameters only."""
 
     def __init__(self, dense: torch.optim.Optimizer | None) -> None:
         self.dense = dense
@@ -211,7 +211,7 @@ def train_distributed(config: RunConfig, out_dir: str | os.PathLike, *, world_si
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.distributed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.training.distributed", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="a named config in experiments/configs/ or a YAML path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--out", required=True, help="output directory (sharded checkpoint, plan, result)")

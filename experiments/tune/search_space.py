@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 import embtable
-from experiments.config import CONFIG_DIR, ConfigError, ModelConfig, TrainConfig
+from experiments.training.config import CONFIG_DIR, ConfigError, ModelConfig, TrainConfig
 
 __all__ = ["SPACES_FILE", "Param", "load_spaces", "search_space", "suggest", "apply_params"]
 

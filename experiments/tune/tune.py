@@ -15,12 +15,12 @@ A study spec (``experiments/configs/studies/<name>.yaml``)::
 Multi-objective mode (``multi_objective: true`` with ``budgets: [...]`` instead of ``budget``) searches the
 budget too and maximises validation AUC while minimising inference bytes; the result is the Pareto front
 across budgets. The searched knobs come from ``configs/search/spaces.yaml`` (see
-:mod:`experiments.search_space`).
+:mod:`experiments.tune.search_space`).
 
-Every trial is one ``experiments.train.run``; its validation AUC is the objective (the test AUC is kept
+Every trial is one ``experiments.training.train.run``; its validation AUC is the objective (the test AUC is kept
 as a user attribute and never used to select). A run that fails (divergence, NaN, constant predictions,
 infeasible budget) is a ``FAIL`` trial with the reason in the user attribute ``failure_reason``; it counts
-toward ``n_trials``. Trials of a dead worker are failed and retried (see :mod:`experiments.study_storage`).
+toward ``n_trials``. Trials of a dead worker are failed and retried (see :mod:`experiments.tune.study_storage`).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import optuna
 from optuna.trial import TrialState
 
 import embtable
-from experiments.config import CONFIG_DIR, ConfigError, RunConfig, load_config
-from experiments.search_space import Param, apply_params, search_space, suggest
-from experiments.specfile import read_spec, resolve_spec, where_of
-from experiments.study_storage import FAILURE_ATTR, StorageError, StudyStorage, open_storage
-from experiments.sweep import ModelChoice
+from experiments.sweep.specfile import read_spec, resolve_spec, where_of
+from experiments.sweep.sweep import ModelChoice
+from experiments.training.config import CONFIG_DIR, ConfigError, RunConfig, load_config
+from experiments.tune.search_space import Param, apply_params, search_space, suggest
+from experiments.tune.study_storage import FAILURE_ATTR, StorageError, StudyStorage, open_storage
 
 __all__ = [
     "STUDY_DIR",
@@ -235,7 +235,7 @@ def create_study(spec: TuneSpec, storage: StudyStorage, worker: int = 0) -> optu
 
 def make_objective(spec: TuneSpec) -> Callable[[optuna.Trial], Any]:
     """The objective: one training run with the suggested values; reports validation AUC for pruning."""
-    from experiments.train import RunHooks, run
+    from experiments.training.train import RunHooks, run
 
     space = spec.space()
 
@@ -441,7 +441,7 @@ def run_study(
 
     Args:
         spec: the study.
-        storage_url: see :mod:`experiments.study_storage`; ``None``: SQLite under ``out_dir``.
+        storage_url: see :mod:`experiments.tune.study_storage`; ``None``: SQLite under ``out_dir``.
         workers: local worker processes (more workers on other machines may join the same storage).
         worker_index: index of this process's first worker (seeds its sampler; give each machine its own).
         out_dir: where the default SQLite storage goes.

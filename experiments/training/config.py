@@ -41,7 +41,7 @@ __all__ = [
     "config_names",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 #: Optimizers that take sparse gradients, for the embedding rows (dense layers always use Adam).
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")

@@ -6,7 +6,7 @@ leaves every earlier result intact and never a half-written one: SQLite's rollba
 commit atomic and durable. Several processes may write to the same file (SQLite serialises them).
 
 A row keeps the searchable columns (method, budget, model, seed, bytes, AUC, throughput, status) next to
-the complete :class:`experiments.train.RunResult` record as JSON, so nothing a run reported is lost.
+the complete :class:`experiments.training.train.RunResult` record as JSON, so nothing a run reported is lost.
 
     >>> import tempfile, pathlib
     >>> store = ResultStore(pathlib.Path(tempfile.mkdtemp()) / "results.sqlite")

@@ -24,11 +24,12 @@ one more, and a running trial is stopped at the deadline; the final runs that fi
 answer is printed from whatever finished (a finalist without final runs is ranked by its search AUC).
 Resume: the studies (SQLite, ``advise.sqlite3``), the final runs (``results.sqlite``, the results store of
 sweeps, and their checkpoints) live in the output folder; running the same command again continues.
-The report page (``report/``) is :func:`experiments.report.write_report` over the final runs.
+The report page (``report/``) is :func:`experiments.sweep.report.write_report` over the final runs.
 
-Example:
-    >>> # advice = advise("data/mine", ["1/16"], time_limit="20m", out_dir="runs/advise/mine")
-    >>> # print(advice.table()); advice.recommended["1/16"]["method"]
+Example (not run as a doctest: it searches for minutes; tests/test_advise.py runs a small one)::
+
+    advice = advise("data/mine", ["1/16"], time_limit="20m", out_dir="runs/advise/mine")
+    print(advice.table()); advice.recommended["1/16"]["method"]
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ from optuna.trial import TrialState
 
 import data_prep
 import embtable
-from experiments.config import ConfigError, RunConfig, load_config
-from experiments.results import ResultStore
-from experiments.search_space import Param, load_spaces, suggest
-from experiments.sweep import cell_key, format_duration
+from experiments.sweep.results import ResultStore
+from experiments.sweep.sweep import cell_key, format_duration
+from experiments.training.config import ConfigError, RunConfig, load_config
+from experiments.tune.search_space import Param, load_spaces, suggest
 
 __all__ = ["Advice", "advise", "parse_duration", "SWEEP_NAME"]
 
@@ -215,7 +216,7 @@ def _feasible(features, methods: Sequence[str], budget: Any) -> tuple[list[str],
 
 def _search(study: optuna.Study, base: RunConfig, methods: list[str], spaces, budget, *, search_steps: int,
             rung: int, max_trials: int, clock: _Clock, reserve: Callable[[], float], log) -> None:
-    from experiments.train import RunHooks, run
+    from experiments.training.train import RunHooks, run
 
     if not study.get_trials(deepcopy=False):  # every method once with its default knobs first
         for m in methods:
@@ -329,7 +330,7 @@ def _params_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 def _finals(finalists, base: RunConfig, budget, seeds: Sequence[int], full_steps: int, store: ResultStore,
             out: Path, clock: _Clock, run_seconds: float, dataset_meta: dict[str, Any], log) -> list[dict[str, Any]]:
     """Train each finalist fully with every seed that fits in the time left; return the ranked rows."""
-    from experiments.train import RunHooks, run
+    from experiments.training.train import RunHooks, run
 
     rows = []
     done = {k: None for k in store.finished_keys(SWEEP_NAME, ("ok", "failed"))}
@@ -385,7 +386,7 @@ def _finals(finalists, base: RunConfig, budget, seeds: Sequence[int], full_steps
 
 
 def _stored_records(store: ResultStore) -> dict[str, dict[str, Any]]:
-    from experiments.results import load
+    from experiments.sweep.results import load
 
     try:
         frame = load(store.path)
@@ -483,7 +484,7 @@ def advise(
     base = load_config(*configs, overrides=overrides or None)
     data = {"path": str(dataset), "preset": None} if dataset is not None else {}
     base = base.with_overrides({"data": data, "model": {"name": model}}, source="advise")
-    from experiments.train import dataset_path
+    from experiments.training.train import dataset_path
 
     path = dataset_path(base.data)
     meta = data_prep.load_meta(path)
@@ -555,7 +556,7 @@ def advise(
     pareto = _pareto(rows)
     report_path = None
     if report and rows and any(r["seeds"] for r in rows):
-        from experiments.report import write_report
+        from experiments.sweep.report import write_report
 
         try:
             report_path = write_report(store.path, out / "report", SWEEP_NAME).html
@@ -569,7 +570,7 @@ def advise(
 
 
 def _pareto(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    from experiments.report import pareto_front
+    from experiments.sweep.report import pareto_front
 
     done = [r for r in rows if r.get("test_auc") is not None and r.get("inference_bytes") is not None]
     front = pareto_front([(float(r["inference_bytes"]), float(r["test_auc"])) for r in done])

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.results import load
+from experiments.sweep.results import load
 
 __all__ = ["Report", "summarize", "best_per_budget", "speed_table", "pareto_front", "write_report"]
 
@@ -192,15 +192,16 @@ def _context(frame: pd.DataFrame, sweep: str) -> dict[str, Any]:
 
 
 def _plot(summary: pd.DataFrame, context: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # no display needed; idempotent
-    import matplotlib.pyplot as plt
+    # A Figure of its own, drawn by the Agg renderer savefig picks for PNG: no pyplot, so the caller's
+    # backend (a notebook's, a GUI's) and pyplot's figure list are left as they were.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     models = list(dict.fromkeys(summary["model"])) or ["-"]
-    fig, axes = plt.subplots(1, len(models), figsize=(9.0 * len(models), 5.2), squeeze=False)
+    fig = Figure(figsize=(9.0 * len(models), 5.2))
+    axes = fig.subplots(1, len(models), squeeze=False)
     labels = sorted(set(summary["label"]))
-    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    colors = {label: colormaps["tab10"](i % 10) for i, label in enumerate(labels)}
     for ax, model in zip(axes[0], models):
         part = summary[summary["model"] == model]
         front = set(pareto_front(list(zip(part["inference_bytes"], part["auc_mean"]))))
@@ -236,7 +237,6 @@ def _plot(summary: pd.DataFrame, context: dict[str, Any]) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -3,14 +3,14 @@
 The post-training path of the "Unified Low-rank Compression Framework for Click-through Rate Prediction"
 recipe, as stages of the trainer:
 
-1. ``full``: train the run's model with full tables (:func:`experiments.train.run`, checkpointed);
+1. ``full``: train the run's model with full tables (:func:`experiments.training.train.run`, checkpointed);
 2. ``compress``: replace the trained tables by :func:`embtable.methods.low_rank.low_rank_from_trained`
    at the run's budget: the truncated SVD of each table (``moments="table"``), or the projection that
    keeps most of the energy of the table's outputs on training batches (``moments="data"``);
 3. ``finetune``: train the compressed model for ``finetune_steps`` steps (sparse rows, Adam for the rest)
    and evaluate it.
 
-    python -m experiments.low_rank_svd demo --budget 1/8 --out runs/svd_demo
+    python -m experiments.runners.low_rank_svd demo --budget 1/8 --out runs/svd_demo
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import embtable
 from embtable.atomic import atomic_write_json
 from embtable.methods.full import FullConfig
 from embtable.methods.low_rank import low_rank_from_trained, output_second_moments
-from experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from experiments.config import RunConfig, load_config
-from experiments.distributed import build_model
-from experiments.train import (
+from experiments.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from experiments.training.config import RunConfig, load_config
+from experiments.training.distributed import build_model
+from experiments.training.train import (
     TrainState,
     dataset_path,
     deterministic,
@@ -138,7 +138,7 @@ def _run(config: RunConfig, out_dir: str | os.PathLike, *, moments: str = "table
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.low_rank_svd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.runners.low_rank_svd", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="a named config in experiments/configs/ or a YAML path")
     parser.add_argument("--budget", required=True, help="compressed budget, e.g. 1/8")
     parser.add_argument("--moments", choices=["table", "data"], default="table")

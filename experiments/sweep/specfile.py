@@ -9,7 +9,7 @@
     >>> read_spec(p, {"name": str, "seeds": list})
     Traceback (most recent call last):
     ...
-    experiments.config.ConfigError: ...s.yaml:2: unknown key 'seed'; valid keys: ['name', 'seeds']
+    experiments.training.config.ConfigError: ...s.yaml:2: unknown key 'seed'; valid keys: ['name', 'seeds']
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from experiments.config import ConfigError
+from experiments.training.config import ConfigError
 
 __all__ = ["read_spec", "resolve_spec", "where_of", "Where"]
 

@@ -8,7 +8,7 @@ One run measures, on the same synthetic batches (not a test):
   the kernel TorchRec's ``FusedEmbeddingBagCollection`` runs;
 - every registered method at ``--budget`` (``full`` at no budget), built with :func:`embtable.build`:
   forward (no grad), and a training step = forward, ``sum()`` loss (plus ``auxiliary_loss()``), backward,
-  the trainer's optimizers (:func:`experiments.train.make_optimizers`, row-wise Adagrad for the tables,
+  the trainer's optimizers (:func:`experiments.training.train.make_optimizers`, row-wise Adagrad for the tables,
   Adam for dense parts) and ``train_step_end``. With ``--paths fused`` (default ``both``) the tables train
   through :func:`embtable.fuse_storage` where the trainer would (``train.fused_tables``).
 
@@ -17,8 +17,8 @@ and sample, ids Zipf-like (``floor((n + 1) ** u) - 1`` with ``u`` uniform: P(id)
 Contenders run in interleaved rounds (a shared machine slows one round alike for all); each share is the
 median over rounds of ``ceiling seconds / contender seconds`` in the same round.
 
-    python -m experiments.bench_kernels                      # 100k rows per feature, 2 threads, ~2 min
-    python -m experiments.bench_kernels --rows 1000000 --threads 2 --methods full hash qr
+    python -m experiments.benchmarks.bench_kernels                      # 100k rows per feature, 2 threads, ~2 min
+    python -m experiments.benchmarks.bench_kernels --rows 1000000 --threads 2 --methods full hash qr
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import embtable
 from data_prep.schema import CRITEO_CARDINALITIES
+from experiments.benchmarks import torch_threads
 
 __all__ = ["bench", "main", "criteo_features", "zipf_batch"]
 
@@ -109,7 +110,7 @@ def _tbe(features, device):
 
 
 def _method(features, name: str, budget: str | None, fused: bool, device):
-    from experiments.train import make_optimizers
+    from experiments.training.train import make_optimizers
 
     config = embtable.registered_methods()[name]()
     emb = embtable.build(features, config, budget, seed=0, device=device)
@@ -153,48 +154,48 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
           threads: int = 2, batch_size: int = 4096, iters: int = 3, rounds: int = 5, device: str = "cpu",
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the contenders; returns ``{"rows": [...], "infeasible": {label: reason}, "ceiling": {...}}``."""
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    features = criteo_features(rows)
-    gen = torch.Generator().manual_seed(0)
-    batches = [zipf_batch(features, batch_size, gen).to(dev) for _ in range(iters)]
-    contenders: dict[str, tuple[Callable, Callable]] = {"ceiling": _ceiling(features, dev), "tbe": _tbe(features, dev)}
-    infeasible: dict[str, str] = {}
-    names = methods or list(embtable.registered_methods())
-    variants = {"both": (False, True), "fused": (True,), "unfused": (False,)}[paths]
-    for name in names:
-        b = None if name == "full" else budget
-        for fused in variants:
-            label = f"{name}{'' if b is None else ' ' + b}{' fused' if fused else ''}"
-            try:
-                fwd, train, did_fuse = _method(features, name, b, fused, dev)
-            except embtable.BudgetError as err:
-                infeasible[name] = str(err).split("\n")[0]
-                break
-            if fused and not did_fuse:
-                infeasible[label] = "storage not fused (fused_storage_unsupported, or dims not multiples of 4)"
-                continue
-            contenders[label] = (fwd, train)
-    for fwd, train in contenders.values():  # warm up: first-call allocations, optimizer state
-        fwd(batches[0])
-        train(batches[0])
-    times: dict[str, dict[str, list[float]]] = {k: {"forward": [], "train": []} for k in contenders}
-    for r in range(rounds):
-        for label, (fwd, train) in contenders.items():
-            times[label]["forward"].append(_time(fwd, batches, dev))
-            times[label]["train"].append(_time(train, batches, dev))
-        log(f"round {r + 1}/{rounds} done")
-    ceil = times["ceiling"]
-    out_rows = []
-    for label, t in times.items():
-        row: dict[str, Any] = {"path": label}
-        for kind in ("forward", "train"):
-            row[f"{kind}_samples_per_s"] = batch_size / statistics.median(t[kind])
-            row[f"{kind}_share"] = statistics.median(c / x for c, x in zip(ceil[kind], t[kind]))
-        out_rows.append(row)
-    return {"rows": out_rows, "infeasible": infeasible, "rows_per_feature": rows, "budget": budget,
-            "threads": threads, "batch_size": batch_size, "device": device,
-            "table_rows": sum(f.num_embeddings for f in features)}
+    with torch_threads(threads):  # the caller's thread count comes back after
+        dev = torch.device(device)
+        features = criteo_features(rows)
+        gen = torch.Generator().manual_seed(0)
+        batches = [zipf_batch(features, batch_size, gen).to(dev) for _ in range(iters)]
+        contenders: dict[str, tuple[Callable, Callable]] = {"ceiling": _ceiling(features, dev), "tbe": _tbe(features, dev)}
+        infeasible: dict[str, str] = {}
+        names = methods or list(embtable.registered_methods())
+        variants = {"both": (False, True), "fused": (True,), "unfused": (False,)}[paths]
+        for name in names:
+            b = None if name == "full" else budget
+            for fused in variants:
+                label = f"{name}{'' if b is None else ' ' + b}{' fused' if fused else ''}"
+                try:
+                    fwd, train, did_fuse = _method(features, name, b, fused, dev)
+                except embtable.BudgetError as err:
+                    infeasible[name] = str(err).split("\n")[0]
+                    break
+                if fused and not did_fuse:
+                    infeasible[label] = "storage not fused (fused_storage_unsupported, or dims not multiples of 4)"
+                    continue
+                contenders[label] = (fwd, train)
+        for fwd, train in contenders.values():  # warm up: first-call allocations, optimizer state
+            fwd(batches[0])
+            train(batches[0])
+        times: dict[str, dict[str, list[float]]] = {k: {"forward": [], "train": []} for k in contenders}
+        for r in range(rounds):
+            for label, (fwd, train) in contenders.items():
+                times[label]["forward"].append(_time(fwd, batches, dev))
+                times[label]["train"].append(_time(train, batches, dev))
+            log(f"round {r + 1}/{rounds} done")
+        ceil = times["ceiling"]
+        out_rows = []
+        for label, t in times.items():
+            row: dict[str, Any] = {"path": label}
+            for kind in ("forward", "train"):
+                row[f"{kind}_samples_per_s"] = batch_size / statistics.median(t[kind])
+                row[f"{kind}_share"] = statistics.median(c / x for c, x in zip(ceil[kind], t[kind]))
+            out_rows.append(row)
+        return {"rows": out_rows, "infeasible": infeasible, "rows_per_feature": rows, "budget": budget,
+                "threads": threads, "batch_size": batch_size, "device": device,
+                "table_rows": sum(f.num_embeddings for f in features)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -211,7 +212,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000, help="cap on rows per feature (issue: 1000000)")
     parser.add_argument("--budget", default="1/16", help="every method's budget (full: none)")
     parser.add_argument("--methods", nargs="+", help="registered method names (default: all)")
