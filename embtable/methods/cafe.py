@@ -62,7 +62,7 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible
+from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..fused import FusedEmbeddingBagStorage
@@ -421,10 +421,7 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
-            raise BudgetError(
-                f"cafe: even one row per feature needs {total(1):,} bytes, over the budget of {budget_bytes:,}; "
-                "raise the budget or embed fewer features"
-            )
+            raise smallest_budget_error("cafe", total(1), budget_bytes, features, "one row per feature")
         chosen = sizes(cap)
         return dataclasses.replace(config, hot_rows={f.name: h for f, (h, _) in zip(features, chosen)},
                                    hash_rows={f.name: m for f, (_, m) in zip(features, chosen)})

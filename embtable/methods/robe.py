@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..budget import FP32, BudgetError, FeaturePlan
+from ..budget import FP32, FeaturePlan, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
@@ -213,10 +213,9 @@ class RobeEmbeddingBagCollection(EmbeddingModule):
         fixed = _fixed_bytes(features, config)
         size = min(PRIME, (budget_bytes - fixed) // FP32)
         if size < config.block_size:
-            raise BudgetError(
-                f"robe: one block of {config.block_size} floats plus the hash parameters needs "
-                f"{fixed + FP32 * config.block_size:,} bytes, over the budget of {budget_bytes:,}; "
-                "raise the budget, use a smaller block_size or embed fewer features"
+            raise smallest_budget_error(
+                "robe", fixed + FP32 * config.block_size, budget_bytes, features,
+                f"one block of {config.block_size} floats plus the hash parameters; a smaller block_size needs less",
             )
         return dataclasses.replace(config, size=int(size))
 
