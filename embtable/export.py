@@ -443,6 +443,7 @@ def _rebuild(spec: dict[str, Any], original: nn.Module, device: torch.device) ->
 
 def _load_into(model: nn.Module, payload: dict[str, Any], path: str, device: torch.device) -> nn.Module:
     """Rebuild the exported table modules inside a freshly built ``model`` and fill every tensor."""
+    model = _serving_form(path, model)  # the file holds the serving forms (e.g. codes without a query table)
     for spec in payload["modules"]:
         try:
             original = model.get_submodule(spec["paths"][0]) if spec["paths"][0] else model
