@@ -58,6 +58,21 @@ def _shard_bytes(path: pathlib.Path, meta: DatasetMeta) -> bytes:
     return data
 
 
+def _read_table(path: pathlib.Path, meta: DatasetMeta) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """A checked shard as its Arrow table, ``labels`` float32 ``[N]`` and ``dense`` float32 ``[N, num_dense]``."""
+    data = _shard_bytes(path, meta)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptShardError(f"shard {path} cannot be decoded as parquet ({type(err).__name__}: {err}); "
+                                f"{_rebuild_hint(meta)}") from None
+    labels = table[meta.label].to_numpy().astype(np.float32)
+    dense = np.empty((table.num_rows, meta.num_dense), dtype=np.float32)
+    for j, name in enumerate(meta.dense_features):
+        dense[:, j] = table[name].to_numpy()
+    return table, labels, dense
+
+
 def read_shard(path: pathlib.Path, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One parquet shard as ``labels`` float32 ``[N]``, ``dense`` float32 ``[N, num_dense]``, ``ids`` int64 ``[N, F]``.
 
@@ -68,18 +83,8 @@ def read_shard(path: pathlib.Path, meta: DatasetMeta) -> tuple[np.ndarray, np.nd
     if meta.multi_hot_features:
         raise ValueError(f"{meta.path} has multi-hot features {meta.multi_hot_features}: read it with read_block "
                          "(or BatchLoader), which keeps the bags")
-    path = pathlib.Path(path)
-    data = _shard_bytes(path, meta)
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as err:
-        raise CorruptShardError(f"shard {path} cannot be decoded as parquet ({type(err).__name__}: {err}); "
-                                f"{_rebuild_hint(meta)}") from None
+    table, labels, dense = _read_table(pathlib.Path(path), meta)
     n = table.num_rows
-    labels = table[meta.label].to_numpy().astype(np.float32)
-    dense = np.empty((n, meta.num_dense), dtype=np.float32)
-    for j, name in enumerate(meta.dense_features):
-        dense[:, j] = table[name].to_numpy()
     ids = np.empty((n, len(meta.categorical_features)), dtype=np.int64)
     for j, name in enumerate(meta.categorical_features):
         ids[:, j] = table[name].to_numpy()
@@ -137,18 +142,8 @@ def read_block(path: pathlib.Path, meta: DatasetMeta) -> tuple:
     """
     if not meta.multi_hot_features:
         return (*read_shard(path, meta), [])
-    path = pathlib.Path(path)
-    data = _shard_bytes(path, meta)
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as err:
-        raise CorruptShardError(f"shard {path} cannot be decoded as parquet ({type(err).__name__}: {err}); "
-                                f"{_rebuild_hint(meta)}") from None
+    table, labels, dense = _read_table(pathlib.Path(path), meta)
     n = table.num_rows
-    labels = table[meta.label].to_numpy().astype(np.float32)
-    dense = np.empty((n, meta.num_dense), dtype=np.float32)
-    for j, name in enumerate(meta.dense_features):
-        dense[:, j] = table[name].to_numpy()
     single = [f for f in meta.categorical_features if f not in meta.multi_hot_features]
     ids = np.empty((n, len(single)), dtype=np.int64)
     for j, name in enumerate(single):

@@ -56,17 +56,8 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def _umask() -> int:
-    """This process's umask, read without changing it where the system allows (Linux ``/proc``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the classic read (set and put back)
-    os.umask(mask)
-    return mask
+    """This process's umask (embtable's atomic writer reads it without changing it where it can)."""
+    return _atomic()._umask()
 
 
 def temp_file(path: pathlib.Path, prefix: str | None = None) -> tuple[int, str]:
