@@ -369,14 +369,6 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
         stop of pruning once the target sparsity is reached. It must not run in ``forward``'s traced path.
         """
 
-    def training_stages(self) -> Sequence[str]:
-        """Names of the training stages this method runs in order (default: one plain stage, ``()``).
-
-        A multi-stage method (supernet -> search -> retrain) declares them and the trainer runs,
-        checkpoints and resumes each one; see ``experiments`` for the stage runner.
-        """
-        return ()
-
     def register_training_buffer(self, name: str, tensor: torch.Tensor | None) -> None:
         """Register a buffer that training needs and serving does not (a sketch, counters).
 
