@@ -77,7 +77,8 @@ def test_planning_criteo_1tb_is_fast_and_allocates_nothing(method, fraction):
     elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert elapsed < 1.0, f"{method}: planning took {elapsed:.2f}s"
+    # a guard against a pathological planner (well under 1 s on a quiet machine), not a speed goal
+    assert elapsed < 5.0, f"{method}: planning took {elapsed:.2f}s"
     assert peak < 8 * 2**20, f"{method}: planning allocated {peak:,} bytes"
     assert plan.total_bytes <= plan.budget_bytes
     if method == "robe" and plan.config.size == ROBE_MAX_SIZE:

@@ -74,7 +74,7 @@ def test_bytes_formula_and_planner_floor():
     # every budget down to one block is feasible; below it the error names the smallest budget
     floor = 4 * 3 + 48 * 2 * 3
     assert embtable.plan(FEATS, RobeConfig(block_size=3), budget=floor).config.size == 3
-    with pytest.raises(embtable.BudgetError, match=f"needs {floor:,} bytes"):
+    with pytest.raises(embtable.BudgetError, match=f"give a budget of at least {floor:,} bytes"):
         embtable.plan(FEATS, RobeConfig(block_size=3), budget=floor - 1)
 
 
