@@ -1,7 +1,7 @@
 """Experiments: train and evaluate one configuration; sweeps, searches and reports over many.
 
     from experiments import load_config, run
-    result = run(load_config("hash"), out_dir="runs/hash")   # -> RunResult
+    result = run(load_config("demo"), out_dir="runs/demo")   # -> RunResult
 
 Names are imported on first use, so that ``import experiments`` (and the command line's ``--help``)
 does not load torch.

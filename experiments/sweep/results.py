@@ -42,7 +42,7 @@ STATUSES = ("ok", "failed", "error")
 COLUMNS: dict[str, str] = {
     "sweep": "TEXT NOT NULL",
     "key": "TEXT NOT NULL",
-    "label": "TEXT",          # the method's name in tables and plots (e.g. "qr" or "qr_concat")
+    "label": "TEXT",          # the method's name in tables and plots (e.g. qr or qr_concat)
     "method": "TEXT",         # the registered method name
     "budget": "TEXT",         # as written in the sweep ("1/8", "64MiB", bytes); NULL: no budget
     "model": "TEXT",

@@ -560,7 +560,7 @@ def run(
 
     Example (not run as a doctest: training takes seconds to minutes; tests/test_train.py runs it)::
 
-        result = run(load_config("hash"), out_dir="runs/hash")
+        result = run(load_config("demo"), out_dir="runs/demo")
         result.status, result.test_auc, result.inference_bytes
     """
     wall_start = time.perf_counter()
