@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .config import Pooling
 
-__all__ = ["pool_rows", "select_features"]
+__all__ = ["pool_rows", "select_features", "pooled_full_and_rows"]
 
 
 def pool_rows(rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, pooling: Pooling) -> torch.Tensor:
@@ -42,3 +42,26 @@ def select_features(kjt: KeyedJaggedTensor, indices: Sequence[int]) -> KeyedJagg
     if list(indices) == list(range(len(kjt.keys()))):
         return kjt
     return kjt.permute(list(indices))
+
+
+def pooled_full_and_rows(module, kjt: KeyedJaggedTensor, row_fns: Sequence) -> torch.Tensor:
+    """``[B, sum(dims)]`` of a module whose features ``module.full`` read its TorchRec ``module.storage``
+    and whose features ``module.compressed`` compute their rows: ``row_fns[i](ids) -> [N, d]`` for the i-th
+    compressed feature (TT-Rec's cores, DHE's decoder), pooled per bag here."""
+    from .module import storage_values
+
+    num, batch = len(module.features), kjt.stride()
+    pieces: list[torch.Tensor | None] = [None] * num
+    if module.full:
+        full = storage_values(module.storage(select_features(kjt, module.full)), module.full_names)
+        for j, part in zip(module.full, full.split([module.embedding_dims[j] for j in module.full], dim=1)):
+            pieces[j] = part
+    if module.compressed:
+        per_key = kjt.length_per_key()
+        values = kjt.values().split(per_key)
+        weights = kjt.weights_or_none()
+        weights = weights.split(per_key) if weights is not None else [None] * num
+        lengths = kjt.lengths().view(num, batch)
+        for j, rows in zip(module.compressed, row_fns):
+            pieces[j] = pool_rows(rows(values[j]), lengths[j], weights[j], module.pooling)  # [B, d]
+    return torch.cat(pieces, dim=1) if num > 1 else pieces[0]

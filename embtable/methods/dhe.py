@@ -44,6 +44,7 @@ features' tables are sharded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -55,8 +56,8 @@ from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
-from ..pooling import pool_rows, select_features
+from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..pooling import pooled_full_and_rows
 
 __all__ = ["DHEConfig", "DHEEmbeddingBagCollection", "dhe_encoding", "decoder_bytes"]
 
@@ -199,22 +200,10 @@ class DHEEmbeddingBagCollection(EmbeddingModule):
         ) if self.full else None
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        num, batch = len(self.features), kjt.stride()
-        pieces: list[torch.Tensor | None] = [None] * num
-        if self.full:
-            full = storage_values(self.storage(select_features(kjt, self.full)), self.full_names)
-            for j, part in zip(self.full, full.split([self.embedding_dims[j] for j in self.full], dim=1)):
-                pieces[j] = part
-        if self.compressed:
-            per_key = kjt.length_per_key()
-            values = kjt.values().split(per_key)
-            weights = kjt.weights_or_none()
-            weights = weights.split(per_key) if weights is not None else [None] * num
-            lengths = kjt.lengths().view(num, batch)
-            for j, decoder in zip(self.compressed, self.decoders):
-                x = dhe_encoding(values[j], self.hash_coefficients, self.config.encoding)  # [N_j, k]
-                pieces[j] = pool_rows(decoder(x), lengths[j], weights[j], self.pooling)  # [B, d]
-        return torch.cat(pieces, dim=1) if num > 1 else pieces[0]
+        return pooled_full_and_rows(self, kjt, [functools.partial(self._decode, d) for d in self.decoders])
+
+    def _decode(self, decoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return decoder(dhe_encoding(ids, self.hash_coefficients, self.config.encoding))  # [N, k] -> [N, d]
 
     # ----- planning -----
     @classmethod

@@ -61,8 +61,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
-from ..pooling import pool_rows, select_features
+from ..module import EmbeddingModule, config_field_per_feature, storage_collection
+from ..pooling import pooled_full_and_rows
 
 __all__ = ["TTRecConfig", "TTRecEmbeddingBagCollection", "TTCores", "tt_row_factors", "tt_dim_factors",
            "tt_bytes", "tt_digits"]
@@ -356,21 +356,7 @@ class TTRecEmbeddingBagCollection(EmbeddingModule):
         ) if self.full else None
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        num, batch = len(self.features), kjt.stride()
-        pieces: list[torch.Tensor | None] = [None] * num
-        if self.full:
-            full = storage_values(self.storage(select_features(kjt, self.full)), self.full_names)
-            for j, part in zip(self.full, full.split([self.embedding_dims[j] for j in self.full], dim=1)):
-                pieces[j] = part
-        if self.compressed:
-            per_key = kjt.length_per_key()
-            values = kjt.values().split(per_key)
-            weights = kjt.weights_or_none()
-            weights = weights.split(per_key) if weights is not None else [None] * num
-            lengths = kjt.lengths().view(num, batch)
-            for j, cores in zip(self.compressed, self.cores):
-                pieces[j] = pool_rows(cores(values[j]), lengths[j], weights[j], self.pooling)  # [B, d]
-        return torch.cat(pieces, dim=1) if num > 1 else pieces[0]
+        return pooled_full_and_rows(self, kjt, list(self.cores))
 
     # ----- planning -----
     @classmethod
