@@ -36,6 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import embtable
 from data_prep.schema import CRITEO_CARDINALITIES
+from experiments import markdown
 from experiments.benchmarks import torch_threads
 
 __all__ = ["bench", "main", "criteo_features", "zipf_batch"]
@@ -200,14 +201,12 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['table_rows']:,} rows (<= {result['rows_per_feature']:,} per feature) x dim {DIM}, "
-             f"batch {result['batch_size']}, {result['threads']} threads, {result['device']}",
-             "| path | forward share | forward samples/s | training share | training samples/s |",
-             "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['path']} | {r['forward_share']:.2f} | {r['forward_samples_per_s']:,.0f} | "
-                     f"{r['train_share']:.2f} | {r['train_samples_per_s']:,.0f} |")
-    for label, why in result["infeasible"].items():
-        lines.append(f"| {label} | not run: {why} | | | |")
+             f"batch {result['batch_size']}, {result['threads']} threads, {result['device']}"]
+    rows = [[r["path"], f"{r['forward_share']:.2f}", f"{r['forward_samples_per_s']:,.0f}",
+             f"{r['train_share']:.2f}", f"{r['train_samples_per_s']:,.0f}"] for r in result["rows"]]
+    rows += [[label, f"not run: {why}"] for label, why in result["infeasible"].items()]
+    lines.append(markdown.table(["path", "forward share", "forward samples/s", "training share", "training samples/s"],
+                                rows, align="lrrrr"))
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from torchrec.models.dlrm import DLRM as TorchRecDLRM
 import ctr_models
 import data_prep
 import embtable
+from experiments import markdown
 from experiments.benchmarks import torch_threads
 from experiments.training.config import DataConfig
 from experiments.training.train import dataset_path, make_optimizers
@@ -145,13 +146,10 @@ def bench(path: Path, batch_size: int, steps: int, rounds: int, dim: int, thread
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| model | train samples/s | ms/step | embedding share | dense share |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['samples_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
-            f"{100 * r['embedding_share']:.0f}% | {100 * r['dense_share']:.0f}% |"
-        )
-    return "\n".join(lines)
+    return markdown.table(
+        ["model", "train samples/s", "ms/step", "embedding share", "dense share"],
+        ([r["model"], f"{r['samples_per_s']:,.0f}", f"{r['ms_per_step']:.2f}", f"{100 * r['embedding_share']:.0f}%",
+          f"{100 * r['dense_share']:.0f}%"] for r in rows), align="lrrrr")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -30,6 +30,7 @@ import ctr_models
 import embtable
 from data_prep.generator import PRESETS
 from embtable import export as E
+from experiments import markdown
 
 __all__ = ["main", "bench"]
 
@@ -95,16 +96,17 @@ def bench(method: str, features, dtype: str, folder: Path, repeats: int, seed: i
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | eager lat1 ms | program lat1 ms | ratio | eager qps512 | program qps512 | ratio | export s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | |")
+            cells.append([r["method"], f"failed: {r['error']}"])
             continue
         qe, qp = 512 / r["eager_512"], 512 / r["program_512"]
-        lines.append(f"| {r['method']} | {1e3 * r['eager_1']:.2f} | {1e3 * r['program_1']:.2f} | "
-                     f"{r['program_1'] / r['eager_1']:.2f} | {qe:,.0f} | {qp:,.0f} | {qp / qe:.2f} | {r['export_s']:.1f} |")
-    return "\n".join(lines)
+        cells.append([r["method"], f"{1e3 * r['eager_1']:.2f}", f"{1e3 * r['program_1']:.2f}",
+                      f"{r['program_1'] / r['eager_1']:.2f}", f"{qe:,.0f}", f"{qp:,.0f}", f"{qp / qe:.2f}",
+                      f"{r['export_s']:.1f}"])
+    return markdown.table(["method", "eager lat1 ms", "program lat1 ms", "ratio", "eager qps512", "program qps512",
+                           "ratio", "export s"], cells, align="lrrrrrrr")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments import markdown
 from experiments.sweep.results import load
 
 __all__ = ["bench_table", "main"]
@@ -66,9 +67,7 @@ def bench_table(store: str, optembed: str | None = None, speed: str | None = Non
         for row in json.load(open(speed)):
             interleaved[(row["method"], row["budget"])] = row.get("rel_full")
     ok = frame[frame.status == "ok"]
-    lines = ["| budget | method | inference bytes (of full) | test AUC | test logloss | seeds | "
-             "samples/s vs full (in run) | step speed vs full (interleaved) | OptEmbed stages s (supernet / search / retrain) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = []
     budgets = sorted({b for b in ok.budget}, key=lambda b: -_fraction(b))
     for b in budgets:
         cell = ok[[x == b for x in ok.budget]]
@@ -82,15 +81,17 @@ def bench_table(store: str, optembed: str | None = None, speed: str | None = Non
             inter = interleaved.get((label, None if b == "none" else b))
             stages = "; ".join(f"s{seed}: {st}" for seed, st in zip(g.seed, g["stages"]) if isinstance(st, str)) \
                 if "stages" in g else ""
-            lines.append(
-                f"| {b} | {label} | {nbytes:,} ({nbytes / full_bytes:.3f}) | {auc:.4f} ± {std:.4f} | "
-                f"{g.test_logloss.mean():.4f} ± {g.test_logloss.std(ddof=ddof):.4f} | {len(g)} | "
-                f"{g.rel.mean():.2f} ± {g.rel.std(ddof=ddof):.2f} | {'-' if inter is None else f'{inter:.2f}'} | {stages or '-'} |")
+            lines.append([
+                b, label, f"{nbytes:,} ({nbytes / full_bytes:.3f})", f"{auc:.4f} ± {std:.4f}",
+                f"{g.test_logloss.mean():.4f} ± {g.test_logloss.std(ddof=ddof):.4f}", len(g),
+                f"{g.rel.mean():.2f} ± {g.rel.std(ddof=ddof):.2f}", "-" if inter is None else f"{inter:.2f}",
+                stages or "-"])
     failed = frame[frame.status != "ok"].drop_duplicates(["label", "budget"])
-    flines = ["| method | budget | reason |", "|---|---|---|"]
-    for _, r in failed.sort_values(["label", "budget"]).iterrows():
-        flines.append(f"| {r.label} | {r.budget} | {r.failure_reason} |")
-    return "\n".join(lines), "\n".join(flines)
+    flines = [[r.label, r.budget, r.failure_reason] for _, r in failed.sort_values(["label", "budget"]).iterrows()]
+    return (markdown.table(["budget", "method", "inference bytes (of full)", "test AUC", "test logloss", "seeds",
+                            "samples/s vs full (in run)", "step speed vs full (interleaved)",
+                            "OptEmbed stages s (supernet / search / retrain)"], lines),
+            markdown.table(["method", "budget", "reason"], flines))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import embtable
 from embtable.sharding import plan_sharding
+from experiments import markdown
 
 __all__ = ["CRITEO_1TB", "criteo_1tb_features", "ScaleRow", "plan_at_scale", "format_table", "main"]
 
@@ -97,14 +98,12 @@ def _gib(n: int | None) -> str:
 
 
 def format_table(rows: Sequence[ScaleRow], hosts: int, memory_per_host: int) -> str:
-    head = (f"| method | budget | total GiB | largest table GiB | tables | fullest host GiB (of {memory_per_host / 2**30:g}) "
-            f"| sharding over {hosts} hosts |\n|---|---|---:|---:|---:|---:|---|")
-    lines = [head]
-    for r in rows:
-        lines.append(f"| {r.method} | {r.budget} | {_gib(r.total_bytes)} | {_gib(r.largest_table_bytes)} | "
-                     f"{r.num_tables if r.num_tables is not None else '-'} | {_gib(r.max_rank_bytes)} | "
-                     f"{r.sharding or r.note} |")
-    return "\n".join(lines)
+    return markdown.table(
+        ["method", "budget", "total GiB", "largest table GiB", "tables",
+         f"fullest host GiB (of {memory_per_host / 2**30:g})", f"sharding over {hosts} hosts"],
+        ([r.method, r.budget, _gib(r.total_bytes), _gib(r.largest_table_bytes),
+          r.num_tables if r.num_tables is not None else "-", _gib(r.max_rank_bytes), r.sharding or r.note]
+         for r in rows), align="llrrrrl")
 
 
 def main(argv: Sequence[str] | None = None) -> list[ScaleRow]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments import markdown
 from experiments.sweep.results import load
 
 __all__ = ["Report", "summarize", "best_per_budget", "speed_table", "pareto_front", "write_report"]
@@ -151,11 +152,7 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def _markdown(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(none)"
-    cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    return markdown.table([str(c) for c in frame.columns], ([_cell(v) for v in row] for row in frame.itertuples(index=False)))
 
 
 def _cell(value: Any) -> str:
@@ -163,7 +160,7 @@ def _cell(value: Any) -> str:
         return f"{value:.4f}"
     if isinstance(value, int | np.integer):
         return f"{int(value):,}"
-    return str(value).replace("|", "\\|")
+    return value
 
 
 def _context(frame: pd.DataFrame, sweep: str) -> dict[str, Any]:

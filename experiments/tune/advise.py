@@ -49,6 +49,7 @@ from optuna.trial import TrialState
 
 import data_prep
 import embtable
+from experiments import markdown
 from experiments.sweep.results import ResultStore
 from experiments.sweep.sweep import cell_key, format_duration
 from experiments.training.config import ConfigError, RunConfig, load_config
@@ -110,13 +111,11 @@ class Advice:
         lines = []
         for budget in self.recommended.keys() | self.infeasible.keys():
             rows = [r for r in self.rows if r["budget"] == budget]
-            lines += [f"## budget {budget}", "",
-                      "| rank | method | valid AUC | test AUC | inference bytes | samples/s | seeds | knobs |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for r in rows:
-                lines.append(f"| {r['rank']} | {r['method']} | {_pm(r['valid_auc'], r['valid_std'])} | "
-                             f"{_pm(r['test_auc'], r['test_std'])} | {_int(r['inference_bytes'])} | "
-                             f"{_int(r['samples_per_s'])} | {r['seeds'] or 'search only'} | {_knobs(r)} |")
+            lines += [f"## budget {budget}", "", markdown.table(
+                ["rank", "method", "valid AUC", "test AUC", "inference bytes", "samples/s", "seeds", "knobs"],
+                ([r["rank"], r["method"], _pm(r["valid_auc"], r["valid_std"]), _pm(r["test_auc"], r["test_std"]),
+                  _int(r["inference_bytes"]), _int(r["samples_per_s"]), r["seeds"] or "search only", _knobs(r)]
+                 for r in rows))]
             rec = self.recommended.get(budget)
             if rec:
                 lines += ["", f"**Recommended at {budget}: {rec['method']}** {json.dumps(rec['config'])} "
