@@ -100,6 +100,14 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tiny: Path, tmp_path: Pat
         run(config(tiny, max_steps=5, dense_lr=0.01), tmp_path, progress=False)
 
 
+def test_a_checkpoint_made_with_another_thread_count_resumes(tiny: Path, tmp_path: Path) -> None:
+    # a sweep sets the threads from its number of jobs: a cell killed under --jobs 2 resumes under --jobs 1
+    with pytest.raises(Interrupt):
+        run(config(tiny, max_steps=15, num_threads=1), tmp_path, progress=False, hooks=interrupt_at(12))
+    resumed = run(config(tiny, max_steps=15, num_threads=2), tmp_path, progress=False)
+    assert resumed.status == "ok" and resumed.resumed_from_step == 10
+
+
 def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / ckpt.CHECKPOINT_NAME
     ckpt.save_checkpoint(path, {"step": 1})

@@ -71,10 +71,12 @@ RESULT_NAME = "result.json"
 
 #: Config fields that do not change what is computed up to a step; a checkpoint made under other values
 #: still resumes. A longer run (more epochs or max_steps) continues exactly where a shorter one stopped,
-#: since nothing in training depends on the planned total (no schedule).
+#: since nothing in training depends on the planned total (no schedule). The thread count only changes
+#: the order of floating-point sums (a sweep sets it from its number of jobs, so a cell interrupted under
+#: ``--jobs 2`` resumes under ``--jobs 1``).
 _RESUME_IGNORES = {
     ("name",), ("train", "checkpoint_every"), ("train", "log_every"), ("data", "data_dir"),
-    ("train", "epochs"), ("train", "max_steps"),
+    ("train", "epochs"), ("train", "max_steps"), ("train", "num_threads"),
 }
 
 
