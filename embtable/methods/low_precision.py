@@ -272,7 +272,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         buckets = _buckets(self.features, config)
         self.precision = config.precision
         self.mapper = HashIdMapper(self.features, buckets, config.hash_fn, config.seed, self.device)
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        # per training forward and dim group: (feature indices, their storage rows, the looked-up rows)
+        self._pending: list[tuple[list[int], list[torch.Tensor], torch.Tensor]] = []
         if self.precision == "fp32":
             self.storage = storage_collection(
                 [(f.name, m, f.embedding_dim, [f.name]) for f, m in zip(self.features, buckets)],
@@ -312,24 +313,58 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         values, weights = kjt.values(), kjt.weights_or_none()
         splits = kjt.length_per_key()
         ids_per_feature = torch.split(values, splits)
-        weights_per_feature = torch.split(weights, splits) if weights is not None else [None] * len(splits)
-        lengths = kjt.lengths().view(len(self.features), -1)
+        lengths = kjt.lengths().view(len(self.features), -1)  # [F, B]
+        batch = lengths.shape[1]
         record = self.training and torch.is_grad_enabled() and self.precision != "fp16"
-        out = []
-        for i, f in enumerate(self.features):
-            ids = ids_per_feature[i]
-            if self.precision == "fp16":
-                rows = self.tables[f.name](ids).float()  # [N, d]
-            else:
-                rows = self.rows[f.name].dequantize(ids)  # [N, d]
-                if record:
-                    if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
-                        rows.retain_grad()
-                    else:
-                        rows.requires_grad_(True)
-                    self._pending.append((i, ids, rows))
-            out.append(_pool(rows, lengths[i], weights_per_feature[i], self.pooling.value == "mean"))
-        return torch.cat(out, dim=1)  # [B, sum d]
+        # vectorised over the features of one dim: a gather per feature (each has its own rows), then one
+        # dequantization and one pooling per dim group (the same element-wise ops and per-bag sums, so the
+        # same values as per feature)
+        pooled: list[torch.Tensor | None] = [None] * len(self.features)
+        for dim, members, index in self._dim_groups(lengths.device):
+            ids = [ids_per_feature[i] for i in members]
+            rows = self._lookup(members, ids)  # [N_g, dim]
+            if record:
+                if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
+                    rows.retain_grad()
+                else:
+                    rows.requires_grad_(True)
+                self._pending.append((members, ids, rows))
+            group_lengths = lengths if len(members) == len(self.features) else lengths.index_select(0, index)
+            group_weights = None
+            if weights is not None:
+                group_weights = weights if len(members) == len(self.features) else torch.cat(
+                    [torch.split(weights, splits)[i] for i in members])
+            out = _pool(rows, group_lengths.reshape(-1), group_weights, self.pooling.value == "mean")  # [G*B, d]
+            if len(members) == len(self.features):
+                return out.view(len(members), batch, dim).transpose(0, 1).reshape(batch, -1)  # [B, sum d]
+            for j, i in enumerate(members):
+                pooled[i] = out[j * batch:(j + 1) * batch]
+        return torch.cat(pooled, dim=1)  # [B, sum d]
+
+    def _dim_groups(self, device: torch.device) -> list[tuple[int, list[int], torch.Tensor]]:
+        """``(dim, feature indices, the same as an int64 tensor on device)`` per distinct dim, built once per
+        device (constants of the config, not state: no bytes)."""
+        cache = self.__dict__.setdefault("_dim_group_cache", {})
+        if device not in cache:
+            dims: dict[int, list[int]] = {}
+            for i, f in enumerate(self.features):
+                dims.setdefault(f.embedding_dim, []).append(i)
+            cache[device] = [(d, m, torch.tensor(m, dtype=torch.int64, device=device)) for d, m in dims.items()]
+        return cache[device]
+
+    def _lookup(self, members: list[int], ids: list[torch.Tensor]) -> torch.Tensor:
+        """fp32 rows ``[sum N_i, d]`` of features ``members`` (one dim) at their storage rows ``ids``."""
+        names = [self.features[i].name for i in members]
+        if self.precision == "fp16":
+            return torch.cat([self.tables[n](x) for n, x in zip(names, ids)]).float()
+        qs = [self.rows[n] for n in names]
+        q = qs[0]
+        codes = q.unpack(torch.cat([t.codes[x] for t, x in zip(qs, ids)])).to(torch.float32)
+        if q.learned:
+            return torch.exp(torch.cat([t.log_step(x) for t, x in zip(qs, ids)])) * (codes - q.zero)
+        bias = torch.cat([t.bias[x] for t, x in zip(qs, ids)])
+        scale = torch.cat([t.scale[x] for t, x in zip(qs, ids)])
+        return bias[:, None] + scale[:, None] * codes
 
     @torch.no_grad()
     def train_step_end(self, step: int) -> None:
@@ -337,8 +372,14 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         pending, self._pending = self._pending, []
         if self.precision in ("fp32", "fp16"):
             return
+        got_by_feature: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for members, ids, rows in pending:  # one entry per forward and dim group: split it by feature
+            if rows.grad is None:
+                continue
+            for i, x, g in zip(members, ids, rows.grad.split([x.numel() for x in ids])):
+                got_by_feature.setdefault(i, []).append((x, g))
         for i, f in enumerate(self.features):
-            got = [(ids, rows.grad) for j, ids, rows in pending if j == i and rows.grad is not None]
+            got = got_by_feature.get(i, [])
             if not got:
                 continue
             ids = torch.cat([g[0] for g in got])
