@@ -142,3 +142,40 @@ def test_shard_refuses_quantized_rows():
     with pytest.raises(ValueError, match="DMP cannot shard"):
         shard(m)
     assert embtable.build(FEATURES, LowPrecisionConfig(precision="fp32")).sharding_unsupported is None
+
+
+@pytest.mark.parametrize("precision,step_size", [("int8", "learned"), ("int4", "fit"), ("fp16", "learned")])
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_vectorised_lookup_equals_a_per_feature_reference(precision, step_size, pooling, weighted):
+    """Features of interleaved dims (6, 5, 6) are looked up per dim group; each feature's pooled vector is
+    exactly its own rows dequantized and pooled alone (bitwise), and train_step_end still gets every
+    feature's row gradients."""
+    feats = [FeatureSpec("a", 40, 6), FeatureSpec("b", 7, 5), FeatureSpec("c", 30, 6)]
+    m = embtable.build(feats, LowPrecisionConfig(precision=precision, step_size=step_size), seed=0,
+                       pooling=pooling, is_weighted=weighted)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([2, 0, 1, 3, 1, 1, 0, 2, 4])  # 3 features x 3 bags, empty bags included
+    values = torch.cat([torch.randint(0, f.num_embeddings, (int(n),), generator=g)
+                        for f, n in zip(feats, lengths.view(3, 3).sum(1))])
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths, weights=weights)
+    out = m(kjt).values()
+    expected, start = [], 0
+    for i, f in enumerate(feats):
+        n = int(lengths[3 * i:3 * i + 3].sum())
+        ids = values[start:start + n]
+        rows = (m.tables[f.name](ids).float() if precision == "fp16" else m.rows[f.name].dequantize(ids))
+        w = None if weights is None else weights[start:start + n]
+        offsets = torch.cumsum(lengths[3 * i:3 * i + 3], 0) - lengths[3 * i:3 * i + 3]
+        expected.append(torch.nn.functional.embedding_bag(torch.arange(n), rows, offsets, mode=pooling,
+                                                          per_sample_weights=w))
+        start += n
+    assert out.shape == (3, 17)
+    assert torch.equal(out, torch.cat(expected, 1))
+    if precision != "fp16":
+        before = m.rows["c"].codes.clone()
+        (out * torch.arange(17.0)).sum().backward()
+        m.train_step_end(0)
+        touched = torch.unique(values[int(lengths[:6].sum()):])
+        changed = (m.rows["c"].codes != before).any(1)
+        assert not changed[~torch.isin(torch.arange(30), touched)].any() and changed.any()

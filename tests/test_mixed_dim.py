@@ -436,3 +436,29 @@ def test_tail_mapping_is_exact_and_deterministic(ordered):
     plan = embtable.plan(feats, config)
     assert plan.total_bytes == embtable.memory_report(a).inference_bytes
     assert plan.features[0].rows == exclusive + tail
+
+
+def test_vectorised_tail_ranks_equal_the_per_feature_mapping():
+    """The mapper ranks every tail feature's ids in one pass (one hash over all ids): it must give each
+    feature exactly the ranks of its own per-feature mapping (``_tail_rank``), leave the other features'
+    ids alone, and cover a hot list (counts out of id order), ids in popularity order and no ids."""
+    n = 500
+    feats = [FeatureSpec("hot", n, 8, counts=zipf_counts(n, 1, ordered=False)), FeatureSpec("plain", 40, 8),
+             FeatureSpec("ordered", n, 8, counts=zipf_counts(n, 2, ordered=True)), FeatureSpec("empty", n, 8)]
+    config = MixedDimConfig(num_blocks=1, block_dims={f.name: (8,) for f in feats},
+                            tail_rows={"hot": (30, 20), "ordered": (25, 10), "empty": (40, 9)})
+    m = embtable.build(feats, config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sizes = [300, 50, 200, 0]
+    values = torch.cat([torch.randint(0, f.num_embeddings, (k,), generator=g) for f, k in zip(feats, sizes)])
+    lengths = torch.tensor([k // 2 for k in sizes for _ in range(2)])
+    kjt = KeyedJaggedTensor(keys=[f.name for f in feats], values=values, lengths=lengths)
+    consts = m.mapper._constants(values.device)
+    feature = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    got = m.mapper._tail_ranks(values, feature, kjt.offset_per_key(), consts["tail"])
+    expected = values.clone()
+    for i, (s, e) in enumerate(zip(kjt.offset_per_key()[:-1], kjt.offset_per_key()[1:])):
+        if m.mapper.tails[i] is not None and e > s:
+            expected[s:e] = m.mapper._tail_rank(i, values[s:e])
+    assert m.mapper.tails[0][2] and not m.mapper.tails[2][2]  # one hot list, one popularity-ordered tail
+    assert torch.equal(got, expected) and not torch.equal(expected, values)

@@ -272,7 +272,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         buckets = _buckets(self.features, config)
         self.precision = config.precision
         self.mapper = HashIdMapper(self.features, buckets, config.hash_fn, config.seed, self.device)
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        # per training forward and dim group: (feature indices, their storage rows, the looked-up rows)
+        self._pending: list[tuple[list[int], list[torch.Tensor], torch.Tensor]] = []
         if self.precision == "fp32":
             self.storage = storage_collection(
                 [(f.name, m, f.embedding_dim, [f.name]) for f, m in zip(self.features, buckets)],
@@ -312,24 +313,58 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         values, weights = kjt.values(), kjt.weights_or_none()
         splits = kjt.length_per_key()
         ids_per_feature = torch.split(values, splits)
-        weights_per_feature = torch.split(weights, splits) if weights is not None else [None] * len(splits)
-        lengths = kjt.lengths().view(len(self.features), -1)
+        lengths = kjt.lengths().view(len(self.features), -1)  # [F, B]
+        batch = lengths.shape[1]
         record = self.training and torch.is_grad_enabled() and self.precision != "fp16"
-        out = []
-        for i, f in enumerate(self.features):
-            ids = ids_per_feature[i]
-            if self.precision == "fp16":
-                rows = self.tables[f.name](ids).float()  # [N, d]
-            else:
-                rows = self.rows[f.name].dequantize(ids)  # [N, d]
-                if record:
-                    if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
-                        rows.retain_grad()
-                    else:
-                        rows.requires_grad_(True)
-                    self._pending.append((i, ids, rows))
-            out.append(_pool(rows, lengths[i], weights_per_feature[i], self.pooling.value == "mean"))
-        return torch.cat(out, dim=1)  # [B, sum d]
+        # vectorised over the features of one dim: a gather per feature (each has its own rows), then one
+        # dequantization and one pooling per dim group (the same element-wise ops and per-bag sums, so the
+        # same values as per feature)
+        pooled: list[torch.Tensor | None] = [None] * len(self.features)
+        for dim, members, index in self._dim_groups(lengths.device):
+            ids = [ids_per_feature[i] for i in members]
+            rows = self._lookup(members, ids)  # [N_g, dim]
+            if record:
+                if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
+                    rows.retain_grad()
+                else:
+                    rows.requires_grad_(True)
+                self._pending.append((members, ids, rows))
+            group_lengths = lengths if len(members) == len(self.features) else lengths.index_select(0, index)
+            group_weights = None
+            if weights is not None:
+                group_weights = weights if len(members) == len(self.features) else torch.cat(
+                    [torch.split(weights, splits)[i] for i in members])
+            out = _pool(rows, group_lengths.reshape(-1), group_weights, self.pooling.value == "mean")  # [G*B, d]
+            if len(members) == len(self.features):
+                return out.view(len(members), batch, dim).transpose(0, 1).reshape(batch, -1)  # [B, sum d]
+            for j, i in enumerate(members):
+                pooled[i] = out[j * batch:(j + 1) * batch]
+        return torch.cat(pooled, dim=1)  # [B, sum d]
+
+    def _dim_groups(self, device: torch.device) -> list[tuple[int, list[int], torch.Tensor]]:
+        """``(dim, feature indices, the same as an int64 tensor on device)`` per distinct dim, built once per
+        device (constants of the config, not state: no bytes)."""
+        cache = self.__dict__.setdefault("_dim_group_cache", {})
+        if device not in cache:
+            dims: dict[int, list[int]] = {}
+            for i, f in enumerate(self.features):
+                dims.setdefault(f.embedding_dim, []).append(i)
+            cache[device] = [(d, m, torch.tensor(m, dtype=torch.int64, device=device)) for d, m in dims.items()]
+        return cache[device]
+
+    def _lookup(self, members: list[int], ids: list[torch.Tensor]) -> torch.Tensor:
+        """fp32 rows ``[sum N_i, d]`` of features ``members`` (one dim) at their storage rows ``ids``."""
+        names = [self.features[i].name for i in members]
+        if self.precision == "fp16":
+            return torch.cat([self.tables[n](x) for n, x in zip(names, ids)]).float()
+        qs = [self.rows[n] for n in names]
+        q = qs[0]
+        codes = q.unpack(torch.cat([t.codes[x] for t, x in zip(qs, ids)])).to(torch.float32)
+        if q.learned:
+            return torch.exp(torch.cat([t.log_step(x) for t, x in zip(qs, ids)])) * (codes - q.zero)
+        bias = torch.cat([t.bias[x] for t, x in zip(qs, ids)])
+        scale = torch.cat([t.scale[x] for t, x in zip(qs, ids)])
+        return bias[:, None] + scale[:, None] * codes
 
     @torch.no_grad()
     def train_step_end(self, step: int) -> None:
@@ -337,28 +372,73 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         pending, self._pending = self._pending, []
         if self.precision in ("fp32", "fp16"):
             return
-        for i, f in enumerate(self.features):
-            got = [(ids, rows.grad) for j, ids, rows in pending if j == i and rows.grad is not None]
-            if not got:
+        got_by_feature: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for members, ids, rows in pending:  # one entry per forward and dim group: split it by feature
+            if rows.grad is None:
                 continue
-            ids = torch.cat([g[0] for g in got])
-            grads = torch.cat([g[1] for g in got])
-            touched, inverse = torch.unique(ids, return_inverse=True)
-            grad = torch.zeros(touched.numel(), f.embedding_dim, device=grads.device).index_add_(0, inverse, grads)
-            q = self.rows[f.name]
-            if self.config.optimizer == "rowwise_adagrad":
-                q.adagrad_sum[touched] += grad.pow(2).mean(dim=1)
-                grad = grad / (q.adagrad_sum[touched].sqrt()[:, None] + 1e-10)
-            updated = q.dequantize(touched) - self.config.lr * grad
-            if q.learned:  # widen (never shrink) a step whose range the update left, instead of clipping it
-                current = q.log_step.weight[touched, 0].exp()
-                need = updated.abs().amax(dim=1) / (q.zero - 1)
-                q.log_step.weight[touched, 0] = torch.maximum(current, need).log()
-            generator = None
-            if self.config.rounding == "stochastic":
-                generator = torch.Generator(device=updated.device)
-                generator.manual_seed((self.config.seed * 1_000_003 + int(step)) * 1_009 + i)  # resumable: per step
-            q.quantize_(touched, updated, generator)
+            for i, x, g in zip(members, ids, rows.grad.split([x.numel() for x in ids])):
+                got_by_feature.setdefault(i, []).append((x, g))
+        for _, members, _ in self._dim_groups(next(iter(self.rows.values())).codes.device):
+            feats = [i for i in members if got_by_feature.get(i)]
+            if feats:
+                self._update_rows(feats, [got_by_feature[i] for i in feats], step)
+
+    @torch.no_grad()
+    def _update_rows(self, feats: list[int], got: list[list[tuple[torch.Tensor, torch.Tensor]]], step: int) -> None:
+        """One optimizer step and low-precision write-back for the rows of features ``feats`` (one dim), given
+        each one's recorded (storage rows, row gradients). Vectorised over the features: their rows are
+        shifted into one id space for one ``unique`` and one ``index_add_`` (each row's gradients are added in
+        the order they were recorded, as per feature), the update is element-wise on all rows at once, and
+        only the gathers, the writes and each feature's own rounding stream stay per feature."""
+        qs = [self.rows[self.features[i].name] for i in feats]
+        q, dim, device = qs[0], self.features[feats[0]].embedding_dim, got[0][0][1].device
+        base = [0]
+        for t in qs[:-1]:
+            base.append(base[-1] + t.codes.shape[0])
+        ids = torch.cat([x + b for g, b in zip(got, base) for x, _ in g])  # feature-major, records in order
+        grads = torch.cat([grad for g in got for _, grad in g])
+        touched_all, inverse = torch.unique(ids, return_inverse=True)  # sorted: grouped by feature
+        grad = torch.zeros(touched_all.numel(), dim, device=device).index_add_(0, inverse, grads)
+        ends = torch.searchsorted(touched_all, torch.tensor(base[1:], device=device)).tolist()
+        sizes = [e - s for s, e in zip([0, *ends], [*ends, touched_all.numel()])]
+        touched = [x - b for x, b in zip(touched_all.split(sizes), base)]  # each feature's storage rows
+        if self.config.optimizer == "rowwise_adagrad":
+            acc = torch.cat([t.adagrad_sum[x] for t, x in zip(qs, touched)]) + grad.pow(2).mean(dim=1)
+            for t, x, a in zip(qs, touched, acc.split(sizes)):
+                t.adagrad_sum[x] = a
+            grad = grad / (acc.sqrt()[:, None] + 1e-10)
+        codes = q.unpack(torch.cat([t.codes[x] for t, x in zip(qs, touched)])).to(torch.float32)
+        if q.learned:
+            log_step = torch.cat([t.log_step.weight[x] for t, x in zip(qs, touched)])  # [T, 1]
+            updated = torch.exp(log_step) * (codes - q.zero) - self.config.lr * grad
+            # widen (never shrink) a step whose range the update left, instead of clipping it
+            log_step = torch.maximum(log_step[:, 0].exp(), updated.abs().amax(dim=1) / (q.zero - 1)).log()
+            for t, x, ls in zip(qs, touched, log_step.split(sizes)):
+                t.log_step.weight[x, 0] = ls
+            x_codes = updated / torch.exp(log_step[:, None]) + q.zero
+        else:
+            bias = torch.cat([t.bias[x] for t, x in zip(qs, touched)])
+            scale = torch.cat([t.scale[x] for t, x in zip(qs, touched)])
+            updated = (bias[:, None] + scale[:, None] * codes) - self.config.lr * grad
+            lo, hi = updated.min(dim=1).values, updated.max(dim=1).values
+            scale = (hi - lo) / q.levels
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            x_codes = (updated - lo[:, None]) / safe[:, None]
+            for t, x, s, b in zip(qs, touched, scale.split(sizes), lo.split(sizes)):
+                t.scale[x] = s
+                t.bias[x] = b
+        if self.config.rounding == "stochastic":  # each feature's own stream, resumable: seeded per step
+            noise = []
+            for i, n in zip(feats, sizes):
+                generator = torch.Generator(device=device)
+                generator.manual_seed((self.config.seed * 1_000_003 + int(step)) * 1_009 + i)
+                noise.append(torch.rand((n, dim), generator=generator, device=device))
+            rounded = torch.floor(x_codes + torch.cat(noise))
+        else:
+            rounded = torch.round(x_codes)
+        packed = q.pack(rounded.clamp_(0, q.levels).to(torch.int64))
+        for t, x, c in zip(qs, touched, packed.split(sizes)):
+            t.codes[x] = c
 
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
         m = self.mapper.hash_params[self.feature_names.index(name), 4].item()

@@ -749,6 +749,52 @@ class MixedDimIdMapper(nn.Module):
         self.row_offsets = [o for _, _, o in layout]
         self._identity = all(t == (m, 0, 0) for m, t in enumerate(layout)) and len(layout) == len(self.storage_keys)
 
+    def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The layout's integers as tensors on ``device``, built once per device from the Python layout and the
+        buffers (copies of constants the byte count already has, or of Python integers: no new state).
+
+        ``base`` [F]: first global rank of each feature; ``table`` [3, M]: per member its feature's base, bag
+        code and row offset; ``starts`` [M]: first global rank of each member; ``tail`` [F, 7]: per feature
+        ``(is a tail, exclusive, tail rows (1 without a tail), a0, a1, a2, b)``."""
+        cache = self.__dict__.setdefault("_constant_cache", {})
+        if device not in cache:
+            zero = torch.zeros(1, dtype=torch.int64, device=device)
+            local = torch.cat([getattr(self, f"bounds_{i}")[:-1].to(device) if blocked else zero
+                               for i, blocked in enumerate(self.blocked)])
+            table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
+            tail = torch.zeros(len(self.tails), 7, dtype=torch.int64, device=device)
+            tail[:, 2] = 1
+            for i, t in enumerate(self.tails):
+                if t is not None:
+                    params = getattr(self, f"tail_params_{i}").to(device)  # a0, a1, a2, b, tail, exclusive
+                    tail[i, 0], tail[i, 1], tail[i, 2] = 1, t[0], t[1]
+                    tail[i, 3:] = params[:4]
+            cache[device] = {"base": torch.tensor(self.feature_base, dtype=torch.int64, device=device),
+                             "table": table, "starts": local + table[0], "tail": tail}
+        return cache[device]
+
+    def _tail_ranks(self, ids: torch.Tensor, feature: torch.Tensor, offsets: list[int],
+                    tail: torch.Tensor) -> torch.Tensor:
+        """Ranks of every id (int64 ``[N]``, feature ``feature`` ``[N]``), the tail features' all at once: an
+        exclusive id's popularity rank (``< exclusive``), else ``exclusive + hash(id) mod tail``; ids of other
+        features pass through. One hash over all ids; a search per tail feature with a hot list (slices)."""
+        per_id = tail.index_select(0, feature)  # [N, 7]
+        exclusive = per_id[:, 1]
+        hashed = exclusive + universal_hash(ids, per_id[:, 3:], per_id[:, 2])
+        found = ids < exclusive  # ids in popularity order: the first `exclusive` ids own rows
+        own = ids
+        for i, t in enumerate(self.tails):
+            if t is None or not t[2] or offsets[i + 1] == offsets[i]:
+                continue
+            if own is ids:
+                own = ids.clone()
+            piece = ids[offsets[i]:offsets[i + 1]]
+            hot_ids, hot_rank = getattr(self, f"tail_ids_{i}"), getattr(self, f"tail_rank_{i}")
+            at = torch.searchsorted(hot_ids, piece.to(hot_ids.dtype)).clamp(max=t[0] - 1)
+            found[offsets[i]:offsets[i + 1]] = hot_ids[at] == piece
+            own[offsets[i]:offsets[i + 1]] = hot_rank[at].to(torch.int64)
+        return torch.where(per_id[:, 0].bool(), torch.where(found, own, hashed), ids)
+
     def _tail_rank(self, i: int, ids: torch.Tensor) -> torch.Tensor:
         """Rank in feature ``i``'s stored rows: an exclusive id's popularity rank (``< exclusive``), else
         ``exclusive + hash(id) mod tail``."""
@@ -809,13 +855,10 @@ class MixedDimIdMapper(nn.Module):
         )
         feature = bag_of_id // stride
         sample = bag_of_id - feature * stride
-        base = torch.tensor(self.feature_base, dtype=torch.int64, device=device)
-        if has_tail:  # a gather per tail feature: ids -> ranks of its stored rows (exclusive, then tail rows)
-            offsets = kjt.offset_per_key()
-            rank = rank.clone()
-            for i, t in enumerate(self.tails):
-                if t is not None and offsets[i + 1] > offsets[i]:
-                    rank[offsets[i]:offsets[i + 1]] = self._tail_rank(i, rank[offsets[i]:offsets[i + 1]])
+        consts = self._constants(device)
+        base = consts["base"]
+        if has_tail:  # ids -> ranks of the tail features' stored rows (exclusive, then tail rows)
+            rank = self._tail_ranks(rank, feature, kjt.offset_per_key(), consts["tail"])
         if "dense" in self.remaps:  # a gather per feature
             offsets = kjt.offset_per_key()
             rank = rank.clone()
@@ -826,11 +869,7 @@ class MixedDimIdMapper(nn.Module):
             rank = self._hot_ranks(rank, feature, base)
         global_rank = rank + base.index_select(0, feature)
         # first global rank of every member: the feature's base plus its block bounds (0 without blocks)
-        zero = torch.zeros(1, dtype=torch.int64, device=device)
-        local = torch.cat([getattr(self, f"bounds_{i}")[:-1] if blocked else zero
-                           for i, blocked in enumerate(self.blocked)])
-        table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
-        starts = local + table[0]
+        starts, table = consts["starts"], consts["table"]
         member = torch.searchsorted(starts, global_rank, right=True) - 1
         code, row_offset = table[1:].index_select(1, member)
         rows = global_rank - (starts.index_select(0, member) - row_offset)

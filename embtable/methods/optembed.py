@@ -276,32 +276,32 @@ class OptEmbedIdMapper(nn.Module):
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
         batch = kjt.stride()
-        new_values, new_lengths, new_weights = [], [], []
-        start = 0
-        for i, count in enumerate(kjt.length_per_key()):
-            ids = values[start:start + count]
-            w = weights[start:start + count] if weights is not None else None
-            bag_lengths = lengths[i * batch:(i + 1) * batch]
-            start += count
-            rows, keep = self._map_field(i, ids)
-            if keep is not None and (is_tracing() or not bool(keep.all())):  # traced: always the masked form
-                bag = torch.repeat_interleave(torch.arange(batch, device=ids.device), bag_lengths, output_size=count)
+        mapped = [i for i, kind in enumerate(self.kinds) if kind != "identity"]
+        if mapped:
+            # one remap gather per pruned field (each has its own buffer), written into one array of rows
+            offsets = kjt.offset_per_key()
+            rows = values.to(torch.int64, copy=True)
+            keep = torch.ones_like(rows, dtype=torch.bool) if self._drops_pruned() else None
+            for i in mapped:
+                start, end = offsets[i], offsets[i + 1]
+                field_rows, hit = self._map_field(i, values[start:end])
+                rows[start:end] = field_rows
+                if hit is not None:
+                    keep[start:end] = hit
+            values = rows
+            if keep is not None:  # pruned ids without OOV rows leave their bags: one compaction for all fields
+                bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
+                                              output_size=values.numel())
                 kept_bags = bag[keep]
-                ones = torch.ones(kept_bags.numel(), dtype=bag_lengths.dtype, device=ids.device)
-                bag_lengths = torch.zeros_like(bag_lengths).index_add_(0, kept_bags, ones)
-                rows = rows[keep]
-                w = w[keep] if w is not None else None
-            new_values.append(rows)
-            new_lengths.append(bag_lengths)
-            if w is not None:
-                new_weights.append(w)
-        return KeyedJaggedTensor(
-            keys=kjt.keys(),
-            values=torch.cat(new_values),
-            lengths=torch.cat(new_lengths),
-            weights=torch.cat(new_weights) if weights is not None else None,
-            stride=batch,
-        )
+                ones = torch.ones(kept_bags.numel(), dtype=lengths.dtype, device=values.device)
+                lengths = torch.zeros_like(lengths).index_add_(0, kept_bags, ones)
+                values = values[keep]
+                weights = weights[keep] if weights is not None else None
+        return KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths, weights=weights, stride=batch)
+
+    def _drops_pruned(self) -> bool:
+        """Whether some pruned field drops its pruned ids (no OOV rows): then bags are compacted."""
+        return any(kind != "identity" and b == 0 for kind, b in zip(self.kinds, self.oov_buckets))
 
     def extra_repr(self) -> str:
         return f"kinds={self.kinds}, oov_buckets={sorted(set(self.oov_buckets))}"

@@ -276,6 +276,13 @@ class UnifiedIdMapper(nn.Module):
         self.num_tables = layout.num_tables
         self.storage_keys = [f"unified_{t}" for t in range(layout.num_tables)]
 
+    def slot_feature_tensor(self, device: torch.device) -> torch.Tensor:
+        """The feature of every slot, int64 ``[K]`` on ``device`` (layout integers, built once per device)."""
+        cache = self.__dict__.setdefault("_slot_feature_cache", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.slot_feature, dtype=torch.int64, device=device)
+        return cache[device]
+
     def rows(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Global rows (in ``[0, R)``) of ``ids`` [M] looked up by ``slots`` [M] (int64, same device)."""
         return self._rows(ids, self.slot_params[slots])
@@ -301,16 +308,18 @@ class UnifiedIdMapper(nn.Module):
             )
         # storage bags are slot-major (bag s * B + b = probe s of sample b), so with one probe per feature
         # the ids keep the input's order and lengths; with more, slot s repeats its feature's ids as a block
-        counts = torch.tensor(per_slot, device=device)
+        slot_feature = self.slot_feature_tensor(device)  # [K], a constant built once per device
+        feature_counts = kjt.lengths().view(-1, batch).sum(1)  # [F] ids per feature, on the device
+        counts = feature_counts.index_select(0, slot_feature)  # [K] ids each slot looks up
         params = torch.repeat_interleave(self.slot_params, counts, dim=0, output_size=expanded)  # [M, 6]
         if num_slots == len(per_feature):
             lengths, ids = kjt.lengths(), values
         else:
-            lengths = kjt.lengths().view(-1, batch)[torch.tensor(self.slot_feature, device=device)].reshape(-1)
-            feature_start = [sum(per_feature[:f]) for f in range(len(per_feature))]
-            shift = [feature_start[f] - sum(per_slot[:s]) for s, f in enumerate(self.slot_feature)]
+            lengths = kjt.lengths().view(-1, batch).index_select(0, slot_feature).reshape(-1)
+            feature_start = torch.cumsum(feature_counts, 0) - feature_counts
+            shift = feature_start.index_select(0, slot_feature) - (torch.cumsum(counts, 0) - counts)
             src = torch.arange(expanded, device=device) + torch.repeat_interleave(
-                torch.tensor(shift, device=device), counts, output_size=expanded)  # [M]: the id each entry reads
+                shift, counts, output_size=expanded)  # [M]: the id each entry reads
             ids = values[src]
             weights = None if weights is None else weights[src]
         rows = self._rows(ids, params)  # [M] global rows
@@ -378,7 +387,7 @@ class UnifiedEmbeddingBagCollection(EmbeddingModule):
         out = out.view(num_slots, batch, c).transpose(0, 1)  # [B, K, c]
         if self.pooling is Pooling.MEAN:
             lengths = kjt.lengths().view(len(self.features), batch)  # [F, B]
-            slot_lengths = lengths[torch.tensor(self.mapper.slot_feature, device=lengths.device)].t()  # [B, K]
+            slot_lengths = lengths.index_select(0, self.mapper.slot_feature_tensor(lengths.device)).t()  # [B, K]
             out = out / slot_lengths.clamp(min=1).unsqueeze(-1).to(out.dtype)
         return out.reshape(batch, num_slots * c)  # [B, sum_f d_f], features in order, probes in order
 

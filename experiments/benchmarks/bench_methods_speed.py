@@ -2,7 +2,8 @@
 
 For each (method, budget) the DLRM of ``experiments.training.train.run`` is built over ``embtable.build`` on the
 same in-memory batches (so the data loader is not timed) with the optimizers ``run`` uses, one thread.
-A *step* is what ``run`` times: forward, loss, backward and both optimizer steps. The embedding module's
+A *step* is what ``run`` times: forward, loss, backward, both optimizer steps and every embedding
+module's ``train_step_end``. The embedding module's
 forward is split into:
 
 - ``mapper``: the id-mapping leaf (the child named ``mapper``: hash, qr digits, unified slots, remaps);
@@ -35,7 +36,7 @@ import data_prep
 import embtable
 from experiments.benchmarks import torch_threads
 from experiments.training.config import DataConfig
-from experiments.training.train import batch_loss, dataset_path, make_optimizers
+from experiments.training.train import batch_loss, dataset_path, embedding_modules, make_optimizers
 
 __all__ = ["main", "bench"]
 
@@ -52,12 +53,15 @@ def _setup(features, num_dense: int, method: dict[str, Any], budget: str | None,
 def _round(model, emb, opts, batches: list, parts: bool) -> dict[str, float]:
     """Seconds per batch of one pass over ``batches``: the step and (optionally) forward parts."""
     out: dict[str, float] = {}
+    modules = embedding_modules(model)
     start = time.perf_counter()
-    for b in batches:
+    for step, b in enumerate(batches):
         opts.zero_grad()
-        loss = batch_loss(model, b)
+        loss = batch_loss(model, b, modules)
         loss.backward()
         opts.step()
+        for module in modules:  # as the trainer does (low_precision writes its rows back here)
+            module.train_step_end(step)
     out["step"] = (time.perf_counter() - start) / len(batches)
     if not parts:
         return out
