@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PY) -c "import torchrec, fbgemm_gpu, embtable; print('embtable installed: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
+# two pytest-xdist workers (a CI machine has 2 cores); tests sharing a module fixture stay on one (conftest.py)
 test: install
-	$(PY) -m pytest -q tests embtable data_prep experiments README.md --ignore=experiments/benchmarks
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests embtable data_prep experiments README.md --ignore=experiments/benchmarks
 
 demo: install
 	$(PY) -m experiments.cli demo
