@@ -424,8 +424,8 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         if capacity < 1:
             raise smallest_budget_error(
                 "pep", empty.bytes + per_weight, budget_bytes, features,
-                f"the bucket pointers need {empty.bytes:,} bytes ({empty.buckets + 1} buckets of 2**16 weights) "
-                f"and one kept weight {per_weight} more",
+                f"the bucket pointers need {empty.bytes:,} bytes (one per 2**16 weights: {empty.buckets:,} "
+                f"buckets, plus one) and one kept weight {per_weight} more",
             )
         return dataclasses.replace(config, target_nnz=int(capacity))
 
