@@ -79,7 +79,7 @@ def test_lookup_decodes_exactly_across_buckets():
 
 
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
-def test_target_reached_freezes_the_mask_and_csr_serves_the_masked_table(pooling, weighted):
+def test_target_reached_freezes_the_mask_and_the_sparse_buffers_serve_the_masked_table(pooling, weighted):
     m = embtable.build(FEATURES, PEPConfig(check_every=2, prune_steps=4), budget="1/3", pooling=pooling,
                        is_weighted=weighted, seed=0)
     kjt = _kjt(weighted=weighted)
@@ -122,10 +122,10 @@ def test_rewind_resets_kept_weights_to_their_initial_values():
     assert torch.equal(m.tables["a"].weight, init * mask)
 
 
-def test_eval_fills_csr_keeping_the_largest_weights_before_the_target():
+def test_eval_fills_the_sparse_buffers_keeping_the_largest_weights_before_the_target():
     m = _build()
     kjt = _kjt()
-    m.eval()  # not frozen, nothing pruned: the CSR keeps the target_nnz largest |weights|
+    m.eval()  # not frozen, nothing pruned: the buffers keep the target_nnz largest |weights|
     assert int(m.sparse_bucket_ptr[-1]) == m.config.target_nnz
     w = torch.cat([m.effective_weight(n).flatten() for n in ("a", "b")]).abs()
     smallest_kept = m.sparse_values.abs().min()
