@@ -229,8 +229,8 @@ def test_invalid_configs_say_how_to_fix(method):
             make()
         assert len(str(err.value)) > 20
     if case.budget is not None:
-        with pytest.raises(embtable.BudgetError, match="budget"):
-            embtable.build(make_features(), case.config, budget=64)
+        with pytest.raises(embtable.BudgetError, match="budget"):  # 8 bytes: below every method's smallest
+            embtable.build(make_features(), case.config, budget=8)  # (pep's: 14 bytes, bucket pointers + 1 weight)
     with pytest.raises(ValueError, match="unknown key"):
         embtable.method_config_from_dict({"method": method, "no_such_knob": 1})
 

@@ -1,4 +1,4 @@
-"""PEP: learnable soft thresholds prune single weights during training; the pruned rows are stored sparse.
+"""PEP: learnable soft thresholds prune single weights during training; the kept weights are stored sparse.
 
 Liu et al., ICLR 2021, "Learnable Embedding Sizes for Recommender Systems". Each feature's table ``V``
 (``n x d``) is used through a soft threshold with a learnable threshold ``s`` per (feature, dimension) —
@@ -7,40 +7,68 @@ the paper's dimension-wise granularity, one threshold vector ``s_f`` of ``d`` va
 
     effective weight  Ŵ = sign(V) · relu(|V| - sigmoid(s_f))        s_f initialised at threshold_init
 
-The planner turns the byte budget into a target number of non-zeros ``target_nnz`` for all features together.
-After every ``check_every`` optimizer steps :meth:`PEPEmbeddingBagCollection.train_step_end` counts the
-non-zeros of ``Ŵ``; once they are at most ``target_nnz`` the mask ``Ŵ != 0`` is frozen (a buffer), the
-thresholds stop training, and the rows keep training under the mask: ``retrain="continue"`` (default) keeps
-the pruned values ``Ŵ`` and goes on (no output jump, no second run of the data); ``retrain="rewind"`` resets
-the kept weights to their initial values (the paper's lottery-ticket retraining; costs a training-only copy
-of the initial tables).
+Training, in two stages (:meth:`PEPEmbeddingBagCollection.train_step_end` drives them):
 
-Serving storage: one CSR matrix over the rows of all features (features' rows stacked in order)::
+1. **Pruning.** ``V`` and ``s`` are trained by the task loss's gradient. With the paper's init (-15) alone,
+   the gradient on ``s`` carries ``sigmoid'(-15) = 3e-7``: on the demo preset it is ~4e-10, under Adam's
+   ``eps`` (1e-8), so the trainer's Adam (lr 1e-3) moves ``s`` ~2e-5 a step (measured: -15 ± 0.004 after 300
+   steps), ``sigmoid(s)`` stays ~3e-7, nothing is pruned by learning and the serving buffers kept the largest
+   weights (magnitude pruning). Two changes make the learned thresholds prune, and reach the target:
 
-    row_ptr  int32 [N + 1]     rows r of feature f: r = offset_f + id; entries of r: [row_ptr[r], row_ptr[r+1])
-    columns  uint8 [nnz_cap]   the dimension of each kept weight (int16 when a dim exceeds 256)
-    values   fp32  [nnz_cap]   the kept weights; entries past row_ptr[N] are unused padding
+   - ``s = threshold_lr_scale · u`` with ``u`` the trained parameter: a dense optimizer's step on ``u``
+     moves ``s`` ``threshold_lr_scale`` times as far (Adam's step does not depend on the gradient's scale),
+     so the thresholds of the features and dims the loss needs fall behind the others within the run;
+   - a common offset ``c`` (a training buffer, not trained) added to every ``s``: every ``check_every``
+     steps it is set so that the non-zeros follow the cubic schedule
+     ``target + (E - target)·(1 - t/prune_steps)^3`` (Zhu & Gupta's gradual pruning): ``c`` is the value
+     above which exactly that many ``logit(|v|) - s`` lie (a ``kthvalue`` over all weights). The learned
+     ``s`` decide WHICH weights go (their order across features and dims, and the rows, through ``V``); the
+     offset decides HOW MANY, like a Lagrange multiplier of the size constraint solved exactly. It also puts
+     ``s + c`` where the weights are, so ``sigmoid'`` is ~0.1 there and the gradient on ``s`` is no longer
+     lost under Adam's ``eps``.
 
-CSR rather than a bitmask per row because at the budgets PEP targets (most weights pruned) one byte per
-kept weight is less than ``d`` bits per row; rows stay randomly accessible through ``row_ptr``; ``row_ptr``
-is int32 unless ``Σ n_f·d_f >= 2**31`` (then int64).
+   The effective threshold of feature ``f``, dim ``j`` is ``sigmoid(s_fj + c)``.
 
-Memory: ``(N + 1)·p + nnz_cap·(4 + c)`` bytes, ``N = Σ n_f``, ``p = 4`` (or 8), ``c = 1`` (or 2). These CSR
-buffers, pre-sized at the target, are the module's inference bytes while it trains; the dense tables, the
-thresholds, the masks (and the rewind copy) are training-only tensors (:func:`embtable.training_bytes`).
-The CSR buffers are filled from the trained tables when the mask freezes, when the module is switched to
-``eval()``, and by :meth:`~PEPEmbeddingBagCollection.inference_module`, which returns the serving module
-(CSR buffers only, same forward contract). Before the target is reached, filling keeps the ``nnz_cap``
-largest-magnitude weights of ``Ŵ``.
+2. **Retraining with the mask.** Once the non-zeros are at most ``target_nnz`` (at the check at
+   ``prune_steps``, or earlier) the mask ``Ŵ != 0`` is frozen (a buffer; if rounding at the boundary left a
+   few weights over the target, the smallest ``|Ŵ|`` of them are dropped), the thresholds stop and the rows
+   keep training under the mask: ``retrain="continue"`` (default) keeps the pruned values ``Ŵ`` (no output
+   jump); ``retrain="rewind"`` resets the kept weights to their initial values (the paper's lottery-ticket
+   retraining; costs a training-only copy of the initial tables). If the run ends before the target, the
+   serving buffers keep the ``target_nnz`` largest ``|Ŵ|``.
+
+Serving storage: the kept weights as sorted 16-bit keys in 2**16-entry buckets. Every weight of every feature
+has a flat index ``k = e_f + id·d_f + j`` (``e_f``: the entries of the features before ``f``), split into a
+bucket ``k >> 16`` and a 16-bit key ``k & 0xFFFF``::
+
+    flat index k:   | bucket 0: k in [0, 65536) | bucket 1 | ... | bucket B-1 |      B = ceil(E / 65536)
+    bucket_ptr  int32 [B + 1]    kept weights of bucket b: positions [bucket_ptr[b], bucket_ptr[b+1])
+    keys        int16 [nnz_cap]  k & 0xFFFF (stored minus 32768), sorted within a bucket
+    values      fp32  [nnz_cap]  the kept weights; positions past bucket_ptr[B] are unused padding
+
+A lookup makes the ``[N, d]`` flat indices of its ids and binary-searches each in its bucket with a fixed
+number of vectorised steps (``bit_length(min(65536, nnz_cap))``, at most 17): fixed shapes, no Python
+branch on data, so it traces. Why not CSR rows (an int32 pointer per row, 4 bytes a row: 13.5 MB on the
+standard preset's 3.4M rows, more than 1/16 of its tables) or a per-row bitmap (``d`` bits a row, the
+smallest budget ~1/32 at d = 16): the per-row cost here is 4 bytes per 65536/d rows (~0.001 bytes a row at
+d = 16), so 1/100 and 1/1000 are reachable; a kept weight costs 6 bytes (CSR: 5, plus the row pointers).
+
+Memory: ``(B + 1)·p + nnz_cap·(2 + 4)`` bytes, ``B = ceil(E / 65536)``, ``E = Σ n_f·d_f``, ``p = 4`` (8 when
+``E >= 2**31``). These buffers, pre-sized at the target, are the module's inference bytes while it trains;
+the dense tables, the thresholds, the offset, the masks (and the rewind copy) are training-only tensors
+(:func:`embtable.training_bytes`). They are filled from the trained tables when the mask freezes, when the
+module is switched to ``eval()``, and by :meth:`~PEPEmbeddingBagCollection.inference_module`, which returns
+the serving module (these buffers only, same forward contract).
 
 Forward in training mode: dense rows are looked up, thresholded (or masked once frozen, selected with
 ``torch.where`` on the ``frozen`` buffer, no Python branch) and pooled in fp32. In eval mode the forward
-decodes the CSR buffers, so evaluation measures exactly what is served at the budget.
+decodes the sparse buffers, so evaluation measures exactly what is served at the budget.
 
 Sharding: not sharded by DMP (the training tables are plain ``nn.Embedding`` modules transformed per id before
-pooling, and the serving CSR is a module buffer); :func:`embtable.sharding.shard` refuses it.
+pooling, and the serving storage is module buffers); :func:`embtable.sharding.shard` refuses it.
 
-Degenerate: ``threshold_init=-inf`` (``sigmoid(s) = 0``) and ``target_nnz = Σ n_f·d_f`` give the plain table.
+Degenerate: ``threshold_init=-inf`` (``sigmoid(s) = 0``, the offset never moves) and ``target_nnz = Σ n_f·d_f``
+give the plain table.
 """
 
 from __future__ import annotations
@@ -59,22 +87,29 @@ from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule
 
-__all__ = ["PEPConfig", "PEPEmbeddingBagCollection", "PEPSparseEmbeddingBagCollection", "csr_layout"]
+__all__ = ["PEPConfig", "PEPEmbeddingBagCollection", "PEPSparseEmbeddingBagCollection", "sparse_layout"]
 
 VALUE_BYTES = 4
+KEY_BYTES = 2
+BUCKET_BITS = 16  # a bucket holds 2**16 flat indices; its keys are their low 16 bits
+SPARSE_BUFFERS = ("sparse_values", "sparse_keys", "sparse_bucket_ptr")
 
 
 @dataclasses.dataclass(frozen=True)
 class PEPConfig(MethodConfig):
-    """PEP: learnable soft-threshold pruning, stored as CSR rows.
+    """PEP: learnable soft-threshold pruning, stored as bucketed 16-bit keys and fp32 values.
 
     Args:
-        target_nnz: the number of weights kept over all features (the CSR capacity); ``None``: planned from
-            the budget.
-        threshold_init: initial ``s`` (``sigmoid(s)`` is the threshold): very negative prunes nothing at first;
-            the paper uses about -15 to -150 (below about -88, ``sigmoid`` and its gradient underflow in fp32,
-            so the thresholds do not move). ``-inf`` disables pruning.
-        check_every: count the non-zeros every this many optimizer steps (a pass over every table).
+        target_nnz: the number of weights kept over all features (the storage's capacity); ``None``: planned
+            from the budget.
+        threshold_init: initial ``s`` (``sigmoid(s)`` is the threshold): very negative prunes nothing at first
+            (the paper's -15). ``-inf`` disables pruning.
+        threshold_lr_scale: ``s = threshold_lr_scale · u``, ``u`` trained: the thresholds move this many times
+            as far per optimizer step as a plain parameter (Adam at 1e-3 and 30: up to 0.03 a step).
+        prune_steps: optimizer steps by which the schedule reaches ``target_nnz`` (0: at the first check);
+            the retraining with the mask takes the steps after it. Give it about half the run.
+        check_every: set the offset and count the non-zeros every this many optimizer steps (two passes over
+            every table).
         retrain: after the mask freezes, ``"continue"`` training the pruned weights, or ``"rewind"`` the kept
             weights to their initial values (lottery-ticket retraining).
     """
@@ -82,6 +117,8 @@ class PEPConfig(MethodConfig):
     method = "pep"
     target_nnz: int | None = None
     threshold_init: float = -15.0
+    threshold_lr_scale: float = 30.0
+    prune_steps: int = 400
     check_every: int = 10
     retrain: str = "continue"
 
@@ -93,6 +130,11 @@ class PEPConfig(MethodConfig):
             raise ValueError(
                 f"PEPConfig.threshold_init must be a finite float or -inf (no pruning), got {self.threshold_init!r}"
             )
+        if not self.threshold_lr_scale > 0 or math.isinf(self.threshold_lr_scale):
+            raise ValueError(f"PEPConfig.threshold_lr_scale must be a positive finite float (1: the plain "
+                             f"parametrisation), got {self.threshold_lr_scale!r}")
+        if int(self.prune_steps) != self.prune_steps or self.prune_steps < 0:
+            raise ValueError(f"PEPConfig.prune_steps must be an integer >= 0, got {self.prune_steps!r}")
         if int(self.check_every) != self.check_every or self.check_every < 1:
             raise ValueError(f"PEPConfig.check_every must be a positive integer, got {self.check_every!r}")
         if self.retrain not in ("continue", "rewind"):
@@ -100,25 +142,35 @@ class PEPConfig(MethodConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class CSRLayout:
-    rows: int  # N = sum n_f
+class SparseLayout:
+    entries: int  # E = sum n_f * d_f
     capacity: int  # nnz_cap
-    pointer_dtype: torch.dtype
-    column_dtype: torch.dtype
+
+    @property
+    def buckets(self) -> int:
+        return max(1, -(-self.entries // 2**BUCKET_BITS))
+
+    @property
+    def pointer_dtype(self) -> torch.dtype:
+        return torch.int32 if self.entries < 2**31 else torch.int64
+
+    @property
+    def pointer_bytes(self) -> int:
+        return (self.buckets + 1) * (4 if self.pointer_dtype == torch.int32 else 8)
 
     @property
     def bytes(self) -> int:
-        p = torch.empty(0, dtype=self.pointer_dtype).element_size()
-        c = torch.empty(0, dtype=self.column_dtype).element_size()
-        return (self.rows + 1) * p + self.capacity * (VALUE_BYTES + c)
+        return self.pointer_bytes + self.capacity * (KEY_BYTES + VALUE_BYTES)
+
+    @property
+    def search_steps(self) -> int:
+        """Binary-search steps that find any position in a bucket (a bucket holds at most this many keys)."""
+        return min(2**BUCKET_BITS, self.capacity).bit_length()
 
 
-def csr_layout(features: Sequence[FeatureSpec], capacity: int) -> CSRLayout:
-    """The CSR storage of ``capacity`` kept weights over ``features``' rows."""
-    entries = sum(f.num_embeddings * f.embedding_dim for f in features)
-    pointer = torch.int32 if entries < 2**31 else torch.int64
-    column = torch.uint8 if max(f.embedding_dim for f in features) <= 256 else torch.int16
-    return CSRLayout(sum(f.num_embeddings for f in features), capacity, pointer, column)
+def sparse_layout(features: Sequence[FeatureSpec], capacity: int) -> SparseLayout:
+    """The serving storage of ``capacity`` kept weights over ``features``' weights."""
+    return SparseLayout(sum(f.num_embeddings * f.embedding_dim for f in features), capacity)
 
 
 def _soft_threshold(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -140,50 +192,72 @@ def _per_feature(kjt: KeyedJaggedTensor, num_features: int):
     return ids, weights, kjt.lengths().view(num_features, -1)
 
 
-class _CSRStorage:
-    """Shared by the training and the serving module: the CSR buffers and the per-feature row lookup."""
+class _SparseStorage:
+    """Shared by the training and the serving module: the bucketed-key buffers and the per-feature lookup."""
 
-    def _register_csr(self, layout: CSRLayout, device: torch.device) -> None:
-        self.register_buffer("csr_values", torch.zeros(layout.capacity, device=device))
-        self.register_buffer("csr_columns", torch.zeros(layout.capacity, dtype=layout.column_dtype, device=device))
-        self.register_buffer("csr_row_ptr", torch.zeros(layout.rows + 1, dtype=layout.pointer_dtype, device=device))
+    def _register_sparse(self, layout: SparseLayout, device: torch.device) -> None:
+        self.register_buffer("sparse_values", torch.zeros(layout.capacity, device=device))
+        self.register_buffer("sparse_keys", torch.zeros(layout.capacity, dtype=torch.int16, device=device))
+        self.register_buffer("sparse_bucket_ptr", torch.zeros(layout.buckets + 1, dtype=layout.pointer_dtype,
+                                                              device=device))
         starts, offset = [], 0
         for f in self.features:
             starts.append(offset)
-            offset += f.num_embeddings
-        self.row_offsets = starts
+            offset += f.num_embeddings * f.embedding_dim
+        self.entry_offsets = starts  # e_f: the flat index of feature f's first weight
 
     def sparse_rows(self, i: int, ids: torch.Tensor) -> torch.Tensor:
-        """Dense ``[N, d]`` rows of feature ``i``'s ids, decoded from the CSR buffers."""
-        rows = ids + self.row_offsets[i]
-        start = self.csr_row_ptr[rows].to(torch.int64)
-        count = self.csr_row_ptr[rows + 1].to(torch.int64) - start  # [N]
-        total = int(count.sum())
-        entry_row = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count, output_size=total)
-        first = torch.cumsum(count, 0) - count
-        entry = torch.arange(total, device=ids.device) - first[entry_row] + start[entry_row]
-        out = torch.zeros(ids.numel(), self.features[i].embedding_dim, device=ids.device)
-        return out.index_put_((entry_row, self.csr_columns[entry].to(torch.int64)), self.csr_values[entry])
+        """Dense ``[N, d]`` rows of feature ``i``'s ids, decoded from the sparse buffers (fixed shapes)."""
+        d = self.features[i].embedding_dim
+        flat = (ids.to(torch.int64) * d + self.entry_offsets[i]).unsqueeze(1) \
+            + torch.arange(d, device=ids.device)  # [N, d]
+        key = (flat & (2**BUCKET_BITS - 1)) - 2**(BUCKET_BITS - 1)  # as stored (int16 order = key order)
+        bucket = flat >> BUCKET_BITS
+        lo = self.sparse_bucket_ptr[bucket].to(torch.int64)
+        end = self.sparse_bucket_ptr[bucket + 1].to(torch.int64)
+        hi = end
+        last = self.layout.capacity - 1
+        for _ in range(self.layout.search_steps):  # lower bound of key in [lo, hi)
+            mid = (lo + hi) >> 1
+            less = self.sparse_keys[mid.clamp(max=last)].to(torch.int64) < key
+            active = lo < hi
+            lo, hi = torch.where(active & less, mid + 1, lo), torch.where(active & ~less, mid, hi)
+        at = lo.clamp(max=last)
+        found = (lo < end) & (self.sparse_keys[at].to(torch.int64) == key)
+        return torch.where(found, self.sparse_values[at], torch.zeros((), device=ids.device))
+
+    @torch.no_grad()
+    def _fill_sparse(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Store kept weights at sorted flat indices ``flat`` (at most the capacity)."""
+        k = values.numel()
+        bucket = flat >> BUCKET_BITS
+        self.sparse_values.zero_()[:k] = values
+        self.sparse_keys.zero_()[:k] = ((flat & (2**BUCKET_BITS - 1)) - 2**(BUCKET_BITS - 1)).to(torch.int16)
+        counts = torch.bincount(bucket, minlength=self.layout.buckets)
+        self.sparse_bucket_ptr[0] = 0
+        self.sparse_bucket_ptr[1:] = torch.cumsum(counts, 0).to(self.sparse_bucket_ptr.dtype)
 
 
 @register_method(PEPConfig)
-class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
-    """PEP's training module: dense tables under learned soft thresholds; CSR serving buffers at the target.
+class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
+    """PEP's training module: dense tables under learned soft thresholds; sparse serving buffers at the target.
 
     >>> import embtable
     >>> feats = [embtable.FeatureSpec("user", 10_000, 16), embtable.FeatureSpec("country", 200, 16)]
-    >>> m = embtable.build(feats, PEPConfig(check_every=1), budget="1/4", seed=0)
-    >>> m.config.target_nnz, embtable.memory_report(m).inference_bytes   # (10200 + 1)·4 + nnz·5
-    (24479, 163199)
+    >>> m = embtable.build(feats, PEPConfig(check_every=1, prune_steps=4), budget="1/4", seed=0)
+    >>> m.config.target_nnz, embtable.memory_report(m).inference_bytes   # (3 + 1)·4 + nnz·6
+    (27197, 163198)
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
     >>> m(kjt).values().shape
     torch.Size([2, 32])
-    >>> with torch.no_grad():
-    ...     _ = [s.fill_(-3.0) for s in m.thresholds.values()]   # sigmoid(-3) = 0.047: most weights pruned
-    >>> m.train_step_end(0); bool(m.frozen)
-    True
-    >>> serve = m.inference_module()   # CSR buffers only
+    >>> m.train_step_end(0); bool(m.frozen)   # after step 0 of 4 the offset prunes to the schedule
+    False
+    >>> round(m.nnz() / m.layout.entries, 3)   # 1/6 kept at the end: 1/6 + 5/6 · (1 - 1/4)^3
+    0.518
+    >>> m.train_step_end(3); bool(m.frozen), m.nnz() <= m.config.target_nnz   # the schedule's end
+    (True, True)
+    >>> serve = m.inference_module()   # the sparse buffers only
     >>> torch.equal(serve(kjt).values(), m(kjt).values())
     True
     """
@@ -192,15 +266,15 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
         super().__init__(features, config, **kwargs)
         if config.target_nnz is None:
             raise ValueError("pep: target_nnz is not set; give a byte budget or PEPConfig(target_nnz=...)")
-        self.layout = csr_layout(self.features, int(config.target_nnz))
-        self._register_csr(self.layout, self.device)
+        self.layout = sparse_layout(self.features, int(config.target_nnz))
+        self._register_sparse(self.layout, self.device)
         self.sharding_unsupported = (
-            "pep trains plain nn.Embedding tables through per-id soft thresholds and serves a CSR buffer; "
-            "DMP cannot shard it: train it on one process"
+            "pep trains plain nn.Embedding tables through per-id soft thresholds and serves bucketed sparse "
+            "buffers; DMP cannot shard it: train it on one process"
         )
-        # training-only tensors: the dense tables, thresholds, masks (and the rewind copy)
+        # training-only tensors: the dense tables, thresholds, the offset, masks (and the rewind copy)
         self.tables = nn.ModuleDict()
-        self.thresholds = nn.ParameterDict()
+        self.thresholds = nn.ParameterDict()  # u, with s = threshold_lr_scale * u
         self.masks = nn.Module()
         self.initial = nn.Module()
         for f in self.features:
@@ -209,9 +283,9 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
             nn.init.uniform_(table.weight, -bound, bound)  # as TorchRec's tables
             table.training_only_tensors = ("weight",)
             self.tables[f.name] = table
-            self.thresholds[f.name] = nn.Parameter(
-                torch.full((f.embedding_dim,), float(config.threshold_init), device=self.device)
-            )
+            self.thresholds[f.name] = nn.Parameter(torch.full(
+                (f.embedding_dim,), float(config.threshold_init) / config.threshold_lr_scale, device=self.device
+            ))
             self.masks.register_buffer(f.name, torch.zeros(f.num_embeddings, f.embedding_dim, dtype=torch.bool,
                                                            device=self.device))
             if config.retrain == "rewind":
@@ -220,23 +294,32 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
         self.masks.training_only_tensors = tuple(self.feature_names)
         self.initial.training_only_tensors = tuple(self.feature_names) if config.retrain == "rewind" else ()
         self.register_training_buffer("frozen", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.register_training_buffer("threshold_offset", torch.zeros((), device=self.device))  # c
+
+    def threshold(self, name: str) -> torch.Tensor:
+        """Feature ``name``'s learned thresholds ``s`` ``[d]`` (``sigmoid(s + c)`` is cut from every ``|weight|``)."""
+        return self.thresholds[name] * self.config.threshold_lr_scale
+
+    def _cut(self, name: str) -> torch.Tensor:
+        return self.threshold(name) + self.threshold_offset
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """Feature ``name``'s weights as the forward uses them (thresholded, or masked once frozen)."""
         w = self.tables[name].weight
-        return torch.where(self.frozen, w * self.masks.get_buffer(name), _soft_threshold(w, self.thresholds[name]))
+        return torch.where(self.frozen, w * self.masks.get_buffer(name), _soft_threshold(w, self._cut(name)))
+
+    def _rows(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        f = self.features[i]
+        v = self.tables[f.name](ids)  # [N, d]
+        masked = v * self.masks.get_buffer(f.name)[ids]
+        return torch.where(self.frozen, masked, _soft_threshold(v, self._cut(f.name)))
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         ids_per_feature, weights, lengths = _per_feature(kjt, len(self.features))
-        if not self.training:  # evaluate what a server holds: the CSR rows (filled by eval())
+        if not self.training:  # evaluate what a server holds: the sparse rows (filled by eval())
             return _sparse_pooled(self, ids_per_feature, weights, lengths)
-        out = []
-        for i, f in enumerate(self.features):
-            ids = ids_per_feature[i]
-            v = self.tables[f.name](ids)  # [N, d]
-            masked = v * self.masks.get_buffer(f.name)[ids]
-            rows = torch.where(self.frozen, masked, _soft_threshold(v, self.thresholds[f.name]))
-            out.append(_pool(rows, lengths[i], weights[i], self.pooling.value == "mean"))
+        mean = self.pooling.value == "mean"
+        out = [_pool(self._rows(i, ids), lengths[i], weights[i], mean) for i, ids in enumerate(ids_per_feature)]
         return torch.cat(out, dim=1)  # [B, sum d]
 
     @torch.no_grad()
@@ -247,52 +330,71 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
     @property
     def target_sparsity(self) -> float:
         """Share of the weights pruned at the target."""
-        entries = sum(f.num_embeddings * f.embedding_dim for f in self.features)
-        return 1.0 - self.layout.capacity / entries
+        return 1.0 - self.layout.capacity / self.layout.entries
+
+    def scheduled_nnz(self, step: int) -> int:
+        """The non-zeros the offset prunes to after ``step + 1`` steps: cubic from all weights to the target."""
+        left = max(0.0, 1.0 - (step + 1) / self.config.prune_steps) if self.config.prune_steps else 0.0
+        return self.layout.capacity + math.floor((self.layout.entries - self.layout.capacity) * left**3)
+
+    @torch.no_grad()
+    def _set_offset(self, keep: int) -> None:
+        """Set ``c`` so that ``keep`` weights pass their thresholds: ``|v| > sigmoid(s + c)`` iff
+        ``logit(|v|) - s > c``; ``c`` is midway between the ``(E - keep)``-th and the next smallest of these."""
+        if math.isinf(self.config.threshold_init) or keep >= self.layout.entries:
+            return
+        critical = torch.cat([
+            (torch.logit(self.tables[f.name].weight.abs().clamp(max=1.0)) - self.threshold(f.name)).flatten()
+            for f in self.features
+        ])
+        k = self.layout.entries - keep
+        low = torch.kthvalue(critical, k).values
+        high = torch.kthvalue(critical, k + 1).values if keep else low
+        c = torch.where(torch.isfinite(low) & torch.isfinite(high), (low + high) / 2, low)
+        self.threshold_offset.copy_(c.clamp(-60.0, 60.0))  # sigmoid saturates beyond; no inf in s + c
 
     @torch.no_grad()
     def train_step_end(self, step: int) -> None:
-        """Every ``check_every`` steps: once the non-zeros reach the target, freeze the mask and stop the thresholds."""
+        """Every ``check_every`` steps: set the offset to the schedule; once the non-zeros reach the target (or
+        the schedule ends), freeze the mask and stop the thresholds."""
         if bool(self.frozen) or (step + 1) % self.config.check_every:
             return
-        if self.nnz() > self.layout.capacity:
+        self._set_offset(self.scheduled_nnz(step))
+        if self.nnz() > self.layout.capacity and step + 1 < self.config.prune_steps:
             return
+        pruned = {f.name: _soft_threshold(self.tables[f.name].weight, self._cut(f.name)) for f in self.features}
+        kept = sum(int(torch.count_nonzero(w)) for w in pruned.values())
+        if kept > self.layout.capacity:  # rounding or ties left a few over: drop the smallest |Ŵ|
+            magnitude = torch.cat([w.abs().flatten() for w in pruned.values()])
+            cut = torch.kthvalue(magnitude, self.layout.entries - self.layout.capacity).values
+            pruned = {n: w * (w.abs() > cut) for n, w in pruned.items()}
         for f in self.features:
-            weight = self.tables[f.name].weight
-            pruned = _soft_threshold(weight, self.thresholds[f.name])
-            mask = pruned != 0
+            weight, mask = self.tables[f.name].weight, pruned[f.name] != 0
             self.masks.get_buffer(f.name).copy_(mask)
             if self.config.retrain == "rewind":
                 weight.copy_(self.initial.get_buffer(f.name) * mask)
             else:
-                weight.copy_(pruned)
+                weight.copy_(pruned[f.name])
             self.thresholds[f.name].requires_grad_(False)
         self.frozen.fill_(True)
         self.sync_sparse()
 
     @torch.no_grad()
     def sync_sparse(self) -> None:
-        """Fill the CSR buffers from the current effective weights (the ``nnz_cap`` largest if there are more)."""
+        """Fill the sparse buffers from the current effective weights (the ``nnz_cap`` largest if there are more)."""
         if self.device.type == "meta":
             return
-        rows, cols, vals = [], [], []
+        flat, vals = [], []
         for i, f in enumerate(self.features):
-            r, c = torch.nonzero(self.effective_weight(f.name), as_tuple=True)
-            rows.append(r + self.row_offsets[i])
-            cols.append(c)
-            vals.append(self.effective_weight(f.name)[r, c])
-        rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+            w = self.effective_weight(f.name).flatten()
+            (k,) = torch.nonzero(w, as_tuple=True)  # ascending
+            flat.append(k + self.entry_offsets[i])
+            vals.append(w[k])
+        flat, vals = torch.cat(flat), torch.cat(vals)  # ascending flat indices
         if vals.numel() > self.layout.capacity:
             keep = torch.topk(vals.abs(), self.layout.capacity).indices.sort().values
-            rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        order = torch.argsort(rows * 65536 + cols)  # row-major (dims < 2**16)
-        rows, cols, vals = rows[order], cols[order], vals[order]
-        k = vals.numel()
-        self.csr_values.zero_()[:k] = vals
-        self.csr_columns.zero_()[:k] = cols.to(self.csr_columns.dtype)
-        counts = torch.bincount(rows, minlength=self.layout.rows)
-        self.csr_row_ptr[0] = 0
-        self.csr_row_ptr[1:] = torch.cumsum(counts, 0).to(self.csr_row_ptr.dtype)
+            flat, vals = flat[keep], vals[keep]
+        self._fill_sparse(flat, vals)
 
     def train(self, mode: bool = True):
         if not mode:
@@ -300,13 +402,13 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
         return super().train(mode)
 
     def inference_module(self) -> nn.Module:
-        """The serving module: the CSR buffers only (filled from the current weights), same forward contract."""
+        """The serving module: the sparse buffers only (filled from the current weights), same forward contract."""
         self.sync_sparse()
         serve = PEPSparseEmbeddingBagCollection(
             self.logical_features, self.config, pooling=self.pooling, is_weighted=self._is_weighted,
             out_of_range=self.out_of_range, device=self.device,
         )
-        serve.load_state_dict({k: getattr(self, k) for k in ("csr_values", "csr_columns", "csr_row_ptr")})
+        serve.load_state_dict({k: getattr(self, k) for k in SPARSE_BUFFERS})
         return serve.eval()
 
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
@@ -319,15 +421,14 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
     def size_config(cls, features, config, budget_bytes):
         if config.target_nnz is not None or budget_bytes is None:
             return config
-        entries = sum(f.num_embeddings * f.embedding_dim for f in features)
-        empty = csr_layout(features, 0)
-        per_entry = csr_layout(features, 1).bytes - empty.bytes
-        capacity = min(entries, (budget_bytes - empty.bytes) // per_entry)
+        empty = sparse_layout(features, 0)
+        per_weight = KEY_BYTES + VALUE_BYTES
+        capacity = min(empty.entries, (budget_bytes - empty.bytes) // per_weight)
         if capacity < 1:
             raise smallest_budget_error(
-                "pep", empty.bytes + per_entry, budget_bytes, features,
-                f"the CSR row pointers alone need {empty.bytes:,} bytes and one kept weight {per_entry} more; "
-                "hash or qr reach smaller budgets",
+                "pep", empty.bytes + per_weight, budget_bytes, features,
+                f"the bucket pointers need {empty.bytes:,} bytes (one per 2**16 weights: {empty.buckets:,} "
+                f"buckets, plus one) and one kept weight {per_weight} more",
             )
         return dataclasses.replace(config, target_nnz=int(capacity))
 
@@ -335,21 +436,20 @@ class PEPEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
     def describe(cls, features, config):
         if config.target_nnz is None:
             raise ValueError("pep: target_nnz is not set; give a byte budget or PEPConfig(target_nnz=...)")
-        layout = csr_layout(features, int(config.target_nnz))
-        entries = sum(f.num_embeddings * f.embedding_dim for f in features)
-        p = torch.empty(0, dtype=layout.pointer_dtype).element_size()
+        layout = sparse_layout(features, int(config.target_nnz))
+        kept = f"{layout.capacity / layout.entries:.2%} of all weights kept"
         plans = [
-            FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, f.embedding_dim,
-                        f.num_embeddings * p, True,
-                        f"CSR rows (row pointers here; {layout.capacity / entries:.2%} of all weights kept)")
+            FeaturePlan(f.name, f.num_embeddings, f.embedding_dim, f.num_embeddings, f.embedding_dim, 0, True,
+                        f"sparse weights in the shared bucketed buffers ({kept})")
             for f in features
         ]
-        shared = {"csr_row_ptr_end": p, "csr_values_columns": layout.bytes - (layout.rows + 1) * p}
+        shared = {"sparse_bucket_ptr": layout.pointer_bytes,
+                  "sparse_values_keys": layout.capacity * (KEY_BYTES + VALUE_BYTES)}
         return plans, shared
 
 
-class PEPSparseEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
-    """PEP's serving module: the pruned rows decoded from CSR buffers (see :mod:`embtable.methods.pep`).
+class PEPSparseEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
+    """PEP's serving module: the pruned rows decoded from the bucketed sparse buffers (see :mod:`embtable.methods.pep`).
 
     Built by :meth:`PEPEmbeddingBagCollection.inference_module`; its buffers are exactly the planned bytes.
     """
@@ -358,15 +458,15 @@ class PEPSparseEmbeddingBagCollection(_CSRStorage, EmbeddingModule):
 
     def __init__(self, features: Sequence[FeatureSpec], config: PEPConfig, **kwargs) -> None:
         super().__init__(features, config, **kwargs)
-        self.layout = csr_layout(self.features, int(config.target_nnz))
-        self._register_csr(self.layout, self.device)
-        self.sharding_unsupported = "pep's serving CSR rows are module buffers; DMP cannot shard them"
+        self.layout = sparse_layout(self.features, int(config.target_nnz))
+        self._register_sparse(self.layout, self.device)
+        self.sharding_unsupported = "pep's serving sparse buffers are module buffers; DMP cannot shard them"
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return _sparse_pooled(self, *_per_feature(kjt, len(self.features)))
 
 
-def _sparse_pooled(module: _CSRStorage, ids_per_feature, weights, lengths) -> torch.Tensor:
+def _sparse_pooled(module: _SparseStorage, ids_per_feature, weights, lengths) -> torch.Tensor:
     mean = module.pooling.value == "mean"
     out = [_pool(module.sparse_rows(i, ids), lengths[i], weights[i], mean) for i, ids in enumerate(ids_per_feature)]
     return torch.cat(out, dim=1)  # [B, sum d]
