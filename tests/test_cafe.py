@@ -280,3 +280,15 @@ def test_planner_hashed_rows_in_proportion_and_pools_per_dim():
     assert embtable.memory_report(module).inference_bytes == p.total_bytes
     uniform = embtable.plan(feats, CafeConfig(hash_split="uniform"), "1/50").config.hash_rows
     assert abs(uniform["x"] - uniform["y"]) <= 1
+
+
+def test_multiplex_hashes_every_feature_into_all_hashed_rows_at_the_same_bytes():
+    feats = [FeatureSpec("a", 1000, 4), FeatureSpec("c", 500, 4), FeatureSpec("b", 50, 4)]
+    sizes = dict(hot_rows=4, hash_rows={"a": 16, "c": 8, "b": 50})
+    own, mux = (embtable.build(feats, CafeConfig(**sizes, multiplex=m, hot_from_counts=False)) for m in (False, True))
+    a, c = torch.arange(1000), torch.arange(500)
+    zeros, ones = torch.zeros(1000, dtype=torch.int64), torch.ones(500, dtype=torch.int64)
+    assert set(own.rows(a, zeros).tolist()) == set(range(4, 20)) and set(own.rows(c, ones).tolist()) == set(range(20, 28))
+    assert set(mux.rows(a, zeros).tolist()) == set(range(4, 28)) == set(mux.rows(c, ones).tolist())
+    assert embtable.memory_report(mux).inference_bytes == embtable.memory_report(own).inference_bytes
+    assert embtable.plan(feats, CafeConfig(**sizes, multiplex=True)).total_bytes == embtable.memory_report(mux).inference_bytes

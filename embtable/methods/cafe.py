@@ -93,7 +93,7 @@ PARAM_BYTES = 8 * 8  # a0, a1, a2, b, m, n, row offset, key base per feature, in
 HOT_INDEX_BYTES = 8 + 8  # per hot row: its key (int64) in the sorted index and its slot (int64)
 SKETCH_SLOT_BYTES = 8 + 4  # training only: key (int64) and score (float32) per sketch slot
 SKETCH_PARAM_BYTES = 6 * 8  # training only: bucket hash a0, a1, a2, b, buckets, first bucket per feature
-HASH_SPLITS = ("proportional", "uniform")
+HASH_SPLITS = ("proportional", "sqrt", "uniform")
 OPTIMIZER_STATES = ("copy", "keep", "reset")
 
 
@@ -109,7 +109,7 @@ class CafeConfig(MethodConfig):
             ``m_f >= n_f`` is stored full. Give both or neither.
         hot_fraction: share of the compressed features' bytes the planner gives to the hot pool, in ``[0, 1)``.
         hash_split: how the planner splits the hashed rows among compressed features: ``"proportional"``
-            to ``n_f`` (the paper's) or ``"uniform"`` (the same count each).
+            to ``n_f`` (the paper's), to ``sqrt(n_f)`` (``"sqrt"``) or ``"uniform"`` (the same count each).
         sketch_slots: sketch slots per hot row (the sketch tracks ``sketch_slots * H`` candidates).
         bucket_size: slots per sketch bucket (``c``).
         migrate_every: migrate every this many training steps (``train_step_end``); 0 never migrates.
@@ -120,6 +120,9 @@ class CafeConfig(MethodConfig):
             row its vector came from (``"copy"``), keeps the state of the row's previous holder
             (``"keep"``), or starts at zero (``"reset"``). Fused (FBGEMM) storage only: a Python optimizer's
             state is out of the module's reach.
+        multiplex: the compressed features of a pool hash their cold ids into all of the pool's hashed rows
+            (each feature with its own salt, as ``unified`` does) instead of each into its own segment;
+            same rows, same bytes.
         hot_from_counts: with ``counts``, start with the ``H`` most frequent ids of the pool hot (their rows
             start at random, as fresh table rows do); the sketch replaces them from the first migration.
         hash_fn: ``"universal"`` (salted hash) or ``"modulo"`` (``id mod m``) for the hashed rows.
@@ -137,6 +140,7 @@ class CafeConfig(MethodConfig):
     decay: float = 1.0
     normalize_scores: bool = True
     optimizer_state: str = "copy"
+    multiplex: bool = False
     hot_from_counts: bool = True
     hash_fn: str = "universal"
     seed: int = 0
@@ -235,18 +239,13 @@ def _plan_sizes(features: Sequence[FeatureSpec], cap: int, config: CafeConfig) -
         h = max(0, min(int(config.hot_fraction * allowance) // (row + HOT_INDEX_BYTES),
                        (allowance - k * row) // (row + HOT_INDEX_BYTES)))
         extra = (allowance - h * (row + HOT_INDEX_BYTES)) // row - k  # hashed rows beyond one per feature
-        total = sum(features[i].num_embeddings for i in members)
-        for j, i in enumerate(members):
+        weight = {"proportional": lambda n: n, "sqrt": math.isqrt, "uniform": lambda n: 1}[config.hash_split]
+        total = sum(weight(features[i].num_embeddings) for i in members)
+        for i in members:
             n = features[i].num_embeddings
-            share = extra * n // total if config.hash_split == "proportional" else extra // k + (j < extra % k)
-            hashed[i] = min(1 + share, n - 1)
+            hashed[i] = min(1 + extra * weight(n) // total, n - 1)
         hot[d] = h
     return hot, hashed
-
-
-def _total_bytes(features: Sequence[FeatureSpec], rows: Sequence[int], pools: Sequence[_Pool]) -> int:
-    tables = sum(m * f.embedding_dim * FP32 + PARAM_BYTES for f, m in zip(features, rows))
-    return tables + sum(p.hot * (p.dim * FP32 + HOT_INDEX_BYTES) for p in pools)
 
 
 @register_method(CafeConfig)
@@ -285,7 +284,12 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         self.table_names = [_pool_table_name(self.features, pools[g].dim) if g >= 0 else f.name
                             for f, g in zip(self.features, pool_of)]
         params, key_base, base = [], [], 0
-        for f, m, o in zip(self.features, rows, offset):
+        modulus = list(rows)
+        if config.multiplex:  # every compressed feature of a pool hashes into all of its hashed rows
+            for p in pools:
+                for i in p.features:
+                    modulus[i], offset[i] = sum(rows[j] for j in p.features), p.hot
+        for f, m, o in zip(self.features, modulus, offset):
             key_base.append(base)
             params.append(hash_coefficients(config.seed, "cafe", f.name) + [m, f.num_embeddings, o, base])
             base += f.num_embeddings
@@ -542,8 +546,10 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             return dataclasses.replace(config, hot_rows=hot if len(hot) > 1 else sum(hot.values()),
                                        hash_rows={f.name: m for f, m in zip(features, hashed)})
 
-        def total(cap: int) -> int:
-            return _total_bytes(features, *_layout(features, sized(cap)))
+        def total(cap: int) -> int:  # from the sizes directly: a huge cap's row counts are no valid config
+            hot, hashed = _plan_sizes(features, cap, config)
+            tables = sum(m * f.embedding_dim * FP32 + PARAM_BYTES for f, m in zip(features, hashed))
+            return tables + sum(h * (d * FP32 + HOT_INDEX_BYTES) for d, h in hot.items())
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
