@@ -11,7 +11,7 @@ import embtable
 from embtable import CafeConfig, FeatureSpec
 
 FEATS = [FeatureSpec("a", 1000, 4), FeatureSpec("b", 50, 4)]
-SMALL = dict(hot_rows=8, hash_rows={"a": 16, "b": 50}, normalize_scores=False)  # b stays full
+SMALL = dict(hot_rows=8, hash_rows={"a": 16, "b": 50})  # b stays full
 
 
 def _kjt(a_ids, b_ids=(), a_lengths=None):
@@ -222,7 +222,7 @@ def test_migration_with_fused_storage_keeps_outputs():
 def test_one_hot_pool_shared_by_features_ranked_together():
     feats = [FeatureSpec("a", 1000, 4), FeatureSpec("c", 500, 4), FeatureSpec("b", 50, 4)]
     module = embtable.build(feats, CafeConfig(hot_rows=4, hash_rows={"a": 16, "c": 8, "b": 50},
-                                              normalize_scores=False, migrate_every=1))
+                                              migrate_every=1, multiplex=False))
     # a and c share one table: 4 hot rows, then a's 16 and c's 8 hashed rows; b keeps its own
     assert [c.num_embeddings for c in module.storage.embedding_bag_configs()] == [28, 50]
     module.train()

@@ -2,59 +2,65 @@
 
 Zhang, Zhao, Jiang, Zhang, Miao, Shen and Cui, "CAFE: Towards Compact, Adaptive, and Fast Embedding for
 Large-scale Recommendation Models", SIGMOD 2024. The compressed features of one embedding dim share one
-storage table: a pool of ``H`` exclusive ("hot") rows that ids of any of them can hold, then one segment of
-``m_f`` hashed rows per feature, shared by the feature's other ids. Features stored full keep their own
-table (identity mapping)::
+storage table: a pool of ``H`` exclusive ("hot") rows that ids of any of them can hold, then ``M`` hashed
+rows into which every other id of these features hashes (``multiplex``, each feature with its own salt).
+Features stored full keep their own table (identity mapping)::
 
-    pool table of dim d (H + sum_f m_f rows)                 id x of compressed feature f (key = base_f + x)
+    pool table of dim d (H + M rows)                          id x of compressed feature f (key = base_f + x)
     +------------------+  row 0                              |
     | hot pool         |  <-- slot s, if key is hot: --------+ hot index: sorted keys -> slot
     | (exclusive rows, |                                     | (searchsorted, O(log H) per id)
     |  any feature)    |                                     |
-    +------------------+  row H = offset of f1               |
-    | f1 hashed rows   |                                     |
-    +------------------+  offset of f2                       |
-    | f2 hashed rows   |  <-- offset_f + h_f(x) mod m_f, else+
-    +------------------+  ...
+    +------------------+  row H                              |
+    | hashed rows      |  <-- H + h_f(x) mod M, else --------+ h_f: feature f's salted hash
+    | (all features)   |
+    +------------------+  row H + M - 1
+
+``M = sum_f m_f`` over the pool's features. With ``multiplex=False`` feature ``f`` hashes into a segment of
+its own, ``m_f`` rows long (``offset_f + h_f(x) mod m_f``), as in the paper's code: same rows, same bytes.
 
 Importance is the paper's: the L2 norm of the gradient an id's embedding receives. In training mode a
 backward hook on the pooled output reads each bag's gradient, gives each of its ids ``|weight| * ||grad||``
-(divided by the bag length under mean pooling), divides a feature's scores by their mean over the batch
-(``normalize_scores``, as the paper's code does: every batch and every feature carries the same total, so
-the large gradients of the first steps do not decide the hot set for good) and adds them to a HotSketch:
-per pool ``b`` buckets of ``c`` slots of ``(key, score)``, the bucket chosen by a salted hash of the key. A
-batch updates the sketch at once: keys already in their bucket add their score; of the other keys of a
-bucket, the ``c`` with the largest batch scores are inserted as in Space-Saving, smallest first: each
-replaces the bucket's lowest slot (empty slots first) and inherits its score plus its own (scores never
-underestimate); the rest of a batch's newcomers to a full bucket are dropped (at most ``c`` rounds, all
-buckets in parallel). ``train_step_end(step)`` (called by the trainer after each optimizer step) migrates
-every ``migrate_every`` steps: the ``H`` highest-scoring sketch entries of the pool become its hot set,
-whichever features they belong to; ids that stay keep their row, ids that left free theirs, and an id that
-enters is given a free row initialised with its current (hashed) vector, so migration does not change any
-output, and (``optimizer_state="copy"``, fused FBGEMM storage) with that hashed row's optimizer state, so
-its learning rate carries on too. Scores are multiplied by ``decay`` after each migration. At inference the
-mapping is fixed (eval mode records nothing; ``train_step_end`` is a training hook). Before the first
-migration the hot set is empty, or, for features with ``counts`` (``hot_from_counts``), the pool's ``H``
-most frequent ids.
+(divided by the bag length under mean pooling; with ``normalize_scores`` divided again by the mean of the
+feature's scores in the batch, as the paper's code does) and adds it to a HotSketch: per pool ``b`` buckets
+of ``c`` slots of ``(key, score)``, the bucket chosen by a salted hash of the key. A batch updates the sketch
+at once: keys already in their bucket add their score; of the other keys of a bucket, the ``c`` with the
+largest batch scores are inserted as in Space-Saving, smallest first: each replaces the bucket's lowest slot
+(empty slots first) and inherits its score plus its own (scores never underestimate); the rest of a batch's
+newcomers to a full bucket are dropped (at most ``c`` rounds, all buckets in parallel).
+``train_step_end(step)`` (called by the trainer after each optimizer step) migrates every ``migrate_every``
+steps: the ``H`` highest-scoring sketch entries of the pool become its hot set, whichever features they
+belong to; ids that stay keep their row, ids that left free theirs, and an id that enters is given a free
+row initialised with its current (hashed) vector, so migration does not change any output, and
+(``optimizer_state="copy"``, fused FBGEMM storage) with that hashed row's optimizer state, so its step size
+carries on too. Scores are multiplied by ``decay`` after each migration. At inference the mapping is fixed
+(eval mode records nothing; ``train_step_end`` is a training hook). Before the first migration the hot set
+is empty, or, for features with ``counts`` (``hot_from_counts``), the pool's ``H`` most frequent ids.
 
-Why one pool (issue 13): a hot pool per feature of a fixed share of that feature's rows (this module's first
-version, as the paper's text reads) gives a 16-id feature as many exclusive rows as a 50,000-id one, and a
-feature's hashed rows the same count whatever its size. The paper's code instead keeps one hot table for all
-fields (``H`` from the budget, the sketch ranking every field's ids together) and sizes each field's hashed
-table in proportion to its ids (``hash_split="proportional"``); that is what lets CAFE spend few bytes on
-where they matter most at 1/1000 and below.
+What issue 13 found (demo preset, DLRM, one epoch, seed 0, test AUC, full tables about 0.79; at 1/1000:
+hash 0.6321, unified 0.7228, this module's first version 0.6752 -- a hot/hashed split inside each feature,
+each feature's cold ids hashed into its own rows). Not the causes: the hot share (``hot_fraction`` 0.8, the
+paper's setting at 1/1000: 0.6435 against 0.6458 at 0.5), the optimizer state a migrated row gets (copy
+0.6458, keep 0.6459, reset 0.6493), one hot pool for all features instead of one per feature (0.6721 with
+hashed rows in proportion to ``n_f``, 0.6764 in proportion to ``sqrt(n_f)``). Harmful: the paper's code's
+per-batch normalisation of the scores (0.6458 against 0.6721 without): it gives each feature the same score
+mass per batch, so the ids of 16-id features took the pool whatever their gradients; off by default. The
+cause: every feature's cold ids hashed into that feature's few rows. Hashing them into all of the pool's
+hashed rows (``multiplex``, what ``unified`` does for every id) gives 0.7038 at 1/1000 (+0.029 over the
+first version) and 0.7669 at 1/100 (first version 0.7611, hash 0.7493, unified 0.7719).
 
-Memory (inference): per feature ``m_f * d_f * 4 + 64`` (rows; ``a0, a1, a2, b, m, n, row offset, key base``
-as int64; a full feature has ``m_f = n_f``), plus per pool ``H * (d * 4 + 16)`` (the hot rows and their hot
-index entries: sorted int64 keys and int64 slots; empty slots hold a padding key). Training adds the
-sketch, a training-only buffer (in ``state_dict``, counted by ``training_bytes``, not by
+Memory (inference): per feature ``m_f * d_f * 4 + 64`` (rows; ``a0, a1, a2, b, modulus, n, row offset,
+key base`` as int64; a full feature has ``m_f = n_f``), plus per pool ``H * (d * 4 + 16)`` (the hot rows and
+their hot index entries: sorted int64 keys and int64 slots; empty slots hold a padding key). Training adds
+the sketch, a training-only buffer (in ``state_dict``, counted by ``training_bytes``, not by
 ``memory_report``): ``12 * c * b`` per pool (int64 key + float32 score per slot) with
 ``b = ceil(sketch_slots * H / c)``, plus 48 bytes of bucket-hash parameters per feature.
 
 Budget planning: a row cap ``T`` as in ``hash`` (features with ``n_f <= T`` stay full); the compressed
 features of a dim together get ``T * d * 4`` bytes each, ``hot_fraction`` of them for the pool's hot rows
 (each ``d * 4 + 16`` bytes with its index entry) and the rest for hashed rows: one per feature plus a share
-in proportion to ``n_f`` (``hash_split="proportional"``, the paper's) or an equal share (``"uniform"``).
+in proportion to ``n_f`` (``hash_split="proportional"``, the paper's), to ``sqrt(n_f)`` or an equal share
+(``"uniform"``); under ``multiplex`` only their sum ``M`` matters.
 
 Distributed (DMP): each pool and each full feature is a TorchRec table, so DMP shards them like ``hash``'s.
 Migration writes rows and needs the same sketch on every rank; it is not implemented for sharded storage:
@@ -138,9 +144,9 @@ class CafeConfig(MethodConfig):
     bucket_size: int = 4
     migrate_every: int = 100
     decay: float = 1.0
-    normalize_scores: bool = True
+    normalize_scores: bool = False
     optimizer_state: str = "copy"
-    multiplex: bool = False
+    multiplex: bool = True
     hot_from_counts: bool = True
     hash_fn: str = "universal"
     seed: int = 0
@@ -510,7 +516,8 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
     @torch.no_grad()
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
         """Hot rows = the trained rows of the hot ids; hashed rows = the mean trained row of the other ids
-        sharing each (used by ``compress``); a full feature copies its table."""
+        sharing each (used by ``compress``); a full feature copies its table. Under ``multiplex`` a hashed
+        row that several features' ids share ends with the mean of the last of them initialised."""
         i = self.feature_names.index(name)
         table = self.storage.embedding_bags[self.table_names[i]].weight
         n = weight.shape[0]
