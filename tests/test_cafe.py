@@ -11,7 +11,7 @@ import embtable
 from embtable import CafeConfig, FeatureSpec
 
 FEATS = [FeatureSpec("a", 1000, 4), FeatureSpec("b", 50, 4)]
-SMALL = dict(hot_rows={"a": 8, "b": 0}, hash_rows={"a": 16, "b": 50})  # b stays full
+SMALL = dict(hot_rows=8, hash_rows={"a": 16, "b": 50})  # b stays full
 
 
 def _kjt(a_ids, b_ids=(), a_lengths=None):
@@ -46,7 +46,7 @@ def test_sketch_records_each_ids_gradient_norm():
 
 
 def test_space_saving_bucket_replaces_the_lowest_score():
-    module = embtable.build(FEATS, CafeConfig(hot_rows={"a": 1, "b": 0}, hash_rows={"a": 4, "b": 50},
+    module = embtable.build(FEATS, CafeConfig(hot_rows=1, hash_rows={"a": 4, "b": 50},
                                               sketch_slots=2, bucket_size=2))
     assert module.sketch_keys.shape == (1, 2)
     feature = torch.zeros(2, dtype=torch.int64)
@@ -149,7 +149,7 @@ def test_resumed_run_equals_uninterrupted():
 
 def test_bytes_formula_inference_and_training():
     module = _build(sketch_slots=3, bucket_size=4)
-    # per feature (H + m) * d * 4 + 16 * H + 64; b is full: 50 * 4 * 4 + 64
+    # per feature m * d * 4 + 64 (b is full: m = n = 50), the pool H * (d * 4 + 16)
     inference = (8 + 16) * 4 * 4 + 16 * 8 + 64 + 50 * 4 * 4 + 64
     assert embtable.memory_report(module).inference_bytes == inference
     assert embtable.plan(FEATS, CafeConfig(**SMALL, sketch_slots=3)).total_bytes == inference
@@ -162,8 +162,8 @@ def test_planner_splits_bytes_by_hot_fraction():
     feats = [FeatureSpec("big", 100_000, 16), FeatureSpec("small", 100, 16)]
     for fraction in (0.0, 0.25, 0.5):
         p = embtable.plan(feats, CafeConfig(hot_fraction=fraction), "1/100")
-        hot, hashed = p.config.hot_rows["big"], p.config.hash_rows["big"]
-        assert p.config.hot_rows["small"] == 0 and p.config.hash_rows["small"] == 100
+        hot, hashed = p.config.hot_rows, p.config.hash_rows["big"]
+        assert p.config.hash_rows["small"] == 100
         hot_bytes = hot * (16 * 4 + 16)
         assert abs(hot_bytes / (hot_bytes + hashed * 64) - fraction) < 0.01
         assert 0.99 * p.budget_bytes <= p.total_bytes <= p.budget_bytes
@@ -175,11 +175,11 @@ def test_initial_hot_set_from_counts():
     counts = np.zeros(1000, dtype=np.int64)
     counts[[5, 900, 17]] = [50, 40, 30]
     feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
-    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    module = embtable.build(feats, CafeConfig(hot_rows=2, hash_rows={"a": 16, "b": 50}))
     assert module.hot_ids("a").tolist() == [5, 900]
     assert sorted(module.rows(torch.tensor([5, 900]), torch.zeros(2, dtype=torch.int64)).tolist()) == [0, 1]
     assert module.rows(torch.tensor([17]), torch.zeros(1, dtype=torch.int64)).item() >= 2
-    cold = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50},
+    cold = embtable.build(feats, CafeConfig(hot_rows=2, hash_rows={"a": 16, "b": 50},
                                             hot_from_counts=False))
     assert cold.hot_ids("a").numel() == 0
 
@@ -190,7 +190,7 @@ def test_init_from_weights_copies_hot_rows_and_averages_hashed_ones():
     counts = np.zeros(1000, dtype=np.int64)
     counts[[5, 900]] = [50, 40]
     feats = [FeatureSpec("a", 1000, 4, counts=counts), FeatureSpec("b", 50, 4)]
-    module = embtable.build(feats, CafeConfig(hot_rows={"a": 2, "b": 0}, hash_rows={"a": 16, "b": 50}))
+    module = embtable.build(feats, CafeConfig(hot_rows=2, hash_rows={"a": 16, "b": 50}))
     trained = {"a": torch.randn(1000, 4), "b": torch.randn(50, 4)}
     for name, w in trained.items():
         module.init_from_weights(name, w)
@@ -201,7 +201,7 @@ def test_init_from_weights_copies_hot_rows_and_averages_hashed_ones():
     rows = module.rows(cold, torch.zeros(cold.numel(), dtype=torch.int64))
     r = int(rows[0])
     expected = trained["a"][cold[rows == r]].mean(0)
-    torch.testing.assert_close(module.storage.embedding_bags["a"].weight[r].detach(), expected)
+    torch.testing.assert_close(module.storage.embedding_bags[module.table_names[0]].weight[r].detach(), expected)
 
 
 def test_migration_with_fused_storage_keeps_outputs():
@@ -217,3 +217,78 @@ def test_migration_with_fused_storage_keeps_outputs():
     module.train_step_end(0)
     assert {1, 2} <= set(module.hot_ids("a").tolist())
     assert torch.equal(module(probe).values(), before)
+
+
+def test_one_hot_pool_shared_by_features_ranked_together():
+    feats = [FeatureSpec("a", 1000, 4), FeatureSpec("c", 500, 4), FeatureSpec("b", 50, 4)]
+    module = embtable.build(feats, CafeConfig(hot_rows=4, hash_rows={"a": 16, "c": 8, "b": 50},
+                                              migrate_every=1, multiplex=False))
+    # a and c share one table: 4 hot rows, then a's 16 and c's 8 hashed rows; b keeps its own
+    assert [c.num_embeddings for c in module.storage.embedding_bag_configs()] == [28, 50]
+    module.train()
+    kjt = KeyedJaggedTensor(keys=["a", "c", "b"], values=torch.tensor([1, 2, 3, 7, 8, 9]),
+                            lengths=torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 0]))  # 3 samples: a, a, a | c, c, c
+    upstream = torch.zeros(3, 12)
+    upstream[:, 4:8] = torch.tensor([[5.0], [4.0], [3.0]])  # c's ids get the large gradients
+    upstream[:, 0:4] = torch.tensor([[2.0], [0.5], [0.1]])
+    (module(kjt).values() * upstream).sum().backward()
+    module.train_step_end(0)
+    assert module.hot_ids("c").tolist() == [7, 8, 9] and module.hot_ids("a").tolist() == [1]
+    rows = module.rows(torch.tensor([7, 8, 9, 1, 2]), torch.tensor([1, 1, 1, 0, 0]))
+    assert sorted(rows[:4].tolist()) == [0, 1, 2, 3] and 4 <= rows[4] < 20  # a's hashed segment: rows 4..19
+    assert (module.rows(torch.arange(500), torch.ones(500, dtype=torch.int64)) < 28).all()
+
+
+def test_normalized_scores_average_one_per_feature_and_batch():
+    module = _build(normalize_scores=True)
+    module.train()
+    out = module(_kjt([3, 5, 5, 9], a_lengths=[2, 2])).values()
+    (out * torch.randn_like(out) * 1000).sum().backward()
+    got = _sketch(module)
+    assert abs(sum(got.values()) - 4.0) < 1e-4  # 4 ids of feature a: their scores sum to 4
+
+
+def test_migration_copies_the_fused_optimizer_state():
+    from embtable.fused import fuse_storage
+
+    for state, expect in (("copy", "source"), ("reset", "zero"), ("keep", "old")):
+        module = _build(migrate_every=1, optimizer_state=state)
+        fuse_storage(module, "rowwise_adagrad", lr=0.1)
+        module.train()
+        accumulator = module.storage.optimizer_states()[module.table_names[0] + ".momentum_1"]
+        module(_kjt([1, 1, 2, 2, 2])).values().square().sum().backward()  # a's hashed rows of 1 and 2 update
+        source = module.rows(torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64))
+        with torch.no_grad():
+            accumulator[:8] = 7.0  # what the hot rows' previous holders left
+        expected = {"source": accumulator[source].clone(), "zero": torch.zeros(2), "old": torch.full((2,), 7.0)}
+        assert (expected["source"] > 0).all()
+        module.train_step_end(0)
+        hot = module.rows(torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64))
+        assert (hot < 8).all()
+        torch.testing.assert_close(accumulator[hot], expected[expect])
+
+
+def test_planner_hashed_rows_in_proportion_and_pools_per_dim():
+    feats = [FeatureSpec("x", 40_000, 8), FeatureSpec("y", 10_000, 8), FeatureSpec("z", 20_000, 16),
+             FeatureSpec("tiny", 10, 8)]
+    p = embtable.plan(feats, CafeConfig(), "1/50")
+    m = p.config.hash_rows
+    assert m["tiny"] == 10 and abs(m["x"] / m["y"] - 4) < 0.1
+    assert set(p.config.hot_rows) == {8, 16} and min(p.config.hot_rows.values()) > 0  # one pool per dim
+    assert 0.95 * p.budget_bytes <= p.total_bytes <= p.budget_bytes
+    module = embtable.build(feats, CafeConfig(), "1/50")
+    assert embtable.memory_report(module).inference_bytes == p.total_bytes
+    uniform = embtable.plan(feats, CafeConfig(hash_split="uniform"), "1/50").config.hash_rows
+    assert abs(uniform["x"] - uniform["y"]) <= 1
+
+
+def test_multiplex_hashes_every_feature_into_all_hashed_rows_at_the_same_bytes():
+    feats = [FeatureSpec("a", 1000, 4), FeatureSpec("c", 500, 4), FeatureSpec("b", 50, 4)]
+    sizes = dict(hot_rows=4, hash_rows={"a": 16, "c": 8, "b": 50})
+    own, mux = (embtable.build(feats, CafeConfig(**sizes, multiplex=m, hot_from_counts=False)) for m in (False, True))
+    a, c = torch.arange(1000), torch.arange(500)
+    zeros, ones = torch.zeros(1000, dtype=torch.int64), torch.ones(500, dtype=torch.int64)
+    assert set(own.rows(a, zeros).tolist()) == set(range(4, 20)) and set(own.rows(c, ones).tolist()) == set(range(20, 28))
+    assert set(mux.rows(a, zeros).tolist()) == set(range(4, 28)) == set(mux.rows(c, ones).tolist())
+    assert embtable.memory_report(mux).inference_bytes == embtable.memory_report(own).inference_bytes
+    assert embtable.plan(feats, CafeConfig(**sizes, multiplex=True)).total_bytes == embtable.memory_report(mux).inference_bytes

@@ -1,54 +1,72 @@
-"""CAFE: hot ids get exclusive rows, found by a HotSketch of gradient norms; the rest share hashed rows.
+"""CAFE: hot ids get exclusive rows of a pool all features share, found by a HotSketch of gradient norms.
 
 Zhang, Zhao, Jiang, Zhang, Miao, Shen and Cui, "CAFE: Towards Compact, Adaptive, and Fast Embedding for
-Large-scale Recommendation Models", SIGMOD 2024. Each compressed feature ``f`` has one storage table of
-``H_f + m_f`` rows: ``H_f`` exclusive ("hot") rows and ``m_f`` hashed rows shared by every other id::
+Large-scale Recommendation Models", SIGMOD 2024. The compressed features of one embedding dim share one
+storage table: a pool of ``H`` exclusive ("hot") rows that ids of any of them can hold, then ``M`` hashed
+rows into which every other id of these features hashes (``multiplex``, each feature with its own salt).
+Features stored full keep their own table (identity mapping)::
 
-    feature f's table (H_f + m_f rows, dim d_f)              id x of feature f
+    pool table of dim d (H + M rows)                          id x of compressed feature f (key = base_f + x)
     +------------------+  row 0                              |
-    | hot rows         |  <-- slot s, if x is hot: ----------+ hot index: sorted keys -> slot
-    | (exclusive)      |                                     | (searchsorted, O(log H) per id)
-    +------------------+  row H_f                            |
-    | hashed rows      |  <-- H_f + h_f(x) mod m_f, else ----+
-    | (shared)         |
-    +------------------+  row H_f + m_f - 1
+    | hot pool         |  <-- slot s, if key is hot: --------+ hot index: sorted keys -> slot
+    | (exclusive rows, |                                     | (searchsorted, O(log H) per id)
+    |  any feature)    |                                     |
+    +------------------+  row H                              |
+    | hashed rows      |  <-- H + h_f(x) mod M, else --------+ h_f: feature f's salted hash
+    | (all features)   |
+    +------------------+  row H + M - 1
+
+``M = sum_f m_f`` over the pool's features. With ``multiplex=False`` feature ``f`` hashes into a segment of
+its own, ``m_f`` rows long (``offset_f + h_f(x) mod m_f``), as in the paper's code: same rows, same bytes.
 
 Importance is the paper's: the L2 norm of the gradient an id's embedding receives. In training mode a
 backward hook on the pooled output reads each bag's gradient, gives each of its ids ``|weight| * ||grad||``
-(divided by the bag length under mean pooling) and adds it to a HotSketch: per feature ``b_f`` buckets of
-``c`` slots of ``(id, score)``, the bucket chosen by a salted hash of the id. A batch updates the sketch at
-once: ids already in their bucket add their score; of the other ids of a bucket, the ``c`` with the
+(divided by the bag length under mean pooling; with ``normalize_scores`` divided again by the mean of the
+feature's scores in the batch, as the paper's code does) and adds it to a HotSketch: per pool ``b`` buckets
+of ``c`` slots of ``(key, score)``, the bucket chosen by a salted hash of the key. A batch updates the sketch
+at once: keys already in their bucket add their score; of the other keys of a bucket, the ``c`` with the
 largest batch scores are inserted as in Space-Saving, smallest first: each replaces the bucket's lowest slot
-(empty slots first) and inherits its score plus its own (scores never underestimate); the rest of a
-batch's newcomers to a full bucket are dropped (at most ``c`` rounds, all buckets in parallel). ``train_step_end(step)``
-(called by the trainer after each optimizer step) migrates every ``migrate_every`` steps: the ``H_f``
-highest-scoring sketch entries of each feature become its hot set; ids that stay keep their row, ids that
-left free theirs, and an id that enters is given a free row initialised with its current (hashed) vector, so
-migration does not change any output. Scores are multiplied by ``decay`` after each migration. At
-inference the mapping is fixed (eval mode records nothing; ``train_step_end`` is a training hook).
+(empty slots first) and inherits its score plus its own (scores never underestimate); the rest of a batch's
+newcomers to a full bucket are dropped (at most ``c`` rounds, all buckets in parallel).
+``train_step_end(step)`` (called by the trainer after each optimizer step) migrates every ``migrate_every``
+steps: the ``H`` highest-scoring sketch entries of the pool become its hot set, whichever features they
+belong to; ids that stay keep their row, ids that left free theirs, and an id that enters is given a free
+row initialised with its current (hashed) vector, so migration does not change any output, and
+(``optimizer_state="copy"``, fused FBGEMM storage) with that hashed row's optimizer state, so its step size
+carries on too. Scores are multiplied by ``decay`` after each migration. At inference the mapping is fixed
+(eval mode records nothing; ``train_step_end`` is a training hook). Before the first migration the hot set
+is empty, or, for features with ``counts`` (``hot_from_counts``), the pool's ``H`` most frequent ids.
 
-A feature is stored full (identity mapping, no hot rows, no sketch) when ``H_f = 0`` and ``m_f >= n_f``;
-the planner does so for features whose full table fits the per-feature row cap (as ``hash`` does).
-Before the first migration the hot set is empty, or, for a feature with ``counts`` (``hot_from_counts``),
-its ``H_f`` most frequent ids: a warm start, so the hot rows serve from the first step.
+What issue 13 found (demo preset, DLRM, one epoch, seed 0, test AUC, full tables about 0.79; at 1/1000:
+hash 0.6321, unified 0.7228, this module's first version 0.6752 -- a hot/hashed split inside each feature,
+each feature's cold ids hashed into its own rows). Not the causes: the hot share (``hot_fraction`` 0.8, the
+paper's setting at 1/1000: 0.6435 against 0.6458 at 0.5), the optimizer state a migrated row gets (copy
+0.6458, keep 0.6459, reset 0.6493), one hot pool for all features instead of one per feature (0.6721 with
+hashed rows in proportion to ``n_f``, 0.6764 in proportion to ``sqrt(n_f)``). Harmful: the paper's code's
+per-batch normalisation of the scores (0.6458 against 0.6721 without): it gives each feature the same score
+mass per batch, so the ids of 16-id features took the pool whatever their gradients; off by default. The
+cause: every feature's cold ids hashed into that feature's few rows. Hashing them into all of the pool's
+hashed rows (``multiplex``, what ``unified`` does for every id) gives 0.7038 at 1/1000 (+0.029 over the
+first version) and 0.7669 at 1/100 (first version 0.7611, hash 0.7493, unified 0.7719).
 
-Memory (inference), per feature: ``(H_f + m_f) * d_f * 4`` (rows) ``+ 16 * H_f`` (the hot index: sorted
-int64 keys and int64 slots; empty slots hold a padding key) ``+ 64`` (``a0, a1, a2, b, m, n, H, key base``
-as int64). Training adds the sketch, a training-only buffer (in ``state_dict``, counted by
-``training_bytes``, not by ``memory_report``): ``12 * c * b_f`` (int64 id + float32 score per slot) plus
-48 bytes of bucket-hash parameters per feature, with ``b_f = ceil(sketch_slots * H_f / c)``.
+Memory (inference): per feature ``m_f * d_f * 4 + 64`` (rows; ``a0, a1, a2, b, modulus, n, row offset,
+key base`` as int64; a full feature has ``m_f = n_f``), plus per pool ``H * (d * 4 + 16)`` (the hot rows and
+their hot index entries: sorted int64 keys and int64 slots; empty slots hold a padding key). Training adds
+the sketch, a training-only buffer (in ``state_dict``, counted by ``training_bytes``, not by
+``memory_report``): ``12 * c * b`` per pool (int64 key + float32 score per slot) with
+``b = ceil(sketch_slots * H / c)``, plus 48 bytes of bucket-hash parameters per feature.
 
-Budget planning: a row cap ``T`` as in ``hash`` (features with ``n_f <= T`` stay full); a compressed
-feature spends ``T * d_f * 4`` bytes, ``hot_fraction`` of them on hot rows (each ``d_f * 4 + 16`` bytes with
-its index entry) and the rest on hashed rows (at least one). ``hot_fraction = 0.5`` by default: under a
-Zipf-like popularity a few thousand exclusive rows already cover most lookups, while the hashed half keeps
-the collision rate of the long tail at that of a hashed table half the size; the paper's own tuning puts
-roughly this share of the memory in the hot part.
+Budget planning: a row cap ``T`` as in ``hash`` (features with ``n_f <= T`` stay full); the compressed
+features of a dim together get ``T * d * 4`` bytes each, ``hot_fraction`` of them for the pool's hot rows
+(each ``d * 4 + 16`` bytes with its index entry) and the rest for hashed rows: one per feature plus a share
+in proportion to ``n_f`` (``hash_split="proportional"``, the paper's), to ``sqrt(n_f)`` or an equal share
+(``"uniform"``); under ``multiplex`` only their sum ``M`` matters.
 
-Distributed (DMP): each feature's table is a TorchRec table, so DMP shards it like ``hash``'s. Migration
-writes rows and needs the same sketch on every rank; it is not implemented for sharded storage: under DMP
-use ``migrate_every=0`` (a fixed mapping, e.g. from a single-process warm-up) — ``train_step_end`` raises
-otherwise. Optimizer state of a reused hot row is not reset on migration.
+Distributed (DMP): each pool and each full feature is a TorchRec table, so DMP shards them like ``hash``'s.
+Migration writes rows and needs the same sketch on every rank; it is not implemented for sharded storage:
+under DMP use ``migrate_every=0`` (a fixed mapping, e.g. from a single-process warm-up) -- ``train_step_end``
+raises otherwise. With unfused storage a Python optimizer holds the rows' state, out of the module's
+reach: a reused hot row keeps its previous holder's state there.
 """
 
 from __future__ import annotations
@@ -77,10 +95,12 @@ from ..module import (
 
 __all__ = ["CafeConfig", "CafeEmbeddingBagCollection"]
 
-PARAM_BYTES = 8 * 8  # a0, a1, a2, b, m, n, H, key base per feature, int64
+PARAM_BYTES = 8 * 8  # a0, a1, a2, b, m, n, row offset, key base per feature, int64
 HOT_INDEX_BYTES = 8 + 8  # per hot row: its key (int64) in the sorted index and its slot (int64)
-SKETCH_SLOT_BYTES = 8 + 4  # training only: id (int64) and score (float32) per sketch slot
+SKETCH_SLOT_BYTES = 8 + 4  # training only: key (int64) and score (float32) per sketch slot
 SKETCH_PARAM_BYTES = 6 * 8  # training only: bucket hash a0, a1, a2, b, buckets, first bucket per feature
+HASH_SPLITS = ("proportional", "sqrt", "uniform")
+OPTIMIZER_STATES = ("copy", "keep", "reset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,27 +108,45 @@ class CafeConfig(MethodConfig):
     """CAFE (SIGMOD 2024): exclusive rows for ids a HotSketch finds hot, hashed rows for the rest.
 
     Args:
-        hot_rows: ``H_f`` exclusive rows per feature (int, ``{feature: rows}``, or ``None`` to plan).
-        hash_rows: ``m_f`` shared hashed rows per feature (same forms); give both or neither.
-        hot_fraction: share of a compressed feature's bytes the planner gives to hot rows, in ``[0, 1)``.
-        sketch_slots: sketch slots per hot row (the sketch tracks ``sketch_slots * H_f`` candidates).
+        hot_rows: ``H``, the exclusive rows of the hot pool all compressed features share (int; when the
+            compressed features have several embedding dims, ``{dim: rows}``, one pool per dim), or
+            ``None`` to plan.
+        hash_rows: ``m_f`` hashed rows per feature (int, ``{feature: rows}``); a feature with
+            ``m_f >= n_f`` is stored full. Give both or neither.
+        hot_fraction: share of the compressed features' bytes the planner gives to the hot pool, in ``[0, 1)``.
+        hash_split: how the planner splits the hashed rows among compressed features: ``"proportional"``
+            to ``n_f`` (the paper's), to ``sqrt(n_f)`` (``"sqrt"``) or ``"uniform"`` (the same count each).
+        sketch_slots: sketch slots per hot row (the sketch tracks ``sketch_slots * H`` candidates).
         bucket_size: slots per sketch bucket (``c``).
         migrate_every: migrate every this many training steps (``train_step_end``); 0 never migrates.
         decay: factor applied to every sketch score after each migration (1.0: no decay), in ``(0, 1]``.
-        hot_from_counts: when a feature has ``counts``, start with its ``H_f`` most frequent ids hot (their
-            rows start at random, as fresh table rows do); the sketch replaces them from the first migration.
+        normalize_scores: divide each feature's gradient norms in a batch by their mean over the batch's
+            ids of that feature (the paper's code), so every batch and feature weighs alike.
+        optimizer_state: on migration, an entering id's row gets the fused optimizer state of the hashed
+            row its vector came from (``"copy"``), keeps the state of the row's previous holder
+            (``"keep"``), or starts at zero (``"reset"``). Fused (FBGEMM) storage only: a Python optimizer's
+            state is out of the module's reach.
+        multiplex: the compressed features of a pool hash their cold ids into all of the pool's hashed rows
+            (each feature with its own salt, as ``unified`` does) instead of each into its own segment;
+            same rows, same bytes.
+        hot_from_counts: with ``counts``, start with the ``H`` most frequent ids of the pool hot (their rows
+            start at random, as fresh table rows do); the sketch replaces them from the first migration.
         hash_fn: ``"universal"`` (salted hash) or ``"modulo"`` (``id mod m``) for the hashed rows.
         seed: seed of the salts.
     """
 
     method = "cafe"
-    hot_rows: int | Mapping[str, int] | None = None
+    hot_rows: int | Mapping[int, int] | None = None
     hash_rows: int | Mapping[str, int] | None = None
     hot_fraction: float = 0.5
+    hash_split: str = "proportional"
     sketch_slots: int = 4
     bucket_size: int = 4
     migrate_every: int = 100
     decay: float = 1.0
+    normalize_scores: bool = False
+    optimizer_state: str = "copy"
+    multiplex: bool = True
     hot_from_counts: bool = True
     hash_fn: str = "universal"
     seed: int = 0
@@ -116,6 +154,11 @@ class CafeConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.hash_fn not in ("universal", "modulo"):
             raise ValueError(f"CafeConfig.hash_fn must be 'universal' or 'modulo', got {self.hash_fn!r}")
+        if self.hash_split not in HASH_SPLITS:
+            raise ValueError(f"CafeConfig.hash_split must be one of {HASH_SPLITS}, got {self.hash_split!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"CafeConfig.optimizer_state must be one of {OPTIMIZER_STATES}, got "
+                             f"{self.optimizer_state!r}")
         if not 0 <= self.hot_fraction < 1:
             raise ValueError(f"CafeConfig.hot_fraction must be in [0, 1) (hashed rows get the rest), got "
                              f"{self.hot_fraction!r}")
@@ -134,37 +177,81 @@ class CafeConfig(MethodConfig):
             value = getattr(self, name)
             values = value.values() if isinstance(value, Mapping) else [value]
             for v in values:
-                if v is not None and (int(v) != v or v < lo or v > PRIME):
+                if v is not None and (isinstance(v, bool) or int(v) != v or v < lo or v > PRIME):
                     raise ValueError(f"CafeConfig.{name} must be integers in [{lo}, 2**31 - 1], got {v!r}")
 
 
-def _sizes(features: Sequence[FeatureSpec], config: CafeConfig) -> list[tuple[int, int]]:
-    """``(H_f, m_f)`` per feature; a feature with ``H_f = 0`` and ``m_f >= n_f`` is full: ``(0, n_f)``."""
-    hot = config_field_per_feature(config.hot_rows, features, "hot_rows", "cafe")
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """The compressed features of one embedding dim: one table of ``hot`` rows, then their hashed segments."""
+
+    dim: int
+    features: tuple[int, ...]  # indices into the features, in order
+    hot: int
+    offsets: tuple[int, ...]  # first row of each feature's hashed segment in the pool's table
+
+
+def _layout(features: Sequence[FeatureSpec], config: CafeConfig) -> tuple[list[int], list[_Pool]]:
+    """``m_f`` per feature (``n_f`` for a full one) and the hot pools (see the module docstring)."""
     hashed = config_field_per_feature(config.hash_rows, features, "hash_rows", "cafe")
-    if hot is None or hashed is None:
+    if config.hot_rows is None or hashed is None:
         raise ValueError(
             "cafe: hot_rows / hash_rows are not set; give a byte budget (build(features, CafeConfig(), "
             "budget=...)) or CafeConfig(hot_rows=..., hash_rows=...)"
         )
-    out = []
-    for f in features:
-        h, m = int(hot[f.name]), int(hashed[f.name])
-        out.append((0, f.num_embeddings) if h == 0 and m >= f.num_embeddings else (h, m))
-    return out
+    rows = [min(int(hashed[f.name]), f.num_embeddings) for f in features]
+    dims: dict[int, list[int]] = {}
+    for i, f in enumerate(features):
+        if rows[i] < f.num_embeddings:
+            dims.setdefault(f.embedding_dim, []).append(i)
+    if isinstance(config.hot_rows, Mapping):
+        hot = {int(k): int(v) for k, v in config.hot_rows.items()}
+        unknown = sorted(d for d, v in hot.items() if v and d not in dims)
+        if unknown:
+            raise ValueError(f"cafe: hot_rows gives rows to dims {unknown}, which no compressed feature has "
+                             f"(compressed dims: {sorted(dims)})")
+    else:
+        if config.hot_rows and len(dims) > 1:
+            raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one hot pool each; give "
+                             "hot_rows as {dim: rows}")
+        hot = {d: int(config.hot_rows) for d in dims}
+    pools = []
+    for d, members in dims.items():
+        h = hot.get(d, 0)
+        offsets = [h + sum(rows[j] for j in members[:k]) for k in range(len(members))]
+        pools.append(_Pool(d, tuple(members), h, tuple(offsets)))
+    return rows, pools
 
 
-def _split(f: FeatureSpec, cap: int, hot_fraction: float) -> tuple[int, int]:
-    """Hot and hashed rows of a compressed feature given ``cap * d * 4`` bytes (at least one hashed row)."""
-    row = f.embedding_dim * FP32
-    allowance = cap * row
-    hot = min(int(hot_fraction * allowance) // (row + HOT_INDEX_BYTES), (allowance - row) // (row + HOT_INDEX_BYTES))
-    hot = max(hot, 0)
-    return hot, (allowance - hot * (row + HOT_INDEX_BYTES)) // row
+def _pool_table_name(features: Sequence[FeatureSpec], dim: int) -> str:
+    names = {f.name for f in features}
+    name = f"cafe_pool_d{dim}"
+    while name in names:
+        name = "_" + name
+    return name
 
 
-def _feature_bytes(f: FeatureSpec, hot: int, hashed: int) -> int:
-    return (hot + hashed) * f.embedding_dim * FP32 + HOT_INDEX_BYTES * hot + PARAM_BYTES
+def _plan_sizes(features: Sequence[FeatureSpec], cap: int, config: CafeConfig) -> tuple[dict[int, int], list[int]]:
+    """Hot rows per dim and hashed rows per feature when features over ``cap`` ids share ``cap`` rows each."""
+    hashed = [f.num_embeddings for f in features]
+    dims: dict[int, list[int]] = {}
+    for i, f in enumerate(features):
+        if f.num_embeddings > cap:
+            dims.setdefault(f.embedding_dim, []).append(i)
+    hot = {}
+    for d, members in dims.items():
+        row, k = d * FP32, len(members)
+        allowance = cap * row * k
+        h = max(0, min(int(config.hot_fraction * allowance) // (row + HOT_INDEX_BYTES),
+                       (allowance - k * row) // (row + HOT_INDEX_BYTES)))
+        extra = (allowance - h * (row + HOT_INDEX_BYTES)) // row - k  # hashed rows beyond one per feature
+        weight = {"proportional": lambda n: n, "sqrt": math.isqrt, "uniform": lambda n: 1}[config.hash_split]
+        total = sum(weight(features[i].num_embeddings) for i in members)
+        for i in members:
+            n = features[i].num_embeddings
+            hashed[i] = min(1 + extra * weight(n) // total, n - 1)
+        hot[d] = h
+    return hot, hashed
 
 
 @register_method(CafeConfig)
@@ -175,7 +262,7 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
     >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
     >>> m = embtable.build(feats, CafeConfig(migrate_every=1), budget="1/100", seed=0)
     >>> m.config.hot_rows, m.config.hash_rows
-    ({'user': 320, 'country': 0}, {'user': 400, 'country': 200})
+    (320, {'user': 400, 'country': 200})
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
     >>> before = m(kjt).values()
@@ -189,74 +276,109 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
 
     def __init__(self, features: Sequence[FeatureSpec], config: CafeConfig, **kwargs) -> None:
         super().__init__(features, config, **kwargs)
-        sizes = _sizes(self.features, config)
-        self.hot_sizes = [h for h, _ in sizes]
-        self.hash_fn = config.hash_fn
+        rows, pools = _layout(self.features, config)
+        self.pools = pools
+        self.hash_fn, self.optimizer_state = config.hash_fn, config.optimizer_state
         self.migrate_every, self.decay, self.bucket_size = config.migrate_every, config.decay, config.bucket_size
+        self.normalize_scores = config.normalize_scores
+        pool_of = [-1] * len(self.features)
+        offset = [-1] * len(self.features)
+        for g, p in enumerate(pools):
+            for i, o in zip(p.features, p.offsets):
+                pool_of[i], offset[i] = g, o
+        self.pool_of = pool_of
+        self.table_names = [_pool_table_name(self.features, pools[g].dim) if g >= 0 else f.name
+                            for f, g in zip(self.features, pool_of)]
         params, key_base, base = [], [], 0
-        for f, (h, m) in zip(self.features, sizes):
+        modulus = list(rows)
+        if config.multiplex:  # every compressed feature of a pool hashes into all of its hashed rows
+            for p in pools:
+                for i in p.features:
+                    modulus[i], offset[i] = sum(rows[j] for j in p.features), p.hot
+        for f, m, o in zip(self.features, modulus, offset):
             key_base.append(base)
-            params.append(hash_coefficients(config.seed, "cafe", f.name) + [m, f.num_embeddings, h, base])
-            base += f.num_embeddings + 1  # one key per id plus the padding key of the hot index
-        self.key_base = key_base
-        # [F, 8] int64: a0, a1, a2, b, m, n, H, key base
+            params.append(hash_coefficients(config.seed, "cafe", f.name) + [m, f.num_embeddings, o, base])
+            base += f.num_embeddings
+        self.key_base, self.pad_key = key_base, base  # no id has the padding key
+        # [F, 8] int64: a0, a1, a2, b, m, n, row offset (-1: full), key base
         self.register_buffer("params", torch.tensor(params, dtype=torch.int64, device=self.device))
-        self.hot_base = [sum(self.hot_sizes[:i]) for i in range(len(sizes))]
-        # the hot index: per feature a segment of H_f sorted keys (key base + id; empty slots hold the
-        # feature's padding key, key base + n, which no id has) and the hot row ("slot") of each
-        pads = [torch.full((h,), kb + f.num_embeddings, dtype=torch.int64)
-                for f, h, kb in zip(self.features, self.hot_sizes, key_base)]
-        self.register_buffer("hot_keys", torch.cat(pads).to(self.device))
-        self.register_buffer("hot_slots", torch.zeros(sum(self.hot_sizes), dtype=torch.int64, device=self.device))
-        if config.hot_from_counts and self.device.type != "meta":
-            self._hot_from_counts()
-        # the HotSketch (training only): b_f buckets of c (id key, score) slots per feature with hot rows
-        buckets = [math.ceil(config.sketch_slots * h / config.bucket_size) for h in self.hot_sizes]
-        self.bucket_base = [sum(buckets[:i]) for i in range(len(buckets))]
-        sketch_params = [hash_coefficients(config.seed, "cafe-sketch", f.name) + [b, bb]
-                         for f, b, bb in zip(self.features, buckets, self.bucket_base)]
+        # the hot index: the sorted keys (key base + id) of every hot id of every pool, then padding keys; and
+        # the row ("slot") of each in its pool's table
+        total_hot = sum(p.hot for p in pools)
+        self.register_buffer("hot_keys", torch.full((total_hot,), base, dtype=torch.int64, device=self.device))
+        self.register_buffer("hot_slots", torch.zeros(total_hot, dtype=torch.int64, device=self.device))
+        # the HotSketch (training only): per pool b_g buckets of c (key, score) slots
+        buckets = [math.ceil(config.sketch_slots * p.hot / config.bucket_size) for p in pools]
+        self.bucket_base = [sum(buckets[:g]) for g in range(len(pools))]
+        self.buckets = buckets
+        sketch_params = []
+        for g in pool_of:
+            if g < 0:
+                sketch_params.append([0] * 6)
+            else:
+                sketch_params.append(hash_coefficients(config.seed, "cafe-sketch", pools[g].dim)
+                                     + [buckets[g], self.bucket_base[g]])
         self.register_training_buffer("sketch_params", torch.tensor(sketch_params, dtype=torch.int64,
                                                                     device=self.device))
         self.register_training_buffer("sketch_keys", torch.full((sum(buckets), config.bucket_size), -1,
                                                                 dtype=torch.int64, device=self.device))
         self.register_training_buffer("sketch_scores", torch.zeros(sum(buckets), config.bucket_size,
                                                                    device=self.device))
-        self.storage = storage_collection(
-            [(f.name, h + m, f.embedding_dim, [f.name]) for f, (h, m) in zip(self.features, sizes)],
-            self.pooling,
-            self._is_weighted,
-            self.device,
-        )
+        tables, seen = [], set()
+        for i, f in enumerate(self.features):
+            g = pool_of[i]
+            if g < 0:
+                tables.append((f.name, f.num_embeddings, f.embedding_dim, [f.name]))
+            elif g not in seen:
+                seen.add(g)
+                p = pools[g]
+                tables.append((self.table_names[i], p.hot + sum(rows[j] for j in p.features), p.dim,
+                               [self.features[j].name for j in p.features]))
+        self.storage = storage_collection(tables, self.pooling, self._is_weighted, self.device)
+        if config.hot_from_counts and self.device.type != "meta":
+            self._hot_from_counts()
 
     @torch.no_grad()
     def _hot_from_counts(self) -> None:
-        """The initial hot set: per feature with counts, its ``H_f`` most frequent ids (ties: smaller id)."""
-        for i, f in enumerate(self.features):
-            hot = self.hot_sizes[i]
-            if hot == 0 or f.counts is None:
+        """The initial hot set: per pool, the ``H`` most frequent ids of its features (ties: smaller key)."""
+        keys, slots = [], []
+        for p in self.pools:
+            if p.hot == 0:
                 continue
-            counts = np.asarray(f.counts)
-            top = np.argsort(-counts, kind="stable")[:hot]
-            top = np.sort(top[counts[top] > 0])
-            k = len(top)
-            lo = self.hot_base[i]
-            self.hot_keys[lo:lo + k] = torch.as_tensor(top, dtype=torch.int64) + self.key_base[i]
-            self.hot_slots[lo:lo + k] = torch.arange(k)
+            have = [i for i in p.features if self.features[i].counts is not None]
+            if not have:
+                continue
+            counts = np.concatenate([np.asarray(self.features[i].counts, dtype=np.float64) for i in have])
+            key = np.concatenate([self.key_base[i] + np.arange(self.features[i].num_embeddings) for i in have])
+            top = np.argsort(-counts, kind="stable")[:p.hot]
+            top = top[counts[top] > 0]
+            keys.append(torch.as_tensor(key[top], dtype=torch.int64))
+            slots.append(torch.arange(top.size, dtype=torch.int64))
+        if keys:
+            self._set_index(torch.cat(keys).to(self.device), torch.cat(slots).to(self.device))
+
+    def _set_index(self, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        order = torch.argsort(keys)
+        k = keys.numel()
+        self.hot_keys.fill_(self.pad_key)
+        self.hot_slots.zero_()
+        self.hot_keys[:k] = keys[order]
+        self.hot_slots[:k] = slots[order]
 
     # ----- lookup -----
     def _keys_and_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.params[feature]  # [N, 8]
-        m, n, hot, base = p[:, 4], p[:, 5], p[:, 6], p[:, 7]
+        m, offset, base = p[:, 4], p[:, 6], p[:, 7]
         hashed = ids % m if self.hash_fn == "modulo" else universal_hash(ids, p[:, :4], m)
         keys = base + ids
-        rows = hot + hashed
+        rows = offset + hashed
         if self.hot_keys.numel():
             at = torch.searchsorted(self.hot_keys, keys).clamp(max=self.hot_keys.numel() - 1)
             rows = torch.where(self.hot_keys[at] == keys, self.hot_slots[at], rows)
-        return keys, torch.where((hot > 0) | (m < n), rows, ids)
+        return keys, torch.where(offset >= 0, rows, ids)
 
     def rows(self, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        """Storage rows of ids ``[N]`` of features (indices into this module's features) ``[N]``."""
+        """Rows of ids ``[N]`` of features (indices into this module's features) ``[N]`` in their tables."""
         return self._keys_and_rows(ids, feature)[1]
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -285,6 +407,13 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             scores = scores * weights.abs()
         elif self.pooling is Pooling.MEAN:
             scores = scores / lengths[bag].to(scores.dtype)
+        if self.normalize_scores:  # each feature's scores in this batch average 1 (a zero-gradient feature: 0)
+            f = len(self.features)
+            total = torch.zeros(f, dtype=scores.dtype, device=scores.device).index_add_(0, feature, scores)
+            count = torch.zeros(f, dtype=scores.dtype, device=scores.device).index_add_(
+                0, feature, torch.ones_like(scores))
+            scale = torch.where(total > 0, count / total.clamp(min=torch.finfo(scores.dtype).tiny), 0.0)
+            scores = scores * scale[feature]
         tracked = self.sketch_params[feature, 4] > 0
         self.update_sketch(keys[tracked], scores[tracked], feature[tracked])
 
@@ -298,8 +427,7 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             0, inverse, scores.to(self.sketch_scores.dtype))
         feature = torch.zeros_like(keys).scatter_(0, inverse, feature)
         sp = self.sketch_params[feature]
-        ids = keys - self.params[feature, 7]
-        bucket = sp[:, 5] + universal_hash(ids, sp[:, :4], sp[:, 4])
+        bucket = sp[:, 5] + universal_hash(keys, sp[:, :4], sp[:, 4])
         c = self.bucket_size
         match = self.sketch_keys[bucket] == keys[:, None]  # [U, c]: at most one slot holds the key
         hit = match.any(dim=1)
@@ -333,60 +461,68 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
 
     @torch.no_grad()
     def migrate(self) -> None:
-        """Give the ``H_f`` highest-scoring sketch entries of each feature exclusive rows (see the docstring)."""
+        """Give the ``H`` highest-scoring sketch entries of each pool exclusive rows (see the docstring)."""
         if not isinstance(self.storage, EmbeddingBagCollection | FusedEmbeddingBagStorage):  # DMP-sharded
             raise RuntimeError(
                 "cafe: migration writes storage rows and needs the same sketch on every rank; it is not "
                 "implemented for sharded (DMP) storage; build with CafeConfig(migrate_every=0) to train sharded "
                 "with a fixed mapping"
             )
-        for i, f in enumerate(self.features):
-            hot = self.hot_sizes[i]
-            buckets = int(self.sketch_params[i, 4])
-            if hot == 0 or buckets == 0:
+        device = self.hot_keys.device
+        real = self.hot_keys != self.pad_key
+        all_keys, all_slots = self.hot_keys[real], self.hot_slots[real]
+        key_base = torch.tensor(self.key_base, dtype=torch.int64, device=device)
+        pool_of = torch.tensor(self.pool_of, dtype=torch.int64, device=device)
+        key_pool = pool_of[torch.searchsorted(key_base, all_keys, right=True) - 1]
+        states = self.storage.optimizer_states() if isinstance(self.storage, FusedEmbeddingBagStorage) else {}
+        keys_out, slots_out = [], []
+        for g, p in enumerate(self.pools):
+            mine = key_pool == g
+            old_keys, old_slots = all_keys[mine], all_slots[mine]
+            if p.hot == 0 or self.buckets[g] == 0:
                 continue
-            lo = self.bucket_base[i]
-            keys = self.sketch_keys[lo:lo + buckets].reshape(-1)
-            scores = self.sketch_scores[lo:lo + buckets].reshape(-1)
+            lo = self.bucket_base[g]
+            keys = self.sketch_keys[lo:lo + self.buckets[g]].reshape(-1)
+            scores = self.sketch_scores[lo:lo + self.buckets[g]].reshape(-1)
             order = torch.sort(keys, stable=True).indices
             order = order[torch.sort(-scores[order], stable=True).indices]  # score desc, then key asc
-            order = order[keys[order] >= 0][:hot]
+            order = order[keys[order] >= 0][:p.hot]
             new = keys[order]  # the new hot set, hottest first
-            segment = slice(self.hot_base[i], self.hot_base[i] + hot)
-            pad = self.key_base[i] + f.num_embeddings
-            old_keys, old_slots = self.hot_keys[segment], self.hot_slots[segment]
-            real = old_keys != pad
-            old_keys, old_slots = old_keys[real], old_slots[real]
             stay = torch.isin(old_keys, new)
             entering = new[~torch.isin(new, old_keys)]
-            used = torch.zeros(hot, dtype=torch.bool, device=keys.device)
+            used = torch.zeros(p.hot, dtype=torch.bool, device=device)
             used[old_slots[stay]] = True
             free = (~used).nonzero()[:, 0][: entering.numel()]
-            # an entering id's exclusive row starts as its current (hashed) vector
-            weight = self.storage.embedding_bags[f.name].weight
-            ids = entering - self.key_base[i]
-            feature = torch.full_like(ids, i)
-            weight[free] = weight[self.rows(ids, feature)]
-            keys_out = torch.cat([old_keys[stay], entering])
-            slots_out = torch.cat([old_slots[stay], free])
-            sort = torch.argsort(keys_out)
-            k = keys_out.numel()
-            self.hot_keys[segment] = torch.cat([keys_out[sort], torch.full((hot - k,), pad, device=keys.device)])
-            self.hot_slots[segment] = torch.cat([slots_out[sort], torch.zeros(hot - k, dtype=torch.int64,
-                                                                             device=keys.device)])
+            # an entering id's exclusive row starts as its current (hashed) vector, and (optimizer_state
+            # "copy") with that row's fused optimizer state
+            feature = torch.searchsorted(key_base, entering, right=True) - 1
+            source = self._keys_and_rows(entering - key_base[feature], feature)[1]
+            table = self.table_names[p.features[0]]
+            weight = self.storage.embedding_bags[table].weight
+            weight[free] = weight[source]
+            for name, state in states.items():
+                if name.rsplit(".", 1)[0] == table and state.shape[0] == weight.shape[0]:
+                    if self.optimizer_state == "copy":
+                        state[free] = state[source]
+                    elif self.optimizer_state == "reset":
+                        state[free] = 0
+            keys_out += [old_keys[stay], entering]
+            slots_out += [old_slots[stay], free]
+        if keys_out:
+            self._set_index(torch.cat(keys_out), torch.cat(slots_out))
         if self.decay != 1.0:
             self.sketch_scores.mul_(self.decay)
 
     @torch.no_grad()
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
         """Hot rows = the trained rows of the hot ids; hashed rows = the mean trained row of the other ids
-        sharing each (used by ``compress``); a full feature copies its table."""
+        sharing each (used by ``compress``); a full feature copies its table. Under ``multiplex`` a hashed
+        row that several features' ids share ends with the mean of the last of them initialised."""
         i = self.feature_names.index(name)
-        table = self.storage.embedding_bags[name].weight
-        hot = self.hot_sizes[i]
+        table = self.storage.embedding_bags[self.table_names[i]].weight
         n = weight.shape[0]
         weight = weight.to(table)
-        if hot == 0 and table.shape[0] == n:
+        if self.pool_of[i] < 0:
             table.copy_(weight)
             return "trained weights copied (identity mapping)"
         sums = torch.zeros_like(table)
@@ -396,15 +532,15 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             rows = self.rows(ids, torch.full_like(ids, i))
             sums.index_add_(0, rows, weight[start:start + ids.numel()])
             hits.index_add_(0, rows, torch.ones_like(ids, dtype=table.dtype))
-        used = hits > 0
+        used = hits > 0  # this feature's rows only: its hot ids' and its hashed segment
         table[used] = sums[used] / hits[used, None]
         return f"{self.hot_ids(name).numel():,} hot rows copied, hashed rows the mean of their ids' trained rows"
 
     def hot_ids(self, name: str) -> torch.Tensor:
         """The ids of feature ``name`` that hold an exclusive row now (sorted)."""
         i = self.feature_names.index(name)
-        keys = self.hot_keys[self.hot_base[i]:self.hot_base[i] + self.hot_sizes[i]]
-        return keys[keys != self.key_base[i] + self.features[i].num_embeddings] - self.key_base[i]
+        lo, hi = self.key_base[i], self.key_base[i] + self.features[i].num_embeddings
+        return self.hot_keys[(self.hot_keys >= lo) & (self.hot_keys < hi)] - lo
 
     # ----- planning (pure) -----
     @classmethod
@@ -412,27 +548,32 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         if config.hot_rows is not None or budget_bytes is None:
             return config
 
-        def sizes(cap: int) -> list[tuple[int, int]]:
-            return [(0, f.num_embeddings) if f.num_embeddings <= cap else _split(f, cap, config.hot_fraction)
-                    for f in features]
+        def sized(cap: int) -> CafeConfig:
+            hot, hashed = _plan_sizes(features, cap, config)
+            return dataclasses.replace(config, hot_rows=hot if len(hot) > 1 else sum(hot.values()),
+                                       hash_rows={f.name: m for f, m in zip(features, hashed)})
 
-        def total(cap: int) -> int:
-            return sum(_feature_bytes(f, h, m) for f, (h, m) in zip(features, sizes(cap)))
+        def total(cap: int) -> int:  # from the sizes directly: a huge cap's row counts are no valid config
+            hot, hashed = _plan_sizes(features, cap, config)
+            tables = sum(m * f.embedding_dim * FP32 + PARAM_BYTES for f, m in zip(features, hashed))
+            return tables + sum(h * (d * FP32 + HOT_INDEX_BYTES) for d, h in hot.items())
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
             raise smallest_budget_error("cafe", total(1), budget_bytes, features, "one row per feature")
-        chosen = sizes(cap)
-        return dataclasses.replace(config, hot_rows={f.name: h for f, (h, _) in zip(features, chosen)},
-                                   hash_rows={f.name: m for f, (_, m) in zip(features, chosen)})
+        return sized(cap)
 
     @classmethod
     def describe(cls, features, config):
+        rows, pools = _layout(features, config)
+        pool_dims = {i: p.dim for p in pools for i in p.features}
         plans = []
-        for f, (h, m) in zip(features, _sizes(features, config)):
-            compressed = h > 0 or m < f.num_embeddings
+        for i, (f, m) in enumerate(zip(features, rows)):
+            compressed = i in pool_dims
             plans.append(FeaturePlan(
-                f.name, f.num_embeddings, f.embedding_dim, h + m, f.embedding_dim, _feature_bytes(f, h, m), compressed,
-                f"{h:,} hot + {m:,} {config.hash_fn}-hashed rows" if compressed else "identity",
+                f.name, f.num_embeddings, f.embedding_dim, m, f.embedding_dim, m * f.embedding_dim * FP32 + PARAM_BYTES,
+                compressed, f"{m:,} {config.hash_fn}-hashed rows + the dim-{f.embedding_dim} hot pool" if compressed
+                else "identity",
             ))
-        return plans, {}
+        shared = {f"hot pool (dim {p.dim}, {p.hot:,} rows)": p.hot * (p.dim * FP32 + HOT_INDEX_BYTES) for p in pools}
+        return plans, shared
