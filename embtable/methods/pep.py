@@ -154,16 +154,22 @@ class _CSRStorage:
         self.row_offsets = starts
 
     def sparse_rows(self, i: int, ids: torch.Tensor) -> torch.Tensor:
-        """Dense ``[N, d]`` rows of feature ``i``'s ids, decoded from the CSR buffers."""
+        """Dense ``[N, d]`` rows of feature ``i``'s ids, decoded from the CSR buffers.
+
+        A row holds at most ``d`` entries, so slot ``k < d`` of id ``n`` reads entry ``row_ptr[r] + k`` when
+        ``k`` is below the row's count and nothing otherwise: a fixed-size gather (no data-dependent number
+        of entries, so ``torch.export`` traces it), and the stored bytes stay the CSR buffers'.
+        """
         rows = ids + self.row_offsets[i]
         start = self.csr_row_ptr[rows].to(torch.int64)
-        count = self.csr_row_ptr[rows + 1].to(torch.int64) - start  # [N]
-        total = int(count.sum())
-        entry_row = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count, output_size=total)
-        first = torch.cumsum(count, 0) - count
-        entry = torch.arange(total, device=ids.device) - first[entry_row] + start[entry_row]
-        out = torch.zeros(ids.numel(), self.features[i].embedding_dim, device=ids.device)
-        return out.index_put_((entry_row, self.csr_columns[entry].to(torch.int64)), self.csr_values[entry])
+        count = self.csr_row_ptr[rows + 1].to(torch.int64) - start  # [N], each <= d
+        slot = torch.arange(self.features[i].embedding_dim, device=ids.device)
+        kept = slot < count[:, None]  # [N, d]
+        entry = torch.where(kept, start[:, None] + slot, 0)  # entry 0 always exists; its reads are masked
+        values = torch.where(kept, self.csr_values[entry], 0.0)
+        columns = torch.where(kept, self.csr_columns[entry].to(torch.int64), 0)  # (entry 0 may be a wider feature's)
+        out = torch.zeros(ids.shape[0], self.features[i].embedding_dim, device=ids.device)
+        return out.scatter_add(1, columns, values)  # a row's columns are distinct: each slot gets its one value
 
 
 @register_method(PEPConfig)
