@@ -180,9 +180,6 @@ def test_quantized_lookups_are_within_the_row_wise_bound(dtype):
 # serve a different form (packed codes without the query table, pep's CSR rows) or hold TorchRec closures the
 # pickle cannot store (managed_collision). They export with format="pt2" (tests/test_serving.py), except pep.
 LEGACY_FORMAT_GAPS = {
-    "dpq": "serving form (codes, no query table) is not rebuilt from the config",
-    "mgqe": "serving form (codes, no query table) is not rebuilt from the config",
-    "pep": "serving form (CSR rows) is not rebuilt from the config",
     "managed_collision": "TorchRec's MCH module registers a local closure the pickle format cannot store",
 }
 
