@@ -433,6 +433,9 @@ def _rebuild(spec: dict[str, Any], original: nn.Module, device: torch.device) ->
             module = GroupedEmbeddingCollection(inner, tables, original.embedding_configs(), args["need_indices"])
         else:
             module = inner
+    # the file holds the serving form (pep's CSR rows, dpq's codes without a query table): build it the same
+    # way export did, then the state dict fills it
+    module = _serving_form(spec["path"], module)
     for leaf in spec["quantized"]:
         new = (QuantizedEmbeddingBag(leaf["num_embeddings"], leaf["embedding_dim"], leaf["dtype"], leaf["mode"],
                                      leaf["include_last_offset"], device=device) if leaf["bag"]
@@ -801,8 +804,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, dtype: str = "fp32
         except torch._dynamo.exc.UserError as err:
             if "batch" not in str(err):
                 raise
-            # some mappings (qr, unified: TorchRec views of their stacked bags) guard "batch != 1"; such a
-            # program serves batches >= 2 (a server pads a single request), recorded as min_batch
+            # a model whose own code guards "batch != 1" (e.g. a transpose + reshape of its pooled bags:
+            # the view check specialises a batch of 1) gets a program for batches >= 2 (a server pads a
+            # single request), recorded as min_batch; every embtable method serves batch 1
             min_batch = 2
             program = torch.export.export(wrapper, tuple(flat), strict=False,
                                           dynamic_shapes={"args": _dynamic_shapes(signature, flat, min_batch)})

@@ -38,10 +38,27 @@ def pool_rows(rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor |
 
 
 def select_features(kjt: KeyedJaggedTensor, indices: Sequence[int]) -> KeyedJaggedTensor:
-    """The KJT restricted to the keys at ``indices`` (in that order)."""
-    if list(indices) == list(range(len(kjt.keys()))):
+    """The KJT restricted to the keys at ``indices`` (in that order).
+
+    Traced (``torch.export``), slices of the values and lengths instead of ``kjt.permute``: TorchRec's
+    permute asserts under a non-strict export that the kept keys hold at least one id, so a program would
+    fail on a batch where they hold none (e.g. a batch of 1 whose full-table features are empty).
+    """
+    from .module import is_tracing
+
+    indices = list(indices)
+    if indices == list(range(len(kjt.keys()))):
         return kjt
-    return kjt.permute(list(indices))
+    if not is_tracing() or kjt.variable_stride_per_key():
+        return kjt.permute(indices)
+    keys, per_key, stride = kjt.keys(), kjt.length_per_key(), kjt.stride()
+    values, lengths = kjt.values().split(per_key), kjt.lengths().split([stride] * len(keys))
+    weights = kjt.weights_or_none()
+    if weights is not None:
+        weights = torch.cat([weights.split(per_key)[i] for i in indices])
+    return KeyedJaggedTensor(keys=[keys[i] for i in indices], values=torch.cat([values[i] for i in indices]),
+                             lengths=torch.cat([lengths[i] for i in indices]), weights=weights, stride=stride,
+                             length_per_key=[per_key[i] for i in indices])
 
 
 def pooled_full_and_rows(module, kjt: KeyedJaggedTensor, row_fns: Sequence) -> torch.Tensor:

@@ -176,13 +176,10 @@ def test_quantized_lookups_are_within_the_row_wise_bound(dtype):
     assert E.QuantizedEmbedding.from_float(nn.Embedding(10, 4), dtype)(torch.tensor([[1], [2]])).shape == (2, 1, 4)
 
 
-# The pickle format rebuilds each table module from its config, which gives the TRAINING form; these methods
-# serve a different form (packed codes without the query table, pep's CSR rows) or hold TorchRec closures the
-# pickle cannot store (managed_collision). They export with format="pt2" (tests/test_serving.py), except pep.
+# The pickle format rebuilds each table module in its serving form (packed codes, sparse rows) before it loads
+# the state; these methods hold TorchRec closures the pickle cannot store (managed_collision). They export
+# with format="pt2" (tests/test_serving.py).
 LEGACY_FORMAT_GAPS = {
-    "dpq": "serving form (codes, no query table) is not rebuilt from the config",
-    "mgqe": "serving form (codes, no query table) is not rebuilt from the config",
-    "pep": "serving form (CSR rows) is not rebuilt from the config",
     "managed_collision": "TorchRec's MCH module registers a local closure the pickle format cannot store",
 }
 

@@ -26,10 +26,7 @@ METHODS = sorted(embtable.registered_methods())
 
 # THE one list of methods that are not traceable yet (method -> why). A method added here is still run by
 # every test below, as an expected failure; remove it from here once it traces.
-NOT_TRACEABLE: dict[str, str] = {  # (they compile without graph breaks; torch.export refuses them)
-    "robe": "the traced lookup's offsets violate a dynamic-shape constraint on the id count (torch.export UserError)",
-    "pep": "its CSR gather reads a data-dependent nnz per bag (GuardOnDataDependentSymNode)",
-}
+NOT_TRACEABLE: dict[str, str] = {}
 
 TRACEABLE = [m for m in METHODS if m not in NOT_TRACEABLE]
 # dtypes beyond fp32/int8 (the same quantised storage for every method): checked on two methods
@@ -214,8 +211,7 @@ def test_pt2_program_loads_without_embtable_and_matches(method, dtype, served):
     reference, outputs, reports, _ = served
     row = EXPORTS[dtype].index(method)
     for (eager, trained), program in zip(reference[dtype], outputs[dtype]):
-        if program is None:  # batch 1 where the program's min_batch is 2 (qr, unified; see export_program)
-            continue
+        assert program is not None, "every method's program serves a batch of 1 (min_batch 1)"
         assert program.shape == eager.shape
         torch.testing.assert_close(program[row], eager[row], atol=TOLERANCE, rtol=TOLERANCE)
         if dtype == "fp32":  # fp32 export predicts exactly as the trained model
@@ -231,7 +227,7 @@ def test_pt2_metadata_and_errors(served, tmp_path):
     extra = {E.PT2_METADATA: ""}
     torch.export.load(folder / "int8.pt2", extra_files=extra)
     meta = json.loads(extra[E.PT2_METADATA])
-    assert meta["min_batch"] in (1, 2)
+    assert meta["min_batch"] == 1
     assert meta["format"] == E.PT2_FORMAT and meta["dtype"] == "int8"
     assert meta["inputs"] == ["arg0", "arg1.values", "arg1.lengths"]
     assert [m["method"] for m in meta["modules"]] == EXPORTS["int8"]
@@ -240,3 +236,39 @@ def test_pt2_metadata_and_errors(served, tmp_path):
         E.export(dlrm("full"), tmp_path / "x.pt2", format="pt2")
     with pytest.raises(ValueError, match="batch of at least 2"):
         E.export(dlrm("full"), tmp_path / "x.pt2", format="pt2", example_inputs=inputs(1))
+
+
+class CTRZoo(nn.Module):
+    """The other CTR models (not DLRM) over a few methods: ``(dense, kjt) -> [models x methods, B]``."""
+
+    MODELS = ("dcn_v2", "deepfm", "wide_deep")
+
+    def __init__(self, methods: list[str]) -> None:
+        super().__init__()
+        from ctr_models import build_model
+
+        models = []
+        for name in self.MODELS:
+            for method in methods:
+                torch.manual_seed(0)
+                module = embtable.build(make_features(), CASES[method].config, CASES[method].budget, seed=0)
+                models.append(build_model(name, module, NUM_DENSE))
+        self.models = nn.ModuleList(models)
+
+    def forward(self, dense: torch.Tensor, kjt) -> torch.Tensor:
+        return torch.stack([model(dense, kjt) for model in self.models])
+
+
+def test_compile_fullgraph_other_ctr_models():
+    """dcn_v2, deepfm and wide_deep over hash and qr compile as ONE graph (fullgraph=True) and match eager.
+
+    Dynamo's capture is what fullgraph checks; the ``eager`` backend skips the compiler (slow on CPU).
+    """
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    model = CTRZoo([m for m in ("hash", "qr") if m in TRACEABLE]).eval()
+    dense, kjt = inputs(4)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(dense, kjt), model(dense, kjt))

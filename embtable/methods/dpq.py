@@ -62,6 +62,7 @@ from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..module import EmbeddingModule, storage_collection, storage_values
+from ..pooling import select_features
 
 __all__ = [
     "DPQConfig",
@@ -484,7 +485,7 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
         out: dict[str, torch.Tensor] = {}
         if self.storage is not None:
             names = [f.name for f in self.plain]
-            sub = kjt.permute([self.feature_names.index(n) for n in names])
+            sub = select_features(kjt, [self.feature_names.index(n) for n in names])  # traceable with no ids
             out.update(zip(names, storage_values(self.storage(sub), names).split([f.embedding_dim for f in self.plain], 1)))
         if self.quantizers:
             per_feature = kjt.to_dict()

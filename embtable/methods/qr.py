@@ -526,7 +526,10 @@ class QREmbeddingBagCollection(EmbeddingModule):
                 combined = self._combine_then_pool(storage, group_kjt)  # [G * B, d]
             else:
                 combined = self._combine(storage_values(storage(group_kjt), list(group_kjt.keys())), g)
-            sources[gi] = combined.view(len(g.features), kjt.stride(), g.dim).transpose(0, 1).reshape(kjt.stride(), -1)
+            # [G * B, d] feature-major -> [B, G * d]: slices, not a transpose + reshape (whose view check
+            # guards "batch != 1" under torch.export, so the program would refuse a batch of 1)
+            b = kjt.stride()
+            sources[gi] = torch.cat([combined[a * b:(a + 1) * b] for a in range(len(g.features))], dim=1)
         if len(self._runs) == 1:
             return sources[self._runs[0][0]]
         return torch.cat([sources[src][:, a:b] for src, a, b in self._runs], dim=1)

@@ -51,7 +51,7 @@ from ..budget import FP32, FeaturePlan, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule
+from ..module import EmbeddingModule, per_id
 
 __all__ = ["RobeConfig", "RobeEmbeddingBagCollection"]
 
@@ -153,25 +153,23 @@ class RobeEmbeddingBagCollection(EmbeddingModule):
         params = self.block_params[feature]  # [N, B, 6]
         if self.hash_fn == "identity":
             return (params[..., 4] + ids[:, None] * params[..., 5]) % self.size
-        n, b = params.shape[:2]
-        flat_ids = ids[:, None].expand(n, b).reshape(-1)
-        return universal_hash(flat_ids, params[..., :4].reshape(-1, 4), self.size).view(n, b)
+        # one hash per block (B is a few): no reshape that ties the id count to the blocks, which a traced
+        # program would have to guard (torch.export specialises an id count of 1)
+        return torch.stack([universal_hash(ids, params[:, j, :4], self.size) for j in range(self.num_blocks)], dim=1)
 
     def embeddings(self, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """Unpooled vectors ``[N, B * Z]`` (the first ``d_f`` values are feature ``f``'s embedding)."""
         window = torch.arange(self.block_size, dtype=torch.int64, device=ids.device)
         index = (self.offsets(ids, feature)[..., None] + window) % self.size  # [N, B, Z], circular
-        return self.array(index).view(ids.numel(), self.num_blocks * self.block_size)
+        return self.array(index).flatten(1)  # [N, B * Z * 1]
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         ids = kjt.values()
         num_features, batch = len(self.features), kjt.stride()
         width = self.num_blocks * self.block_size
         lengths = kjt.lengths()
-        feature = torch.repeat_interleave(
-            torch.arange(num_features, device=ids.device),
-            torch.tensor(kjt.length_per_key(), device=ids.device), output_size=ids.numel(),
-        )
+        # from the lengths, not kjt.length_per_key() (Python ints: a host read-back a traced program avoids)
+        feature = per_id(kjt, torch.arange(num_features, device=ids.device), ids.numel())
         bag = torch.repeat_interleave(torch.arange(num_features * batch, device=ids.device), lengths,
                                       output_size=ids.numel())  # (feature, sample) of every id
         vectors = self.embeddings(ids, feature)

@@ -384,12 +384,13 @@ class UnifiedEmbeddingBagCollection(EmbeddingModule):
         out = self.storage(self.mapper(kjt)).values()  # [K*B, T*c], bags slot-major
         if self.layout.num_tables > 1:
             out = out.view(num_slots * batch, self.layout.num_tables, c).sum(1)  # add the tables' partial sums
-        out = out.view(num_slots, batch, c).transpose(0, 1)  # [B, K, c]
         if self.pooling is Pooling.MEAN:
             lengths = kjt.lengths().view(len(self.features), batch)  # [F, B]
-            slot_lengths = lengths.index_select(0, self.mapper.slot_feature_tensor(lengths.device)).t()  # [B, K]
+            slot_lengths = lengths.index_select(0, self.mapper.slot_feature_tensor(lengths.device)).reshape(-1)  # [K*B]
             out = out / slot_lengths.clamp(min=1).unsqueeze(-1).to(out.dtype)
-        return out.reshape(batch, num_slots * c)  # [B, sum_f d_f], features in order, probes in order
+        # [K*B, c] slot-major -> [B, K*c]: slices, not a transpose + reshape (whose view check guards
+        # "batch != 1" under torch.export, so the program would refuse a batch of 1)
+        return torch.cat([out[k * batch:(k + 1) * batch] for k in range(num_slots)], dim=1)  # features, probes in order
 
     @torch.no_grad()
     def collision_rates(self, ids_per_feature: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, float]:
