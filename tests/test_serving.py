@@ -87,10 +87,7 @@ def zoo_explained():
 
 
 # Methods that export (torch.export handles the branch) but still break a torch.compile graph (method -> why)
-GRAPH_BREAKS: dict[str, str] = {
-    "dpq": "eval checks whether the packed codes are stale (a data-dependent branch, dpq.py _codes_current)",
-    "mgqe": "the same stale-codes check as dpq",
-}
+GRAPH_BREAKS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("method", [

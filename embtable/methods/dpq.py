@@ -61,7 +61,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
-from ..module import EmbeddingModule, storage_collection, storage_values
+from ..module import EmbeddingModule, is_tracing, storage_collection, storage_values
 from ..pooling import select_features
 
 __all__ = [
@@ -472,6 +472,8 @@ class DPQEmbeddingBagCollection(EmbeddingModule):
         if any(type(c) is not EmbeddingCollection for c in self.query.values()):
             return False
         if any(self._query_table(q.name) is None for q in self.quantizers):
+            return True
+        if is_tracing():  # a traced graph cannot read tensor versions: it serves the codes eval() refreshed
             return True
         return self._refreshed == self._versions()
 
