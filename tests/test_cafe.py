@@ -292,3 +292,59 @@ def test_multiplex_hashes_every_feature_into_all_hashed_rows_at_the_same_bytes()
     assert set(mux.rows(a, zeros).tolist()) == set(range(4, 28)) == set(mux.rows(c, ones).tolist())
     assert embtable.memory_report(mux).inference_bytes == embtable.memory_report(own).inference_bytes
     assert embtable.plan(feats, CafeConfig(**sizes, multiplex=True)).total_bytes == embtable.memory_report(mux).inference_bytes
+
+
+MEDIUM = dict(hot_rows=2, medium_ids=3, hash_rows={"a": 16, "b": 50}, hot_from_counts=False, migrate_every=1)
+
+
+def _migrate_to(module, scores):
+    module.update_sketch(torch.tensor(list(scores)), torch.tensor(list(scores.values()), dtype=torch.float32),
+                         torch.zeros(len(scores), dtype=torch.int64))
+    module.migrate()
+
+
+def test_medium_ids_read_the_sum_of_two_hashed_rows_at_exact_bytes():
+    module = embtable.build(FEATS, CafeConfig(**MEDIUM))
+    _migrate_to(module, {10: 5.0, 11: 4.0, 12: 3.0, 13: 2.0, 14: 1.0})
+    assert module.hot_ids("a").tolist() == [10, 11] and module.medium_keys.tolist() == [12, 13, 14]
+    ids = torch.tensor([10, 12, 13, 14, 20])
+    feature = torch.zeros(5, dtype=torch.int64)
+    first, second = module.rows(ids, feature), module.second_rows(ids, feature)
+    hashed = range(2, 2 + 16)  # H = 2 hot rows, then the 16 hashed rows, then the zero row (18)
+    assert first[0] < 2 and all(r in hashed for r in first[1:].tolist())
+    assert all(r in hashed for r in second[1:4].tolist()) and second[[0, 4]].tolist() == [18, 18]
+    weight = module.storage.embedding_bags[module.table_names[0]].weight.detach()
+    with torch.no_grad():
+        weight[2:18] = torch.randn(16, 4)
+    out = module(_kjt(ids.tolist(), a_lengths=[1] * 5)).values()[:, :4]
+    assert torch.allclose(out[1:4], weight[first[1:4]] + weight[second[1:4]])
+    assert torch.equal(out[[0, 4]], weight[first[[0, 4]]])
+    # bytes: per feature m * d * 4 + 64, the hot pool H * (d * 4 + 16), the medium index K * 8 + zero row d * 4
+    inference = 16 * 16 + 64 + 50 * 16 + 64 + 2 * (16 + 16) + 3 * 8 + 16
+    assert embtable.memory_report(module).inference_bytes == inference
+    assert embtable.plan(FEATS, CafeConfig(**MEDIUM)).total_bytes == inference
+    feats = [FeatureSpec("big", 100_000, 16), FeatureSpec("c", 5000, 16)]
+    p = embtable.plan(feats, CafeConfig(medium_ratio=2.0), "1/100")
+    assert p.config.medium_ids == 2 * p.config.hot_rows > 0 and 0.95 * p.budget_bytes <= p.total_bytes
+    big = embtable.build(feats, p.config)
+    assert embtable.memory_report(big).inference_bytes == p.total_bytes <= p.budget_bytes
+
+
+def test_medium_level_training_keeps_the_zero_row_and_promotion_keeps_outputs():
+    module = embtable.build(FEATS, CafeConfig(**MEDIUM))
+    _migrate_to(module, {10: 5.0, 11: 4.0, 12: 3.0, 13: 2.0, 14: 1.0})
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    opt.zero_grad()
+    module(_kjt([12, 20, 30])).values().square().sum().backward()
+    opt.step()
+    weight = module.storage.embedding_bags[module.table_names[0]].weight
+    assert weight[18].abs().sum() > 0  # the non-medium ids' second lookups moved it ...
+    module.train_step_end(1)  # ... and the step end zeroes it again (migrate_every=1: migrates too)
+    assert weight[18].abs().sum() == 0
+    probe = _kjt([12, 13, 20], a_lengths=[1, 1, 1])
+    before = module(probe).values().detach()
+    # 12 (medium) becomes hot: its exclusive row starts as the sum of its two rows
+    _migrate_to(module, {12: 100.0})
+    assert 12 in module.hot_ids("a").tolist() and 12 not in module.medium_keys.tolist()
+    assert torch.allclose(module(probe).values()[0], before[0])

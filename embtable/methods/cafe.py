@@ -97,6 +97,7 @@ __all__ = ["CafeConfig", "CafeEmbeddingBagCollection"]
 
 PARAM_BYTES = 8 * 8  # a0, a1, a2, b, m, n, row offset, key base per feature, int64
 HOT_INDEX_BYTES = 8 + 8  # per hot row: its key (int64) in the sorted index and its slot (int64)
+MEDIUM_INDEX_BYTES = 8  # per medium id: its key (int64) in the sorted medium index
 SKETCH_SLOT_BYTES = 8 + 4  # training only: key (int64) and score (float32) per sketch slot
 SKETCH_PARAM_BYTES = 6 * 8  # training only: bucket hash a0, a1, a2, b, buckets, first bucket per feature
 HASH_SPLITS = ("proportional", "sqrt", "uniform")
@@ -129,6 +130,10 @@ class CafeConfig(MethodConfig):
         multiplex: the compressed features of a pool hash their cold ids into all of the pool's hashed rows
             (each feature with its own salt, as ``unified`` does) instead of each into its own segment;
             same rows, same bytes.
+        medium_ids: ``K``, the ids of medium importance per pool (int, or ``{dim: K}``), ranked just below the
+            ``H`` hot ones: each reads the sum of its hashed row and a second hashed row (an independent
+            salt, same hashed rows); ``None``: planned as ``medium_ratio * H`` (0 with explicit sizes).
+        medium_ratio: medium ids per hot row the planner gives each pool (0: no medium level, the default).
         hot_from_counts: with ``counts``, start with the ``H`` most frequent ids of the pool hot (their rows
             start at random, as fresh table rows do); the sketch replaces them from the first migration.
         hash_fn: ``"universal"`` (salted hash) or ``"modulo"`` (``id mod m``) for the hashed rows.
@@ -147,6 +152,8 @@ class CafeConfig(MethodConfig):
     normalize_scores: bool = False
     optimizer_state: str = "copy"
     multiplex: bool = True
+    medium_ids: int | Mapping[int, int] | None = None
+    medium_ratio: float = 0.0
     hot_from_counts: bool = True
     hash_fn: str = "universal"
     seed: int = 0
@@ -169,6 +176,15 @@ class CafeConfig(MethodConfig):
         if int(self.migrate_every) != self.migrate_every or self.migrate_every < 0:
             raise ValueError(f"CafeConfig.migrate_every must be an integer >= 0 (0: never), got "
                              f"{self.migrate_every!r}")
+        if not (self.medium_ratio >= 0 and math.isfinite(self.medium_ratio)):
+            raise ValueError(f"CafeConfig.medium_ratio must be a finite number >= 0, got {self.medium_ratio!r}")
+        medium = self.medium_ids.values() if isinstance(self.medium_ids, Mapping) else [self.medium_ids]
+        for v in medium:
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 0 or v > PRIME):
+                raise ValueError(f"CafeConfig.medium_ids must be integers in [0, 2**31 - 1], got {v!r}")
+        if not self.multiplex and (self.medium_ratio or self.medium_ids):
+            raise ValueError("CafeConfig: medium ids (medium_ratio, medium_ids) need multiplex=True (their second "
+                             "row hashes into all of the pool's hashed rows)")
         if not 0 < self.decay <= 1:
             raise ValueError(f"CafeConfig.decay must be in (0, 1], got {self.decay!r}")
         if (self.hot_rows is None) != (self.hash_rows is None):
@@ -189,6 +205,7 @@ class _Pool:
     features: tuple[int, ...]  # indices into the features, in order
     hot: int
     offsets: tuple[int, ...]  # first row of each feature's hashed segment in the pool's table
+    medium: int = 0  # medium ids; > 0: the table has one more row (the zero row, last) and a medium index
 
 
 def _layout(features: Sequence[FeatureSpec], config: CafeConfig) -> tuple[list[int], list[_Pool]]:
@@ -215,12 +232,24 @@ def _layout(features: Sequence[FeatureSpec], config: CafeConfig) -> tuple[list[i
             raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one hot pool each; give "
                              "hot_rows as {dim: rows}")
         hot = {d: int(config.hot_rows) for d in dims}
+    if isinstance(config.medium_ids, Mapping):
+        medium = {int(k): int(v) for k, v in config.medium_ids.items()}
+        unknown = sorted(d for d, v in medium.items() if v and d not in dims)
+        if unknown:
+            raise ValueError(f"cafe: medium_ids gives ids to dims {unknown}, which no compressed feature has "
+                             f"(compressed dims: {sorted(dims)})")
+    else:
+        if config.medium_ids and len(dims) > 1:
+            raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one pool each; give "
+                             "medium_ids as {dim: ids}")
+        medium = {d: int(config.medium_ids or 0) for d in dims}
     pools = []
     for d, members in dims.items():
         h = hot.get(d, 0)
         offsets = [h + sum(rows[j] for j in members[:k]) for k in range(len(members))]
-        pools.append(_Pool(d, tuple(members), h, tuple(offsets)))
+        pools.append(_Pool(d, tuple(members), h, tuple(offsets), medium.get(d, 0)))
     return rows, pools
+
 
 
 def _pool_table_name(features: Sequence[FeatureSpec], dim: int) -> str:
@@ -231,27 +260,31 @@ def _pool_table_name(features: Sequence[FeatureSpec], dim: int) -> str:
     return name
 
 
-def _plan_sizes(features: Sequence[FeatureSpec], cap: int, config: CafeConfig) -> tuple[dict[int, int], list[int]]:
-    """Hot rows per dim and hashed rows per feature when features over ``cap`` ids share ``cap`` rows each."""
+def _plan_sizes(features: Sequence[FeatureSpec], cap: int,
+                config: CafeConfig) -> tuple[dict[int, int], dict[int, int], list[int]]:
+    """Hot rows and medium ids per dim and hashed rows per feature when features over ``cap`` ids share ``cap``
+    rows each."""
     hashed = [f.num_embeddings for f in features]
     dims: dict[int, list[int]] = {}
     for i, f in enumerate(features):
         if f.num_embeddings > cap:
             dims.setdefault(f.embedding_dim, []).append(i)
-    hot = {}
+    hot, medium = {}, {}
+    ratio = config.medium_ratio
     for d, members in dims.items():
         row, k = d * FP32, len(members)
-        allowance = cap * row * k
-        h = max(0, min(int(config.hot_fraction * allowance) // (row + HOT_INDEX_BYTES),
-                       (allowance - k * row) // (row + HOT_INDEX_BYTES)))
-        extra = (allowance - h * (row + HOT_INDEX_BYTES)) // row - k  # hashed rows beyond one per feature
+        allowance = cap * row * k - (row if ratio else 0)  # the medium level's zero row
+        unit = row + HOT_INDEX_BYTES + ratio * MEDIUM_INDEX_BYTES  # a hot row and its share of medium ids
+        h = max(0, min(int(config.hot_fraction * allowance / unit), int((allowance - k * row) / unit)))
+        medium[d] = int(ratio * h)
+        extra = (allowance - h * (row + HOT_INDEX_BYTES) - medium[d] * MEDIUM_INDEX_BYTES) // row - k
         weight = {"proportional": lambda n: n, "sqrt": math.isqrt, "uniform": lambda n: 1}[config.hash_split]
         total = sum(weight(features[i].num_embeddings) for i in members)
         for i in members:
             n = features[i].num_embeddings
             hashed[i] = min(1 + extra * weight(n) // total, n - 1)
         hot[d] = h
-    return hot, hashed
+    return hot, medium, hashed
 
 
 @register_method(CafeConfig)
@@ -307,8 +340,24 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         total_hot = sum(p.hot for p in pools)
         self.register_buffer("hot_keys", torch.full((total_hot,), base, dtype=torch.int64, device=self.device))
         self.register_buffer("hot_slots", torch.zeros(total_hot, dtype=torch.int64, device=self.device))
+        # the medium level: the sorted keys of every medium id of every pool (then padding keys); a medium id's
+        # second row is H + h'_f(x) mod M, h'_f the salt (a1, a0, a2, a2) of h_f's (a0, a1, a2, b): for ids
+        # below 2**31 (x1 = x2 = 0) h_f reads a0, b and h'_f a1, a2, four independent coefficients; the zero
+        # row is the table's last, H + M
+        table_rows = [p.hot + sum(rows[j] for j in p.features) + (1 if p.medium else 0) for p in pools]
+        self.medium_features = [i for i in range(len(self.features)) if pool_of[i] >= 0 and pools[pool_of[i]].medium]
+        self.medium_names = []
+        names = set(self.feature_names)
+        for i in self.medium_features:
+            name = f"{self.features[i].name}@medium"
+            while name in names:
+                name = "_" + name
+            names.add(name)
+            self.medium_names.append(name)
+        total_medium = sum(p.medium for p in pools)
+        self.register_buffer("medium_keys", torch.full((total_medium,), base, dtype=torch.int64, device=self.device))
         # the HotSketch (training only): per pool b_g buckets of c (key, score) slots
-        buckets = [math.ceil(config.sketch_slots * p.hot / config.bucket_size) for p in pools]
+        buckets = [math.ceil(config.sketch_slots * (p.hot + p.medium) / config.bucket_size) for p in pools]
         self.bucket_base = [sum(buckets[:g]) for g in range(len(pools))]
         self.buckets = buckets
         sketch_params = []
@@ -332,30 +381,36 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             elif g not in seen:
                 seen.add(g)
                 p = pools[g]
-                tables.append((self.table_names[i], p.hot + sum(rows[j] for j in p.features), p.dim,
-                               [self.features[j].name for j in p.features]))
+                tables.append((self.table_names[i], table_rows[g], p.dim,
+                               [self.features[j].name for j in p.features]
+                               + [n for j, n in zip(self.medium_features, self.medium_names) if pool_of[j] == g]))
         self.storage = storage_collection(tables, self.pooling, self._is_weighted, self.device)
-        if config.hot_from_counts and self.device.type != "meta":
-            self._hot_from_counts()
+        if self.device.type != "meta":
+            self.zero_medium_rows()
+            if config.hot_from_counts:
+                self._hot_from_counts()
 
     @torch.no_grad()
     def _hot_from_counts(self) -> None:
         """The initial hot set: per pool, the ``H`` most frequent ids of its features (ties: smaller key)."""
-        keys, slots = [], []
+        keys, slots, medium = [], [], []
         for p in self.pools:
-            if p.hot == 0:
+            if p.hot + p.medium == 0:
                 continue
             have = [i for i in p.features if self.features[i].counts is not None]
             if not have:
                 continue
             counts = np.concatenate([np.asarray(self.features[i].counts, dtype=np.float64) for i in have])
             key = np.concatenate([self.key_base[i] + np.arange(self.features[i].num_embeddings) for i in have])
-            top = np.argsort(-counts, kind="stable")[:p.hot]
-            top = top[counts[top] > 0]
+            ranked = np.argsort(-counts, kind="stable")[:p.hot + p.medium]
+            ranked = ranked[counts[ranked] > 0]
+            top, middle = ranked[:p.hot], ranked[p.hot:]
             keys.append(torch.as_tensor(key[top], dtype=torch.int64))
             slots.append(torch.arange(top.size, dtype=torch.int64))
+            medium.append(torch.as_tensor(key[middle], dtype=torch.int64))
         if keys:
             self._set_index(torch.cat(keys).to(self.device), torch.cat(slots).to(self.device))
+            self._set_medium(torch.cat(medium).to(self.device))
 
     def _set_index(self, keys: torch.Tensor, slots: torch.Tensor) -> None:
         order = torch.argsort(keys)
@@ -365,8 +420,27 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         self.hot_keys[:k] = keys[order]
         self.hot_slots[:k] = slots[order]
 
+    def _set_medium(self, keys: torch.Tensor) -> None:
+        self.medium_keys.fill_(self.pad_key)
+        self.medium_keys[:keys.numel()] = torch.sort(keys).values
+
+    @torch.no_grad()
+    def zero_medium_rows(self) -> None:
+        """Zero each pool's zero row (where non-medium ids' second lookup points); ``train_step_end`` calls it
+        after every optimizer step, so the forward passes always read it as zero."""
+        for p in self.pools:
+            if p.medium:
+                weight = self.storage.embedding_bags[self.table_names[p.features[0]]].weight
+                weight[-1] = 0
+
     # ----- lookup -----
     def _keys_and_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, rows, _ = self._lookup(ids, feature)
+        return keys, rows
+
+    def _lookup(self, ids: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, first rows and second rows (medium ids: a second hashed row; others: the pool's zero row;
+        features of pools without medium ids: -1) of ids ``[N]`` of features ``[N]``."""
         p = self.params[feature]  # [N, 8]
         m, offset, base = p[:, 4], p[:, 6], p[:, 7]
         hashed = ids % m if self.hash_fn == "modulo" else universal_hash(ids, p[:, :4], m)
@@ -375,7 +449,17 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
         if self.hot_keys.numel():
             at = torch.searchsorted(self.hot_keys, keys).clamp(max=self.hot_keys.numel() - 1)
             rows = torch.where(self.hot_keys[at] == keys, self.hot_slots[at], rows)
-        return keys, torch.where(offset >= 0, rows, ids)
+        second = torch.full_like(ids, -1)
+        if self.medium_keys.numel():  # a static shape: no data-dependent branch
+            at = torch.searchsorted(self.medium_keys, keys).clamp(max=self.medium_keys.numel() - 1)
+            medium = (self.medium_keys[at] == keys) & (offset >= 0)
+            salt = p[:, [1, 0, 2, 2]]
+            second = torch.where(medium, offset + universal_hash(ids, salt, m), offset + m)
+        return keys, torch.where(offset >= 0, rows, ids), second
+
+    def second_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """Second rows of ids ``[N]`` of features ``[N]``: a medium id's second hashed row, else the zero row."""
+        return self._lookup(ids, feature)[2]
 
     def rows(self, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """Rows of ids ``[N]`` of features (indices into this module's features) ``[N]`` in their tables."""
@@ -387,8 +471,26 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             torch.arange(len(self.features), device=ids.device),
             torch.tensor(kjt.length_per_key(), device=ids.device), output_size=ids.numel(),
         )
-        keys, rows = self._keys_and_rows(ids, feature)
-        out = storage_values(self.storage(with_values(kjt, rows)), self.feature_names)
+        keys, rows, second = self._lookup(ids, feature)
+        if not self.medium_features:
+            out = storage_values(self.storage(with_values(kjt, rows)), self.feature_names)
+        else:  # medium features look up again, under their second names, each id's second row
+            offsets, stride = kjt.offset_per_key(), kjt.stride()
+            lengths, weights = kjt.lengths(), kjt.weights_or_none()
+            pick = [slice(offsets[i], offsets[i + 1]) for i in self.medium_features]
+            both = KeyedJaggedTensor(
+                keys=self.feature_names + self.medium_names,
+                values=torch.cat([rows] + [second[s] for s in pick]),
+                weights=None if weights is None else torch.cat([weights] + [weights[s] for s in pick]),
+                lengths=torch.cat([lengths] + [lengths[i * stride:(i + 1) * stride] for i in self.medium_features]),
+                stride=stride,
+            )
+            pooled = self.storage(both)
+            first = storage_values(pooled, self.feature_names).split(self.embedding_dims, dim=1)
+            extra = dict(zip(self.medium_features,
+                             storage_values(pooled, self.medium_names).split(
+                                 [self.embedding_dims[i] for i in self.medium_features], dim=1)))
+            out = torch.cat([x + extra[i] if i in extra else x for i, x in enumerate(first)], dim=1)
         if self.training and out.requires_grad and self.sketch_keys.numel():
             lengths, weights = kjt.lengths(), kjt.weights_or_none()
             out.register_hook(lambda grad: self._record(grad, keys, feature, lengths, weights))
@@ -456,6 +558,8 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
 
     # ----- migration (training only) -----
     def train_step_end(self, step: int) -> None:
+        if self.medium_features:
+            self.zero_medium_rows()
         if self.migrate_every and (step + 1) % self.migrate_every == 0 and self.sketch_keys.numel():
             self.migrate()
 
@@ -469,25 +573,27 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
                 "with a fixed mapping"
             )
         device = self.hot_keys.device
+        self.zero_medium_rows()
         real = self.hot_keys != self.pad_key
         all_keys, all_slots = self.hot_keys[real], self.hot_slots[real]
         key_base = torch.tensor(self.key_base, dtype=torch.int64, device=device)
         pool_of = torch.tensor(self.pool_of, dtype=torch.int64, device=device)
         key_pool = pool_of[torch.searchsorted(key_base, all_keys, right=True) - 1]
         states = self.storage.optimizer_states() if isinstance(self.storage, FusedEmbeddingBagStorage) else {}
-        keys_out, slots_out = [], []
+        keys_out, slots_out, medium_out = [], [], []
         for g, p in enumerate(self.pools):
             mine = key_pool == g
             old_keys, old_slots = all_keys[mine], all_slots[mine]
-            if p.hot == 0 or self.buckets[g] == 0:
+            if p.hot + p.medium == 0 or self.buckets[g] == 0:
                 continue
             lo = self.bucket_base[g]
             keys = self.sketch_keys[lo:lo + self.buckets[g]].reshape(-1)
             scores = self.sketch_scores[lo:lo + self.buckets[g]].reshape(-1)
             order = torch.sort(keys, stable=True).indices
             order = order[torch.sort(-scores[order], stable=True).indices]  # score desc, then key asc
-            order = order[keys[order] >= 0][:p.hot]
-            new = keys[order]  # the new hot set, hottest first
+            order = order[keys[order] >= 0][:p.hot + p.medium]
+            new = keys[order[:p.hot]]  # the new hot set, hottest first
+            medium_out.append(keys[order[p.hot:]])  # the next K: the new medium set
             stay = torch.isin(old_keys, new)
             entering = new[~torch.isin(new, old_keys)]
             used = torch.zeros(p.hot, dtype=torch.bool, device=device)
@@ -496,10 +602,10 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             # an entering id's exclusive row starts as its current (hashed) vector, and (optimizer_state
             # "copy") with that row's fused optimizer state
             feature = torch.searchsorted(key_base, entering, right=True) - 1
-            source = self._keys_and_rows(entering - key_base[feature], feature)[1]
+            _, source, second = self._lookup(entering - key_base[feature], feature)
             table = self.table_names[p.features[0]]
             weight = self.storage.embedding_bags[table].weight
-            weight[free] = weight[source]
+            weight[free] = weight[source] + weight[second] if p.medium else weight[source]
             for name, state in states.items():
                 if name.rsplit(".", 1)[0] == table and state.shape[0] == weight.shape[0]:
                     if self.optimizer_state == "copy":
@@ -510,6 +616,8 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
             slots_out += [old_slots[stay], free]
         if keys_out:
             self._set_index(torch.cat(keys_out), torch.cat(slots_out))
+        if medium_out and self.medium_keys.numel():
+            self._set_medium(torch.cat(medium_out))
         if self.decay != 1.0:
             self.sketch_scores.mul_(self.decay)
 
@@ -546,17 +654,24 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
     @classmethod
     def size_config(cls, features, config, budget_bytes):
         if config.hot_rows is not None or budget_bytes is None:
+            if config.hot_rows is not None and config.medium_ids is None and config.medium_ratio:
+                hot = config.hot_rows
+                medium = ({d: int(config.medium_ratio * h) for d, h in hot.items()} if isinstance(hot, Mapping)
+                          else int(config.medium_ratio * hot))
+                return dataclasses.replace(config, medium_ids=medium)
             return config
 
         def sized(cap: int) -> CafeConfig:
-            hot, hashed = _plan_sizes(features, cap, config)
+            hot, medium, hashed = _plan_sizes(features, cap, config)
             return dataclasses.replace(config, hot_rows=hot if len(hot) > 1 else sum(hot.values()),
-                                       hash_rows={f.name: m for f, m in zip(features, hashed)})
+                                       hash_rows={f.name: m for f, m in zip(features, hashed)},
+                                       medium_ids=medium if len(medium) > 1 else sum(medium.values()))
 
         def total(cap: int) -> int:  # from the sizes directly: a huge cap's row counts are no valid config
-            hot, hashed = _plan_sizes(features, cap, config)
+            hot, medium, hashed = _plan_sizes(features, cap, config)
             tables = sum(m * f.embedding_dim * FP32 + PARAM_BYTES for f, m in zip(features, hashed))
-            return tables + sum(h * (d * FP32 + HOT_INDEX_BYTES) for d, h in hot.items())
+            return (tables + sum(h * (d * FP32 + HOT_INDEX_BYTES) for d, h in hot.items())
+                    + sum(k * MEDIUM_INDEX_BYTES + d * FP32 for d, k in medium.items() if k))
 
         cap = largest_feasible(total, budget_bytes, 1, max(f.num_embeddings for f in features))
         if cap is None:
@@ -576,4 +691,8 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
                 else "identity",
             ))
         shared = {f"hot pool (dim {p.dim}, {p.hot:,} rows)": p.hot * (p.dim * FP32 + HOT_INDEX_BYTES) for p in pools}
+        for p in pools:
+            if p.medium:
+                shared[f"medium index (dim {p.dim}, {p.medium:,} ids) + zero row"] = (
+                    p.medium * MEDIUM_INDEX_BYTES + p.dim * FP32)
         return plans, shared
