@@ -16,7 +16,17 @@ Features stored full keep their own table (identity mapping)::
     | (all features)   |
     +------------------+  row H + M - 1
 
-``M = sum_f m_f`` over the pool's features. With ``multiplex=False`` feature ``f`` hashes into a segment of
+``M = sum_f m_f`` over the pool's features. The paper's multi-level variant (``medium_ids`` ``K``, or
+``medium_ratio``: ``K = medium_ratio * H`` planned; needs ``multiplex``): the ``K`` ids ranked just below the
+hot ones are medium, found by a second sorted index (keys only), and each reads the sum of two hashed rows::
+
+    medium id x of f:  row H + h_f(x) mod M  +  row H + h'_f(x) mod M     (h'_f: an independent salt)
+    any other id:      its row as above      +  row H + M (the zero row, the table's last; K > 0 only)
+
+The second lookups run as extra keys of the same storage table (same lengths and weights, so sum and mean
+pooling are exact); every id of a pool's features makes one, non-medium ids into the zero row, which
+``train_step_end`` zeroes after every optimizer step (the gradient it gets is discarded): a loop that never
+calls ``train_step_end`` must call ``zero_medium_rows()`` itself. With ``multiplex=False`` feature ``f`` hashes into a segment of
 its own, ``m_f`` rows long (``offset_f + h_f(x) mod m_f``), as in the paper's code: same rows, same bytes.
 
 Importance is the paper's: the L2 norm of the gradient an id's embedding receives. In training mode a
@@ -31,9 +41,14 @@ newcomers to a full bucket are dropped (at most ``c`` rounds, all buckets in par
 ``train_step_end(step)`` (called by the trainer after each optimizer step) migrates every ``migrate_every``
 steps: the ``H`` highest-scoring sketch entries of the pool become its hot set, whichever features they
 belong to; ids that stay keep their row, ids that left free theirs, and an id that enters is given a free
-row initialised with its current (hashed) vector, so migration does not change any output, and
+row initialised with its current (hashed; a medium id: the sum of its two rows) vector, so migration does not
+change its output, and
 (``optimizer_state="copy"``, fused FBGEMM storage) with that hashed row's optimizer state, so its step size
-carries on too. Scores are multiplied by ``decay`` after each migration. At inference the mapping is fixed
+carries on too. The next ``K`` entries become the medium set. Its rows are shared, so a change of level
+other than promotion to hot changes a vector: an id that becomes medium adds its second hashed row (trained
+by the other medium ids sharing it; no row of its own can start at zero), a demoted medium id loses it, and
+a demoted hot id reads its hashed row(s) again (as without medium ids). Scores are multiplied by ``decay``
+after each migration. At inference the mapping is fixed
 (eval mode records nothing; ``train_step_end`` is a training hook). Before the first migration the hot set
 is empty, or, for features with ``counts`` (``hot_from_counts``), the pool's ``H`` most frequent ids.
 
@@ -51,14 +66,17 @@ first version) and 0.7669 at 1/100 (first version 0.7611, hash 0.7493, unified 0
 
 Memory (inference): per feature ``m_f * d_f * 4 + 64`` (rows; ``a0, a1, a2, b, modulus, n, row offset,
 key base`` as int64; a full feature has ``m_f = n_f``), plus per pool ``H * (d * 4 + 16)`` (the hot rows and
-their hot index entries: sorted int64 keys and int64 slots; empty slots hold a padding key). Training adds
-the sketch, a training-only buffer (in ``state_dict``, counted by ``training_bytes``, not by
-``memory_report``): ``12 * c * b`` per pool (int64 key + float32 score per slot) with
-``b = ceil(sketch_slots * H / c)``, plus 48 bytes of bucket-hash parameters per feature.
+their hot index entries: sorted int64 keys and int64 slots; empty slots hold a padding key), plus per pool
+with ``K > 0`` medium ids ``K * 8 + d * 4`` (the sorted int64 medium keys and the zero row; the second salt
+is a permutation of the feature's, no bytes). Training adds the sketch, a training-only buffer (in
+``state_dict``, counted by ``training_bytes``, not by ``memory_report``): ``12 * c * b`` per pool (int64 key +
+float32 score per slot) with ``b = ceil(sketch_slots * (H + K) / c)``, plus 48 bytes of bucket-hash parameters
+per feature.
 
 Budget planning: a row cap ``T`` as in ``hash`` (features with ``n_f <= T`` stay full); the compressed
 features of a dim together get ``T * d * 4`` bytes each, ``hot_fraction`` of them for the pool's hot rows
-(each ``d * 4 + 16`` bytes with its index entry) and the rest for hashed rows: one per feature plus a share
+(each ``d * 4 + 16`` bytes with its index entry, plus ``medium_ratio * 8`` for its share of medium keys,
+and with medium ids one zero row first) and the rest for hashed rows: one per feature plus a share
 in proportion to ``n_f`` (``hash_split="proportional"``, the paper's), to ``sqrt(n_f)`` or an equal share
 (``"uniform"``); under ``multiplex`` only their sum ``M`` matters.
 
