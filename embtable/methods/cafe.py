@@ -83,7 +83,7 @@ in proportion to ``n_f`` (``hash_split="proportional"``, the paper's), to ``sqrt
 Distributed (DMP): each pool and each full feature is a TorchRec table, so DMP shards them like ``hash``'s.
 Migration writes rows and needs the same sketch on every rank; it is not implemented for sharded storage:
 under DMP use ``migrate_every=0`` (a fixed mapping, e.g. from a single-process warm-up) -- ``train_step_end``
-raises otherwise. With unfused storage a Python optimizer holds the rows' state, out of the module's
+raises otherwise. Medium ids (their zero row) are not implemented for sharded storage either. With unfused storage a Python optimizer holds the rows' state, out of the module's
 reach: a reused hot row keeps its previous holder's state there.
 """
 
@@ -446,6 +446,9 @@ class CafeEmbeddingBagCollection(EmbeddingModule):
     def zero_medium_rows(self) -> None:
         """Zero each pool's zero row (where non-medium ids' second lookup points); ``train_step_end`` calls it
         after every optimizer step, so the forward passes always read it as zero."""
+        if not isinstance(self.storage, EmbeddingBagCollection | FusedEmbeddingBagStorage):  # DMP-sharded
+            raise RuntimeError("cafe: medium ids need their zero row zeroed after each step, not implemented for "
+                               "sharded (DMP) storage; build with CafeConfig(medium_ratio=0) to train sharded")
         for p in self.pools:
             if p.medium:
                 weight = self.storage.embedding_bags[self.table_names[p.features[0]]].weight
