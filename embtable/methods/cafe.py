@@ -63,6 +63,12 @@ mass per batch, so the ids of 16-id features took the pool whatever their gradie
 cause: every feature's cold ids hashed into that feature's few rows. Hashing them into all of the pool's
 hashed rows (``multiplex``, what ``unified`` does for every id) gives 0.7038 at 1/1000 (+0.029 over the
 first version) and 0.7669 at 1/100 (first version 0.7611, hash 0.7493, unified 0.7719).
+The medium level (same preset, test AUC; ``medium_ratio`` 0 is the default): at 1/100 it helps, seed 0
+0.7669 -> 0.7691 / 0.7699 / 0.7624 at ratios 1 / 4 / 16, seed 1 0.7636 -> 0.7678 at 4; at 1/1000 (56
+hashed rows for 24 compressed features) it does not, 0.7038 -> 0.7024 / 0.7001 / 0.7014 / 0.6933 at ratios
+1 / 2 / 4 / 16 (0.7034 at 8 with ``hot_fraction`` 0.2): medium keys (8 bytes each) take hot rows, and a
+second row among so few shared rows adds as much collision as it removes. Unified stays ahead at both
+(0.7228, 0.7719), so it is off by default.
 
 Memory (inference): per feature ``m_f * d_f * 4 + 64`` (rows; ``a0, a1, a2, b, modulus, n, row offset,
 key base`` as int64; a full feature has ``m_f = n_f``), plus per pool ``H * (d * 4 + 16)`` (the hot rows and
