@@ -66,7 +66,7 @@ first version) and 0.7669 at 1/100 (first version 0.7611, hash 0.7493, unified 0
 The medium level (same preset, test AUC; ``medium_ratio`` 0 is the default): at 1/100 it helps, seed 0
 0.7669 -> 0.7691 / 0.7699 / 0.7624 at ratios 1 / 4 / 16, seed 1 0.7636 -> 0.7678 at 4; at 1/1000 (56
 hashed rows for 24 compressed features) it does not, 0.7038 -> 0.7024 / 0.7001 / 0.7014 / 0.6933 at ratios
-1 / 2 / 4 / 16 (0.7034 at 8 with ``hot_fraction`` 0.2): medium keys (8 bytes each) take hot rows, and a
+1 / 2 / 4 / 16 (0.7034 at 8 with ``hot_fraction`` 0.2; seed 1: 0.7064 -> 0.7036 at 4): medium keys (8 bytes each) take hot rows, and a
 second row among so few shared rows adds as much collision as it removes. Unified stays ahead at both
 (0.7228, 0.7719), so it is off by default.
 
