@@ -130,7 +130,8 @@ def _method(features, name: str, budget: str | None, fused: bool, device, backen
     forward, train = _steps(emb, emb, opts)
     compiled = None
     if backend is not None:
-        compiled = _steps(emb, torch.compile(emb, backend=backend), opts)
+        # fullgraph: a graph break or dynamo giving up (recompile limit) is an error, never a silent eager run
+        compiled = _steps(emb, torch.compile(emb, backend=backend, fullgraph=True), opts)
     return forward, train, bool(getattr(opts, "fused", None)), compiled
 
 
@@ -195,7 +196,9 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
     With ``compiled``, also ``"compiled": [{"path", "forward_speedup", "train_speedup", "compile_s"...}]``
     (speedup: median over rounds of eager seconds / compiled seconds), ``"backend"`` and ``"backend_note"``.
     """
-    with torch_threads(threads):  # the caller's thread count comes back after
+    # every method's module shares EmbeddingModule.forward's code object, hence one dynamo cache: give it room
+    # for each method's forward and training graphs (the default limit of 8 runs the rest eager)
+    with torch_threads(threads), torch._dynamo.config.patch(cache_size_limit=256, accumulated_cache_size_limit=4096):
         dev = torch.device(device)
         backend_note = ""
         if compiled:
