@@ -12,6 +12,13 @@ One run measures, on the same synthetic batches (not a test):
   Adam for dense parts) and ``train_step_end``. With ``--paths fused`` (default ``both``) the tables train
   through :func:`embtable.fuse_storage` where the trainer would (``train.fused_tables``).
 
+With ``--compiled`` every method's forward and training step also run under ``torch.compile`` (the module
+is compiled, its forward and AOTAutograd backward; loss, optimizer step and ``train_step_end`` stay eager),
+on the same module and optimizers, in the same interleaved rounds; a second table gives ``eager seconds /
+compiled seconds`` per round (median: > 1 is faster compiled) and the compile time (the warm-up calls,
+excluded from the timings). The backend is ``--backend`` (default inductor; when inductor cannot build a
+kernel here, e.g. no C++ compiler, the run falls back to ``aot_eager`` and says so).
+
 Features: the 26 Criteo Kaggle cardinalities capped at ``--rows`` per feature, dim 16, one id per feature
 and sample, ids Zipf-like (``floor((n + 1) ** u) - 1`` with ``u`` uniform: P(id) ~ 1/(id + 1)), batch 4096.
 Contenders run in interleaved rounds (a shared machine slows one round alike for all); each share is the
@@ -19,6 +26,7 @@ median over rounds of ``ceiling seconds / contender seconds`` in the same round.
 
     python -m experiments.benchmarks.bench_kernels                      # 100k rows per feature, 2 threads, ~2 min
     python -m experiments.benchmarks.bench_kernels --rows 1000000 --threads 2 --methods full hash qr
+    python -m experiments.benchmarks.bench_kernels --rows 10000 --paths unfused --compiled --methods full hash qr
 """
 
 from __future__ import annotations
@@ -110,22 +118,34 @@ def _tbe(features, device):
     return forward, train
 
 
-def _method(features, name: str, budget: str | None, fused: bool, device):
+def _method(features, name: str, budget: str | None, fused: bool, device, backend: str | None = None):
+    """``(forward, train, did_fuse, compiled)``: ``compiled`` is ``(forward, train)`` over
+    ``torch.compile(emb, backend=backend)`` sharing the module and optimizers, or None without a backend."""
     from experiments.training.train import make_optimizers
 
     config = embtable.registered_methods()[name]()
     emb = embtable.build(features, config, budget, seed=0, device=device)
     kwargs = {"fused_tables": True} if fused else {}
     opts = make_optimizers(emb, emb, "rowwise_adagrad", 0.05, 1e-3, **kwargs)
+    forward, train = _steps(emb, emb, opts)
+    compiled = None
+    if backend is not None:
+        # fullgraph: a graph break or dynamo giving up (recompile limit) is an error, never a silent eager run
+        compiled = _steps(emb, torch.compile(emb, backend=backend, fullgraph=True), opts)
+    return forward, train, bool(getattr(opts, "fused", None)), compiled
+
+
+def _steps(emb, call, opts):
+    """Forward (no grad) and training step of ``emb``, whose forward is ``call`` (``emb`` or a compiled ``emb``)."""
     step = [0]
 
     def forward(kjt):
         with torch.no_grad():
-            return emb(kjt).values()
+            return call(kjt).values()
 
     def train(kjt):
         opts.zero_grad()
-        loss = emb(kjt).values().sum()
+        loss = call(kjt).values().sum()
         aux = emb.auxiliary_loss()
         if aux is not None:
             loss = loss + aux
@@ -134,7 +154,23 @@ def _method(features, name: str, budget: str | None, fused: bool, device):
         emb.train_step_end(step[0])
         step[0] += 1
 
-    return forward, train, bool(getattr(opts, "fused", None))
+    return forward, train
+
+
+def pick_backend(backend: str = "inductor") -> tuple[str, str]:
+    """``(backend, note)``: ``backend`` when it compiles a tiny function here, else ``aot_eager`` and why."""
+    if backend != "inductor":
+        return backend, ""
+    import shutil
+
+    try:
+        fn = torch.compile(lambda x: (x * 2 + 1).relu().sum(), backend="inductor", fullgraph=True)
+        fn(torch.randn(8))
+        return backend, ""
+    except Exception as err:  # no C++ compiler, a broken toolchain: say so and measure what works
+        cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        return "aot_eager", (f"inductor failed ({type(err).__name__}: {str(err).splitlines()[0][:100]}; "
+                             f"C++ compiler: {cxx or 'none'}): fell back to aot_eager")
 
 
 def _sync(device) -> None:
@@ -153,15 +189,28 @@ def _time(fn, batches, device) -> float:
 
 def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | None = None, paths: str = "both",
           threads: int = 2, batch_size: int = 4096, iters: int = 3, rounds: int = 5, device: str = "cpu",
+          compiled: bool = False, backend: str = "inductor",
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure the contenders; returns ``{"rows": [...], "infeasible": {label: reason}, "ceiling": {...}}``."""
-    with torch_threads(threads):  # the caller's thread count comes back after
+    """Measure the contenders; returns ``{"rows": [...], "infeasible": {label: reason}, ...}``.
+
+    With ``compiled``, also ``"compiled": [{"path", "forward_speedup", "train_speedup", "compile_s"...}]``
+    (speedup: median over rounds of eager seconds / compiled seconds), ``"backend"`` and ``"backend_note"``.
+    """
+    # every method's module shares EmbeddingModule.forward's code object, hence one dynamo cache: give it room
+    # for each method's forward and training graphs (the default limit of 8 runs the rest eager)
+    with torch_threads(threads), torch._dynamo.config.patch(cache_size_limit=256, accumulated_cache_size_limit=4096):
         dev = torch.device(device)
+        backend_note = ""
+        if compiled:
+            backend, backend_note = pick_backend(backend)
+            if backend_note:
+                log(backend_note)
         features = criteo_features(rows)
         gen = torch.Generator().manual_seed(0)
         batches = [zipf_batch(features, batch_size, gen).to(dev) for _ in range(iters)]
         contenders: dict[str, tuple[Callable, Callable]] = {"ceiling": _ceiling(features, dev), "tbe": _tbe(features, dev)}
         infeasible: dict[str, str] = {}
+        compiled_of: dict[str, tuple[Callable, Callable]] = {}
         names = methods or list(embtable.registered_methods())
         variants = {"both": (False, True), "fused": (True,), "unfused": (False,)}[paths]
         for name in names:
@@ -169,7 +218,7 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
             for fused in variants:
                 label = f"{name}{'' if b is None else ' ' + b}{' fused' if fused else ''}"
                 try:
-                    fwd, train, did_fuse = _method(features, name, b, fused, dev)
+                    fwd, train, did_fuse, comp = _method(features, name, b, fused, dev, backend if compiled else None)
                 except embtable.BudgetError as err:
                     infeasible[name] = str(err).split("\n")[0]
                     break
@@ -177,6 +226,19 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
                     infeasible[label] = "storage not fused (fused_storage_unsupported, or dims not multiples of 4)"
                     continue
                 contenders[label] = (fwd, train)
+                if comp is not None:
+                    compiled_of[label] = comp
+        compile_s: dict[str, dict[str, float]] = {}
+        for label, comp in compiled_of.items():  # compile (first calls; a recompile may follow the first)
+            try:
+                compile_s[label] = {kind: _time(fn, [batches[0], batches[-1]], dev) * 2 for kind, fn in
+                                    zip(("forward", "train"), comp)}
+            except Exception as err:  # a method that does not compile: say so, measure the others
+                infeasible[f"{label} compiled"] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                continue
+            contenders[f"{label} compiled"] = comp
+            log(f"compiled {label}: forward {compile_s[label]['forward']:.1f} s, "
+                f"train {compile_s[label]['train']:.1f} s")
         for fwd, train in contenders.values():  # warm up: first-call allocations, optimizer state
             fwd(batches[0])
             train(batches[0])
@@ -194,9 +256,19 @@ def bench(*, rows: int = 100_000, budget: str = "1/16", methods: list[str] | Non
                 row[f"{kind}_samples_per_s"] = batch_size / statistics.median(t[kind])
                 row[f"{kind}_share"] = statistics.median(c / x for c, x in zip(ceil[kind], t[kind]))
             out_rows.append(row)
-        return {"rows": out_rows, "infeasible": infeasible, "rows_per_feature": rows, "budget": budget,
-                "threads": threads, "batch_size": batch_size, "device": device,
-                "table_rows": sum(f.num_embeddings for f in features)}
+        comp_rows = []
+        for label in compile_s:
+            row = {"path": label, **{f"{kind}_compile_s": s for kind, s in compile_s[label].items()}}
+            for kind in ("forward", "train"):
+                eager, comp = times[label][kind], times[f"{label} compiled"][kind]
+                row[f"{kind}_speedup"] = statistics.median(e / c for e, c in zip(eager, comp))
+            comp_rows.append(row)
+        result = {"rows": out_rows, "infeasible": infeasible, "rows_per_feature": rows, "budget": budget,
+                  "threads": threads, "batch_size": batch_size, "device": device,
+                  "table_rows": sum(f.num_embeddings for f in features)}
+        if compiled:
+            result.update(compiled=comp_rows, backend=backend, backend_note=backend_note)
+        return result
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -207,6 +279,16 @@ def format_table(result: dict[str, Any]) -> str:
     rows += [[label, f"not run: {why}"] for label, why in result["infeasible"].items()]
     lines.append(markdown.table(["path", "forward share", "forward samples/s", "training share", "training samples/s"],
                                 rows, align="lrrrr"))
+    if "compiled" in result:
+        lines.append("")
+        lines.append(f"torch.compile (backend {result['backend']}) vs eager, same module and rounds: "
+                     "eager s / compiled s (> 1: compiled faster); compile s = the two warm-up calls")
+        if result["backend_note"]:
+            lines.append(result["backend_note"])
+        rows = [[r["path"], f"{r['forward_speedup']:.2f}", f"{r['train_speedup']:.2f}",
+                 f"{r['forward_compile_s']:.1f}", f"{r['train_compile_s']:.1f}"] for r in result["compiled"]]
+        lines.append(markdown.table(["path", "forward speedup", "training speedup", "forward compile s",
+                                     "training compile s"], rows, align="lrrrr"))
     return "\n".join(lines)
 
 
@@ -222,10 +304,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=3, help="batches per contender per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time every method under torch.compile (compiled / eager ratios, compile time)")
+    parser.add_argument("--backend", default="inductor",
+                        help="torch.compile backend with --compiled (inductor falls back to aot_eager when it "
+                             "cannot build here)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = bench(rows=args.rows, budget=args.budget, methods=args.methods, paths=args.paths, threads=args.threads,
-                   batch_size=args.batch_size, iters=args.iters, rounds=args.rounds, device=args.device)
+                   batch_size=args.batch_size, iters=args.iters, rounds=args.rounds, device=args.device,
+                   compiled=args.compiled, backend=args.backend)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
