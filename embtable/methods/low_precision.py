@@ -68,7 +68,7 @@ from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME
-from ..module import EmbeddingModule, config_field_per_feature, storage_collection, storage_values
+from ..module import EmbeddingModule, config_field_per_feature, is_tracing, storage_collection, storage_values
 from .hash import HASH_PARAM_BYTES, HashIdMapper
 
 __all__ = [
@@ -345,6 +345,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         """``(dim, feature indices, the same as an int64 tensor on device)`` per distinct dim, built once per
         device (constants of the config, not state: no bytes)."""
         cache = self.__dict__.setdefault("_dim_group_cache", {})
+        if is_tracing():  # a trace records how they are built (a cached tensor would be a fake constant)
+            cache = {}
         if device not in cache:
             dims: dict[int, list[int]] = {}
             for i, f in enumerate(self.features):

@@ -86,7 +86,7 @@ from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
-from ..module import EmbeddingModule, storage_collection, with_values
+from ..module import EmbeddingModule, is_tracing, storage_collection, with_values
 
 __all__ = [
     "MixedDimConfig",
@@ -749,6 +749,10 @@ class MixedDimIdMapper(nn.Module):
         self.row_offsets = [o for _, _, o in layout]
         self._identity = all(t == (m, 0, 0) for m, t in enumerate(layout)) and len(layout) == len(self.storage_keys)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_constant_cache", None)  # rebuilt from the loaded buffers at the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The layout's integers as tensors on ``device``, built once per device from the Python layout and the
         buffers (copies of constants the byte count already has, or of Python integers: no new state).
@@ -757,6 +761,8 @@ class MixedDimIdMapper(nn.Module):
         code and row offset; ``starts`` [M]: first global rank of each member; ``tail`` [F, 7]: per feature
         ``(is a tail, exclusive, tail rows (1 without a tail), a0, a1, a2, b)``."""
         cache = self.__dict__.setdefault("_constant_cache", {})
+        if is_tracing():  # a trace records how they are built (a cached tensor would be a fake constant)
+            cache = {}
         if device not in cache:
             zero = torch.zeros(1, dtype=torch.int64, device=device)
             local = torch.cat([getattr(self, f"bounds_{i}")[:-1].to(device) if blocked else zero

@@ -279,6 +279,8 @@ class UnifiedIdMapper(nn.Module):
     def slot_feature_tensor(self, device: torch.device) -> torch.Tensor:
         """The feature of every slot, int64 ``[K]`` on ``device`` (layout integers, built once per device)."""
         cache = self.__dict__.setdefault("_slot_feature_cache", {})
+        if is_tracing():  # a trace records how it is built (a cached tensor would be a fake constant)
+            cache = {}
         if device not in cache:
             cache[device] = torch.tensor(self.slot_feature, dtype=torch.int64, device=device)
         return cache[device]
