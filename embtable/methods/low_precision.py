@@ -320,7 +320,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         # dequantization and one pooling per dim group (the same element-wise ops and per-bag sums, so the
         # same values as per feature)
         pooled: list[torch.Tensor | None] = [None] * len(self.features)
-        for dim, members, index in self._dim_groups(lengths.device):
+        for _dim, members, index in self._dim_groups(lengths.device):
             ids = [ids_per_feature[i] for i in members]
             rows = self._lookup(members, ids)  # [N_g, dim]
             if record:
@@ -335,8 +335,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
                 group_weights = weights if len(members) == len(self.features) else torch.cat(
                     [torch.split(weights, splits)[i] for i in members])
             out = _pool(rows, group_lengths.reshape(-1), group_weights, self.pooling.value == "mean")  # [G*B, d]
-            if len(members) == len(self.features):
-                return out.view(len(members), batch, dim).transpose(0, 1).reshape(batch, -1)  # [B, sum d]
+            # slices, not a view + transpose + reshape (whose view check guards "batch != 1" under torch.export)
             for j, i in enumerate(members):
                 pooled[i] = out[j * batch:(j + 1) * batch]
         return torch.cat(pooled, dim=1)  # [B, sum d]
