@@ -232,6 +232,21 @@ class _Pool:
     medium: int = 0  # medium ids; > 0: the table has one more row (the zero row, last) and a medium index
 
 
+def _per_dim(value, field: str, what: str, dims: Mapping[int, list[int]]) -> dict[int, int]:
+    """``CafeConfig.<field>`` per compressed dim: a ``{dim: n}`` mapping, or one int when one dim is compressed."""
+    if isinstance(value, Mapping):
+        per_dim = {int(k): int(v) for k, v in value.items()}
+        unknown = sorted(d for d, v in per_dim.items() if v and d not in dims)
+        if unknown:
+            raise ValueError(f"cafe: {field} gives {what} to dims {unknown}, which no compressed feature has "
+                             f"(compressed dims: {sorted(dims)})")
+        return per_dim
+    if value and len(dims) > 1:
+        raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one pool each; give "
+                         f"{field} as {{dim: {what}}}")
+    return {d: int(value or 0) for d in dims}
+
+
 def _layout(features: Sequence[FeatureSpec], config: CafeConfig) -> tuple[list[int], list[_Pool]]:
     """``m_f`` per feature (``n_f`` for a full one) and the hot pools (see the module docstring)."""
     hashed = config_field_per_feature(config.hash_rows, features, "hash_rows", "cafe")
@@ -245,28 +260,8 @@ def _layout(features: Sequence[FeatureSpec], config: CafeConfig) -> tuple[list[i
     for i, f in enumerate(features):
         if rows[i] < f.num_embeddings:
             dims.setdefault(f.embedding_dim, []).append(i)
-    if isinstance(config.hot_rows, Mapping):
-        hot = {int(k): int(v) for k, v in config.hot_rows.items()}
-        unknown = sorted(d for d, v in hot.items() if v and d not in dims)
-        if unknown:
-            raise ValueError(f"cafe: hot_rows gives rows to dims {unknown}, which no compressed feature has "
-                             f"(compressed dims: {sorted(dims)})")
-    else:
-        if config.hot_rows and len(dims) > 1:
-            raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one hot pool each; give "
-                             "hot_rows as {dim: rows}")
-        hot = {d: int(config.hot_rows) for d in dims}
-    if isinstance(config.medium_ids, Mapping):
-        medium = {int(k): int(v) for k, v in config.medium_ids.items()}
-        unknown = sorted(d for d, v in medium.items() if v and d not in dims)
-        if unknown:
-            raise ValueError(f"cafe: medium_ids gives ids to dims {unknown}, which no compressed feature has "
-                             f"(compressed dims: {sorted(dims)})")
-    else:
-        if config.medium_ids and len(dims) > 1:
-            raise ValueError(f"cafe: the compressed features have dims {sorted(dims)}, one pool each; give "
-                             "medium_ids as {dim: ids}")
-        medium = {d: int(config.medium_ids or 0) for d in dims}
+    hot = _per_dim(config.hot_rows, "hot_rows", "rows", dims)
+    medium = _per_dim(config.medium_ids, "medium_ids", "ids", dims)
     pools = []
     for d, members in dims.items():
         h = hot.get(d, 0)
