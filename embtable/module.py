@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .memory import MemoryReport, memory_report
 __all__ = [
     "EmbeddingModule",
     "IdRangePolicy",
+    "device_constants",
     "is_tracing",
     "per_id",
     "with_values",
@@ -144,6 +145,46 @@ def is_tracing() -> bool:
         torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
+
+
+_T = TypeVar("_T")
+
+
+def _drop_device_constants(module: nn.Module, *_: Any) -> None:
+    module.__dict__.pop("_device_constants", None)
+
+
+def device_constants(owner: nn.Module, name: str, device: torch.device, build: Callable[[torch.device], _T]) -> _T:
+    """``build(device)``, cached on ``owner`` per ``(name, device)``: layout tensors a hot path needs on the ids'
+    device (built from Python integers of the config or copied from buffers), made once instead of every call.
+
+    The cache is not state: it is not in ``state_dict``, holds no bytes the memory report must count (copies of
+    constants), is dropped when ``owner`` loads a state dict (a buffer it was built from may change), and is
+    bypassed while a trace runs (a cached tensor would become a fake constant of the traced program; the trace
+    records how it is built instead).
+
+    >>> m = nn.Module()
+    >>> calls = []
+    >>> build = lambda device: calls.append(device) or torch.arange(3, device=device)
+    >>> a = device_constants(m, "ranks", torch.device("cpu"), build)
+    >>> b = device_constants(m, "ranks", torch.device("cpu"), build)
+    >>> a is b, len(calls)
+    (True, 1)
+    >>> _ = m.load_state_dict({})
+    >>> _ = device_constants(m, "ranks", torch.device("cpu"), build); len(calls)
+    2
+    """
+    if is_tracing():
+        return build(device)
+    cache = owner.__dict__.get("_device_constants")
+    if cache is None:
+        if "_device_constants_hook" not in owner.__dict__:
+            owner.__dict__["_device_constants_hook"] = owner.register_load_state_dict_pre_hook(_drop_device_constants)
+        cache = owner.__dict__["_device_constants"] = {}
+    key = (name, torch.device(device))
+    if key not in cache:
+        cache[key] = build(device)
+    return cache[key]
 
 
 def per_id(kjt: KeyedJaggedTensor, per_key: torch.Tensor, num_ids: int) -> torch.Tensor:

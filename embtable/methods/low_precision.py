@@ -68,7 +68,13 @@ from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
 from ..config import MethodConfig, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME
-from ..module import EmbeddingModule, config_field_per_feature, is_tracing, storage_collection, storage_values
+from ..module import (
+    EmbeddingModule,
+    config_field_per_feature,
+    device_constants,
+    storage_collection,
+    storage_values,
+)
 from .hash import HASH_PARAM_BYTES, HashIdMapper
 
 __all__ = [
@@ -343,15 +349,13 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
     def _dim_groups(self, device: torch.device) -> list[tuple[int, list[int], torch.Tensor]]:
         """``(dim, feature indices, the same as an int64 tensor on device)`` per distinct dim, built once per
         device (constants of the config, not state: no bytes)."""
-        cache = self.__dict__.setdefault("_dim_group_cache", {})
-        if is_tracing():  # a trace records how they are built (a cached tensor would be a fake constant)
-            cache = {}
-        if device not in cache:
+        def build(device: torch.device) -> list[tuple[int, list[int], torch.Tensor]]:
             dims: dict[int, list[int]] = {}
             for i, f in enumerate(self.features):
                 dims.setdefault(f.embedding_dim, []).append(i)
-            cache[device] = [(d, m, torch.tensor(m, dtype=torch.int64, device=device)) for d, m in dims.items()]
-        return cache[device]
+            return [(d, m, torch.tensor(m, dtype=torch.int64, device=device)) for d, m in dims.items()]
+
+        return device_constants(self, "dim_groups", device, build)
 
     def _lookup(self, members: list[int], ids: list[torch.Tensor]) -> torch.Tensor:
         """fp32 rows ``[sum N_i, d]`` of features ``members`` (one dim) at their storage rows ``ids``."""

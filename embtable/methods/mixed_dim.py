@@ -86,7 +86,7 @@ from ..budget import FP32, BudgetError, FeaturePlan, largest_feasible, smallest_
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import hash_coefficients, universal_hash
-from ..module import EmbeddingModule, is_tracing, storage_collection, with_values
+from ..module import EmbeddingModule, device_constants, storage_collection, with_values
 
 __all__ = [
     "MixedDimConfig",
@@ -749,10 +749,6 @@ class MixedDimIdMapper(nn.Module):
         self.row_offsets = [o for _, _, o in layout]
         self._identity = all(t == (m, 0, 0) for m, t in enumerate(layout)) and len(layout) == len(self.storage_keys)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.__dict__.pop("_constant_cache", None)  # rebuilt from the loaded buffers at the next forward
-        super()._load_from_state_dict(*args, **kwargs)
-
     def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The layout's integers as tensors on ``device``, built once per device from the Python layout and the
         buffers (copies of constants the byte count already has, or of Python integers: no new state).
@@ -760,24 +756,22 @@ class MixedDimIdMapper(nn.Module):
         ``base`` [F]: first global rank of each feature; ``table`` [3, M]: per member its feature's base, bag
         code and row offset; ``starts`` [M]: first global rank of each member; ``tail`` [F, 7]: per feature
         ``(is a tail, exclusive, tail rows (1 without a tail), a0, a1, a2, b)``."""
-        cache = self.__dict__.setdefault("_constant_cache", {})
-        if is_tracing():  # a trace records how they are built (a cached tensor would be a fake constant)
-            cache = {}
-        if device not in cache:
-            zero = torch.zeros(1, dtype=torch.int64, device=device)
-            local = torch.cat([getattr(self, f"bounds_{i}")[:-1].to(device) if blocked else zero
-                               for i, blocked in enumerate(self.blocked)])
-            table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
-            tail = torch.zeros(len(self.tails), 7, dtype=torch.int64, device=device)
-            tail[:, 2] = 1
-            for i, t in enumerate(self.tails):
-                if t is not None:
-                    params = getattr(self, f"tail_params_{i}").to(device)  # a0, a1, a2, b, tail, exclusive
-                    tail[i, 0], tail[i, 1], tail[i, 2] = 1, t[0], t[1]
-                    tail[i, 3:] = params[:4]
-            cache[device] = {"base": torch.tensor(self.feature_base, dtype=torch.int64, device=device),
-                             "table": table, "starts": local + table[0], "tail": tail}
-        return cache[device]
+        return device_constants(self, "layout", device, self._build_constants)
+
+    def _build_constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        local = torch.cat([getattr(self, f"bounds_{i}")[:-1].to(device) if blocked else zero
+                           for i, blocked in enumerate(self.blocked)])
+        table = torch.tensor([self.member_base, self.codes, self.row_offsets], dtype=torch.int64, device=device)
+        tail = torch.zeros(len(self.tails), 7, dtype=torch.int64, device=device)
+        tail[:, 2] = 1
+        for i, t in enumerate(self.tails):
+            if t is not None:
+                params = getattr(self, f"tail_params_{i}").to(device)  # a0, a1, a2, b, tail, exclusive
+                tail[i, 0], tail[i, 1], tail[i, 2] = 1, t[0], t[1]
+                tail[i, 3:] = params[:4]
+        return {"base": torch.tensor(self.feature_base, dtype=torch.int64, device=device),
+                "table": table, "starts": local + table[0], "tail": tail}
 
     def _tail_ranks(self, ids: torch.Tensor, feature: torch.Tensor, offsets: list[int],
                     tail: torch.Tensor) -> torch.Tensor:

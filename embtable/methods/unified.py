@@ -83,7 +83,13 @@ from ..budget import FP32, BudgetError, FeaturePlan
 from ..config import MethodConfig, Pooling, register_method
 from ..features import FeatureSpec
 from ..hashing import PRIME, hash_coefficients, universal_hash
-from ..module import EmbeddingModule, config_field_per_feature, is_tracing, storage_collection
+from ..module import (
+    EmbeddingModule,
+    config_field_per_feature,
+    device_constants,
+    is_tracing,
+    storage_collection,
+)
 
 __all__ = ["UnifiedConfig", "UnifiedEmbeddingBagCollection", "UnifiedIdMapper", "unified_layout"]
 
@@ -278,12 +284,8 @@ class UnifiedIdMapper(nn.Module):
 
     def slot_feature_tensor(self, device: torch.device) -> torch.Tensor:
         """The feature of every slot, int64 ``[K]`` on ``device`` (layout integers, built once per device)."""
-        cache = self.__dict__.setdefault("_slot_feature_cache", {})
-        if is_tracing():  # a trace records how it is built (a cached tensor would be a fake constant)
-            cache = {}
-        if device not in cache:
-            cache[device] = torch.tensor(self.slot_feature, dtype=torch.int64, device=device)
-        return cache[device]
+        return device_constants(self, "slot_feature", device,
+                                lambda d: torch.tensor(self.slot_feature, dtype=torch.int64, device=d))
 
     def rows(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Global rows (in ``[0, R)``) of ``ids`` [M] looked up by ``slots`` [M] (int64, same device)."""
