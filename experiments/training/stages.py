@@ -221,7 +221,7 @@ def _with_dense_of(model: nn.Module, embedding: nn.Module, previous: nn.Module, 
 
 def run_stages(
     config: RunConfig,
-    pipeline_name: str,
+    pipeline_name: str | Pipeline,
     options: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -234,7 +234,8 @@ def run_stages(
     Args:
         config: data, model, budget (``embedding.budget``; ``embedding.method`` is not used), training
             settings and seed; every training stage uses its optimizers and learning rates.
-        pipeline_name: a pipeline a method declares (:func:`embtable.stages.declared_pipelines`).
+        pipeline_name: a pipeline a method declares (:func:`embtable.stages.declared_pipelines`), by name, or
+            a :class:`~embtable.stages.Pipeline` itself.
         options: the pipeline's options (keyword arguments of its ``options`` class).
         out_dir: stage checkpoints, ``compact.pt`` and ``stages_result.json``; ``None`` keeps nothing.
         source: batches to use instead of ``config.data`` (tests pass synthetic data).
@@ -250,7 +251,7 @@ def run_stages(
     Raises:
         ValueError: unknown pipeline or bad options, or ``out_dir`` holds checkpoints of another run.
     """
-    pipe = pipeline(pipeline_name)
+    pipe = pipeline_name if isinstance(pipeline_name, Pipeline) else pipeline(pipeline_name)
     opts = pipe.options(**dict(options or {}))
     hooks = hooks or StageHooks()
     out = Path(out_dir) if out_dir is not None else None
