@@ -84,7 +84,6 @@ from ..budget import FP32, Budget, BudgetError, FeaturePlan, largest_feasible, s
 from ..build import build
 from ..config import MethodConfig, OutOfRange, Pooling, register_method
 from ..features import FeatureSpec
-from ..stages import Pipeline, Stage, StageContext, StageOutput
 from ..hashing import PRIME, hash_coefficients, universal_hash
 from ..module import (
     EmbeddingModule,
@@ -93,6 +92,7 @@ from ..module import (
     storage_values,
     with_values,
 )
+from ..stages import Pipeline, Stage, StageContext, StageOutput
 
 __all__ = [
     "LowRankConfig",
