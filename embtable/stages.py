@@ -118,8 +118,9 @@ class Stage:
         prepare: ``(StageContext) -> StageOutput``; builds the stage's module from the previous stage's
             result (it may itself do the stage's work, e.g. a search or a compression).
         train: whether the trainer then trains the model.
-        epochs / max_steps: how long: ``epochs`` epochs, capped at ``max_steps`` steps (``None``: no cap).
-            With both ``None``, the run config's ``train.epochs`` and ``train.max_steps``.
+        epochs / max_steps: how long: ``epochs`` epochs, capped at ``max_steps`` steps (``None``: no cap);
+            ``max_steps`` steps alone when ``epochs`` is ``None``; with both ``None``, the run config's
+            ``train.epochs`` and ``train.max_steps``.
     """
 
     name: str

@@ -795,7 +795,8 @@ def _finetune_stage(context: StageContext) -> StageOutput:
 
 def _svd_stages(o: SVDStages) -> tuple[Stage, ...]:
     return (Stage("full", _full_stage), Stage("compress", _compress_stage, train=False),
-            Stage("finetune", _finetune_stage, epochs=1, max_steps=o.finetune_steps))
+            Stage("finetune", _finetune_stage, epochs=1 if o.finetune_steps is None else None,
+                  max_steps=o.finetune_steps))
 
 
 #: the post-training path of the module docstring, as stages

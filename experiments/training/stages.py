@@ -175,8 +175,10 @@ def _train_stage(stage: Stage, model: nn.Module, embedding: nn.Module, config: R
     epochs, max_steps = stage.epochs, stage.max_steps
     if epochs is None and max_steps is None:
         epochs, max_steps = cfg.epochs, cfg.max_steps
-    total = source.steps_per_epoch * (epochs if epochs is not None else 1)
-    total = total if max_steps is None else min(total, max_steps)
+    if epochs is None:  # steps alone: as many epochs as they take
+        total = max_steps
+    else:
+        total = source.steps_per_epoch * epochs if max_steps is None else min(source.steps_per_epoch * epochs, max_steps)
     start = time.perf_counter()
 
     def checkpoint(done: bool) -> None:
