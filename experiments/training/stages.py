@@ -264,9 +264,10 @@ def run_stages(
     with deterministic(cfg.num_threads), _keep_callers_rng():
         source = source if source is not None else dataset_source(config)
         budget = embtable.as_budget(config.embedding.budget)
+        budget_bytes = budget.resolve(source.features) if budget is not None else None
         record: dict[str, Any] = {
             "name": config.name, "pipeline": pipe.name, "options": options_dict(opts), "config": config.to_dict(),
-            "dataset": source.name, "seed": cfg.seed, "budget_bytes": budget.resolve(source.features) if budget else None,
+            "dataset": source.name, "seed": cfg.seed, "budget_bytes": budget_bytes,
             "full_table_bytes": sum(f.full_table_bytes for f in source.features), "stage_seconds": {},
         }
         valid = list(source.valid_batches())  # a search evaluates it once per candidate: read it once
