@@ -114,13 +114,14 @@ def registered_methods() -> dict[str, type[MethodConfig]]:
     return dict(_BY_NAME)
 
 
-def method_class(config: MethodConfig) -> type:
-    """The module class registered for ``config``'s type."""
+def method_class(config: MethodConfig | type[MethodConfig]) -> type:
+    """The module class registered for ``config``'s type (or for the config class itself)."""
+    key = config if isinstance(config, type) else type(config)
     try:
-        return _REGISTRY[type(config)]
+        return _REGISTRY[key]
     except KeyError:
         raise TypeError(
-            f"{type(config).__name__} is not a registered method config; registered: {sorted(_BY_NAME)}"
+            f"{key.__name__} is not a registered method config; registered: {sorted(_BY_NAME)}"
         ) from None
 
 

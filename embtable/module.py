@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from .budget import FeaturePlan
 from .config import MethodConfig, OutOfRange, Pooling
 from .features import FeatureSpec
 from .memory import MemoryReport, memory_report
+
+if TYPE_CHECKING:
+    from .stages import Pipeline
 
 __all__ = [
     "EmbeddingModule",
@@ -402,6 +405,16 @@ class EmbeddingModule(EmbeddingBagCollectionInterface):
         codes, a sketch) returns the compact module, with the same ``forward`` contract.
         """
         return self
+
+    @classmethod
+    def training_pipelines(cls) -> Sequence[Pipeline]:
+        """Multi-stage ways to train this method's tables (:mod:`embtable.stages`); default none.
+
+        E.g. supernet -> search -> retrain, or train full tables -> compress -> fine-tune. Each
+        :class:`~embtable.stages.Pipeline` names its stages and what each builds from the previous one's
+        result; a trainer (``experiments.training.stages``) runs, checkpoints and resumes them.
+        """
+        return ()
 
     def train_step_end(self, step: int) -> None:
         """Per-step work after the optimizer step of training step ``step`` (0-based); default none.

@@ -290,7 +290,7 @@ def synthetic_source(seed: int = 0, rows: int = 3072, batch: int = 256):
     """Ids with zipf popularity; clicks from per-id effects, so that frequent rows matter most."""
     from torchrec.datasets.utils import Batch
 
-    from experiments.runners.optembed import DataSource
+    from experiments.training.stages import DataSource
 
     rng = np.random.default_rng(seed)
     sizes = {"u": 300, "i": 120, "c": 30, "s": 8}
@@ -341,35 +341,36 @@ def _run_config(budget="1/4"):
     return load_config(overrides={
         "model": {"name": "dlrm", "embedding_dim": 8, "options": {"dense_hidden_sizes": [16], "over_hidden_sizes": [16]}},
         "embedding": {"budget": budget},
-        "train": {"batch_size": 256, "embedding_lr": 0.1, "dense_lr": 0.01, "seed": 7},
+        "train": {"batch_size": 256, "embedding_lr": 0.1, "dense_lr": 0.01, "seed": 7, "checkpoint_every": 5},
     })
 
 
 STAGES = dict(supernet_epochs=1, retrain_epochs=1, population=6, generations=3, parents=3, mutation_prob=0.3,
-              checkpoint_every=5, threshold_reg=1e-3)
+              threshold_reg=1e-3)
 
 
 KILLED_SEARCH = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from test_optembed import STAGES, _run_config, synthetic_source
-from experiments.runners.optembed import OptEmbedStages, StageHooks, run_optembed
+from experiments.training.stages import StageHooks, run_stages
 
-def kill(state):
-    if len(state.fitness) == 9:
+def kill(stage, progress):
+    if stage == "search" and len(progress["fitness"]) == 9:
         os.kill(os.getpid(), signal.SIGKILL)
 
-run_optembed(_run_config(), OptEmbedStages(**STAGES), sys.argv[2], source=synthetic_source(), progress=False,
-             hooks=StageHooks(on_search=kill))
+run_stages(_run_config(), "optembed", STAGES, sys.argv[2], source=synthetic_source(), progress=False,
+           hooks=StageHooks(on_progress=kill))
 """
 
 
 def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_path):
-    from experiments.runners.optembed import RESULT_NAME, OptEmbedStages, StageHooks, run_optembed
+    from embtable.methods.optembed_search import OptEmbedStages
+    from experiments.training.stages import RESULT_NAME, StageHooks, run_stages
 
     config, stages = _run_config(), OptEmbedStages(**STAGES)
     source = synthetic_source()
-    full = run_optembed(config, stages, tmp_path / "full", source=source, progress=False)
+    full = run_stages(config, "optembed", STAGES, tmp_path / "full", source=source, progress=False)
     assert full["status"] == "ok", full["failure_reason"]
     assert full["inference_bytes"] <= full["budget_bytes"] == sum(f.full_table_bytes for f in source.features) // 4
     assert set(full["stage_seconds"]) == {"supernet", "search", "retrain"}
@@ -386,28 +387,29 @@ def test_stages_fit_the_budget_and_a_killed_run_resumes_to_the_same_result(tmp_p
 
     out = tmp_path / "killed"
     with pytest.raises(Killed):
-        run_optembed(config, stages, out, source=source, progress=False, hooks=StageHooks(on_step=kill_supernet))
+        run_stages(config, "optembed", STAGES, out, source=source, progress=False,
+                   hooks=StageHooks(on_step=kill_supernet))
     # resume in another process, which dies by SIGKILL (no cleanup runs) in the middle of the search
     child = subprocess.run([sys.executable, "-c", KILLED_SEARCH, str(Path(__file__).parent), str(out)],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    assert json.loads(torch.load(out / "search.pt", weights_only=True)["search"])["fitness"]
-    resumed = run_optembed(config, stages, out, source=source, progress=False)
+    assert torch.load(out / "search.pt", weights_only=True)["progress"]["fitness"]
+    resumed = run_stages(config, "optembed", STAGES, out, source=source, progress=False)
     for key in ("dims", "num_kept", "history", "threshold_cut", "supernet_valid_auc", "valid_auc", "test_auc",
                 "test_logloss", "inference_bytes"):
         assert resumed[key] == full[key], key
     a = torch.load(tmp_path / "full" / "compact.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "compact.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="another OptEmbed run"):
-        run_optembed(config, OptEmbedStages(**{**STAGES, "generations": 4}), out, source=source, progress=False)
+    with pytest.raises(ValueError, match="another run"):
+        run_stages(config, "optembed", {**STAGES, "generations": 4}, out, source=source, progress=False)
 
 
 def test_retrain_from_the_supernet_starts_where_the_search_left_off():
-    from experiments.runners.optembed import OptEmbedStages, run_optembed
+    from experiments.training.stages import run_stages
 
-    stages = OptEmbedStages(**{**STAGES, "retrain_init": "supernet", "retrain_max_steps": 1, "generations": 1})
-    result = run_optembed(_run_config(budget="1/2"), stages, source=synthetic_source(), progress=False)
+    stages = {**STAGES, "retrain_init": "supernet", "retrain_max_steps": 1, "generations": 1}
+    result = run_stages(_run_config(budget="1/2"), "optembed", stages, source=synthetic_source(), progress=False)
     assert result["status"] == "ok"
     assert result["inference_bytes"] <= result["budget_bytes"]
     # one retraining step from the searched supernet keeps (about) the searched candidate's AUC
@@ -415,24 +417,24 @@ def test_retrain_from_the_supernet_starts_where_the_search_left_off():
 
 
 def test_an_unreachable_budget_fails_before_training():
-    from experiments.runners.optembed import OptEmbedStages, StageHooks, run_optembed
+    from experiments.training.stages import StageHooks, run_stages
 
     def no_training(stage, state):
         raise AssertionError("trained despite an unreachable budget")
 
-    result = run_optembed(_run_config(budget=20), OptEmbedStages(**STAGES), source=synthetic_source(),
-                          progress=False, hooks=StageHooks(on_step=no_training))
+    result = run_stages(_run_config(budget=20), "optembed", STAGES, source=synthetic_source(),
+                        progress=False, hooks=StageHooks(on_step=no_training))
     assert result["status"] == "failed" and "budget" in result["failure_reason"]
 
 
 def test_command_line_on_the_tiny_preset(tmp_path):
     import data_prep
-    from experiments.runners.optembed import RESULT_NAME, main
+    from experiments.training.stages import RESULT_NAME, main
 
     tiny = data_prep.generate_dataset("tiny", tmp_path / "tiny", progress=False)
-    result = main(["--budget", "1/8", "--set", f"data.path={tiny}", "--out", str(tmp_path / "run"),
-                   "--supernet-max-steps", "20", "--retrain-max-steps", "20", "--population", "4",
-                   "--generations", "2", "--parents", "2", "--no-progress"])
+    result = main(["optembed", "--budget", "1/8", "--set", f"data.path={tiny}", "--out", str(tmp_path / "run"),
+                   "--option", "supernet_max_steps=20", "--option", "retrain_max_steps=20", "--option", "population=4",
+                   "--option", "generations=2", "--option", "parents=2", "--no-progress"])
     assert result["status"] == "ok", result["failure_reason"]
     assert result["inference_bytes"] <= result["budget_bytes"] and result["valid_auc"] > 0.55
     assert result["supernet_steps"] == result["retrain_steps"] == 20

@@ -107,7 +107,8 @@ def test_svd_runner_cell_records_finetuned_metrics(tmp_path: Path, tiny: Path) -
     assert row["label"] == "low_rank_svd" and row["method"] == "low_rank"
     assert 0 < row["inference_bytes"] <= row["full_table_bytes"] // 4
     assert row["training_bytes"] > row["inference_bytes"]
-    assert row["test_auc"] == record["runner_record"]["finetuned"]["test_auc"] and row["steps"] == 4
+    assert row["test_auc"] == record["runner_record"]["test_auc"] and row["steps"] == 4
+    assert record["runner_record"]["finetune_steps"] == 4
     assert row["train_samples_per_s"] > 0
     assert set(record["stage_seconds"]) == {"full", "compress", "finetune"}
 
@@ -129,23 +130,23 @@ class _Killed(BaseException):
 
 def test_killed_runner_cell_resumes_from_its_stage_checkpoints(tmp_path: Path, tiny: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import experiments.runners.optembed as optembed
+    import experiments.training.stages as stages
 
     spec = SweepSpec.from_dict(spec_dict(tiny))
-    real_stage = optembed._train_stage
+    real_stage = stages._train_stage
 
     def killed_at_retrain(stage, *args, **kwargs):
-        if stage == "retrain":
+        if stage.name == "retrain":
             raise _Killed
         return real_stage(stage, *args, **kwargs)
 
-    monkeypatch.setattr(optembed, "_train_stage", killed_at_retrain)
+    monkeypatch.setattr(stages, "_train_stage", killed_at_retrain)
     with pytest.raises(_Killed):
         run_sweep(spec, tmp_path / "out", log=lambda line: None)
     assert not (tmp_path / "out" / "results.sqlite").is_file() or len(load(tmp_path / "out" / "results.sqlite")) == 0
     run_dir = tmp_path / "out" / "runs" / spec.cells()[0].key
     done = {name: (run_dir / name).stat().st_mtime_ns for name in ("supernet.pt", "search.pt")}
-    monkeypatch.setattr(optembed, "_train_stage", real_stage)
+    monkeypatch.setattr(stages, "_train_stage", real_stage)
 
     resumed = run_sweep(spec, tmp_path / "out", log=lambda line: None)
     assert (resumed.skipped, resumed.ok) == (0, 1)

@@ -19,7 +19,10 @@ keeps most of its energy. With ``C = Wᵀ W`` (the default) this is the truncate
 rank-``r`` table in Frobenius norm; with ``C`` from data (:func:`output_second_moments`, pooled outputs on
 batches) or from id frequencies (:func:`count_second_moments`, ``Wᵀ diag(counts) W``) it is the best
 projection for the outputs the model actually sees. (An uncentred second moment, not a covariance: the
-projection has no bias.) The module is then fine-tuned like any other.
+projection has no bias.) The module is then fine-tuned like any other. The ``svd`` pipeline
+(:data:`SVD_PIPELINE`, :mod:`embtable.stages`) declares the whole path to a trainer: train full tables,
+compress them to the budget, fine-tune (``python -m experiments.training.stages svd demo --budget 1/8
+--out DIR``).
 
 Memory (fp32, no buffers)::
 
@@ -66,6 +69,7 @@ budget. Too small a budget raises :class:`BudgetError` naming the smallest one (
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -88,6 +92,7 @@ from ..module import (
     storage_values,
     with_values,
 )
+from ..stages import Pipeline, Stage, StageContext, StageOutput
 
 __all__ = [
     "LowRankConfig",
@@ -97,6 +102,8 @@ __all__ = [
     "low_rank_from_trained",
     "output_second_moments",
     "count_second_moments",
+    "SVDStages",
+    "SVD_PIPELINE",
 ]
 
 
@@ -431,6 +438,11 @@ class LowRankEmbeddingBagCollection(EmbeddingModule):
             nn.init.orthogonal_(p)
             p.mul_(math.sqrt(p.shape[1] / p.shape[0]))
 
+    @classmethod
+    def training_pipelines(cls):
+        """``svd``: train full tables, compress them by SVD to the budget, fine-tune (:data:`SVD_PIPELINE`)."""
+        return (SVD_PIPELINE,)
+
     @torch.no_grad()
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
         """The truncated SVD of the trained table (:func:`low_rank_factors`); used by ``compress``."""
@@ -720,3 +732,72 @@ def low_rank_from_trained(
         module.load_rows(f.name, table)  # with a hashed tail: a tail row is the mean of its ids' rows
         module.projections[f.name].copy_(projection)
     return module
+
+
+# ----- post-training compression as stages (embtable.stages): train full -> SVD to the budget -> fine-tune -----
+
+@dataclasses.dataclass(frozen=True)
+class SVDStages:
+    """Options of the ``svd`` pipeline (the data, model, optimizers, budget and seed come from the run).
+
+    Args:
+        moments: ``"table"`` (truncated SVD of each trained table) or ``"data"`` (keep most of the energy
+            of the table's outputs on up to 50 training batches, :func:`output_second_moments`).
+        finetune_steps: steps of fine-tuning the compressed model; ``None``: one epoch.
+    """
+
+    moments: str = "table"
+    finetune_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.moments not in ("table", "data"):
+            raise ValueError(f"moments must be 'table' or 'data', got {self.moments!r}")
+        steps = self.finetune_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"finetune_steps must be an integer >= 1, got {steps!r}")
+
+
+def _full_stage(context: StageContext) -> StageOutput:
+    """Stage 1: full tables, trained for the run's length."""
+    from .full import FullConfig
+
+    if context.budget_bytes is None:
+        raise ValueError("low-rank compression needs embedding.budget (e.g. --budget 1/8)")
+    return StageOutput(embedding=build(context.features, FullConfig(), seed=context.seed, **context.build_kwargs))
+
+
+def _compress_stage(context: StageContext) -> StageOutput:
+    """Stage 2: the trained tables compressed to the budget (:func:`low_rank_from_trained`), the model's other
+    layers kept."""
+    full, model = context.embedding, context.model
+    metrics = {s: context.evaluate(model, s) for s in ("valid", "test")}
+    second = None
+    if context.options.moments == "data":
+        batches = itertools.islice(iter(context.train_batches(0)), 50)
+        second = output_second_moments(full, (b.sparse_features for b in batches))
+    compressed = low_rank_from_trained(full, budget=context.budget_bytes, second_moments=second)
+    sized = compressed.config.to_dict()
+    record = {
+        "moments": context.options.moments, "ranks": sized["rank"],
+        "tail_rows": None if sized.get("tail_rows") is None else {k: list(v) for k, v in sized["tail_rows"].items()},
+        "full_inference_bytes": full.memory().inference_bytes,
+        "full": {"valid_auc": metrics["valid"]["auc"], "test_auc": metrics["test"]["auc"],
+                 "test_logloss": metrics["test"]["logloss"]},
+    }
+    return StageOutput(embedding=compressed, keep_dense=True, record=record)
+
+
+def _finetune_stage(context: StageContext) -> StageOutput:
+    """Stage 3: the compressed model as it starts fine-tuning (its metrics recorded), then trained."""
+    before = {s: context.evaluate(context.model, s) for s in ("valid", "test")}
+    return StageOutput(record={"compressed": {f"{s}_{k}": before[s][k] for s in before for k in ("auc", "logloss")}})
+
+
+def _svd_stages(o: SVDStages) -> tuple[Stage, ...]:
+    return (Stage("full", _full_stage), Stage("compress", _compress_stage, train=False),
+            Stage("finetune", _finetune_stage, epochs=1 if o.finetune_steps is None else None,
+                  max_steps=o.finetune_steps))
+
+
+#: the post-training path of the module docstring, as stages
+SVD_PIPELINE = Pipeline("svd", LowRankConfig.method, SVDStages, _svd_stages)

@@ -3,8 +3,9 @@
 
 This is the *final* artifact of OptEmbed (what a server loads). The supernet, the budget-constrained
 evolutionary search and the retraining that produce it live in :mod:`embtable.methods.optembed_search`
-and ``experiments/runners/optembed.py``. Without a search result, the budget planner keeps the most frequent ids
-(by ``FeatureSpec.counts``; ids ``0..k-1`` when there are no counts) at the base dim.
+(declared to the trainer as the ``optembed`` pipeline, :mod:`embtable.stages`). Without a search result,
+the budget planner keeps the most frequent ids (by ``FeatureSpec.counts``; ids ``0..k-1`` when there are
+no counts) at the base dim.
 
 Layout of one field ``f`` with ``n`` ids, ``k`` kept rows, dim ``d <= D`` and ``b`` OOV buckets::
 
@@ -312,7 +313,7 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
     """OptEmbed's compact table: kept rows only, per-field dims, zero-padded to the base dim.
 
     Build it from a budget (frequency pruning, as any method), or from a search result with
-    :meth:`set_kept_ids` / ``experiments.runners.optembed``.
+    :meth:`set_kept_ids` (the ``optembed`` pipeline of :mod:`embtable.methods.optembed_search` does).
 
     >>> import embtable
     >>> feats = [embtable.FeatureSpec("user", 100_000, 16), embtable.FeatureSpec("country", 200, 16)]
@@ -326,6 +327,13 @@ class OptEmbedEmbeddingBagCollection(EmbeddingModule):
     >>> out.shape, bool((out[:, 4:16] == 0).all())   # user: dims 4..15 are padding
     (torch.Size([2, 32]), True)
     """
+
+    @classmethod
+    def training_pipelines(cls):
+        """OptEmbed's supernet -> search -> retrain (:data:`embtable.methods.optembed_search.PIPELINE`)."""
+        from .optembed_search import PIPELINE
+
+        return (PIPELINE,)
 
     def __init__(self, features: Sequence[FeatureSpec], config: OptEmbedConfig, **kwargs) -> None:
         super().__init__(features, config, **kwargs)

@@ -17,8 +17,9 @@ rows with ``||e_i|| - t_f > c``) until the compact table's bytes (rows x dims + 
 :class:`~embtable.methods.optembed.OptEmbedEmbeddingBagCollection`'s) fit; a candidate that cannot fit
 even with one row per field does not survive.
 
-Stage 3, retraining, builds the compact table (:func:`compact_from_supernet` or from scratch); the
-stages are run by ``experiments/runners/optembed.py``.
+Stage 3, retraining, builds the compact table (:func:`compact_from_supernet` or from scratch). The three
+stages are declared as :data:`PIPELINE` (options :class:`OptEmbedStages`; see :mod:`embtable.stages`);
+a trainer runs them, e.g. ``python -m experiments.training.stages optembed demo --budget 1/4 --out DIR``.
 
 Supernet memory: ``sum_f n_f * D_f * 4 + F * 4`` bytes (full tables and one fp32 threshold per field).
 """
@@ -41,6 +42,7 @@ from ..budget import FP32, BudgetError, FeaturePlan
 from ..config import MethodConfig, Pooling
 from ..features import FeatureSpec
 from ..module import EmbeddingModule
+from ..stages import Pipeline, Stage, StageContext, StageFailed, StageOutput
 from .optembed import OptEmbedConfig, OptEmbedEmbeddingBagCollection, field_bytes
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "evolutionary_search",
     "compact_config",
     "compact_from_supernet",
+    "OptEmbedStages",
+    "PIPELINE",
 ]
 
 
@@ -597,3 +601,140 @@ def _next_generation(state: SearchState, r: np.random.Generator, config: SearchC
         take_a = r.random(len(a)) < 0.5
         add([x if t else y for x, y, t in zip(a, b, take_a)])
     return children
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three stages, declared for a trainer (embtable.stages): supernet -> search -> retrain
+
+
+@dataclasses.dataclass(frozen=True)
+class OptEmbedStages:
+    """Options of OptEmbed's stages (the data, model, optimizers, budget and seed come from the run).
+
+    Args:
+        supernet_epochs / supernet_max_steps: length of supernet training (steps cap the epochs).
+        retrain_epochs / retrain_max_steps: length of retraining.
+        threshold_init / threshold_reg / norm / min_dim: the supernet (see ``OptEmbedSupernetConfig``).
+        population / generations / parents / mutation_prob: the evolutionary search (``SearchConfig``);
+            its seed is the run's seed.
+        retrain_init: ``"scratch"`` (fresh weights, the paper's retraining) or ``"supernet"`` (kept rows,
+            dim prefixes and dense layers of the supernet).
+        oov_buckets / remap: the compact table (see ``OptEmbedConfig``).
+    """
+
+    supernet_epochs: int = 1
+    supernet_max_steps: int | None = None
+    retrain_epochs: int = 1
+    retrain_max_steps: int | None = None
+    threshold_init: float = 0.0
+    threshold_reg: float = 1e-4
+    norm: str = "l1"
+    min_dim: int = 1
+    population: int = 20
+    generations: int = 10
+    parents: int = 10
+    mutation_prob: float = 0.1
+    retrain_init: str = "scratch"
+    oov_buckets: int = 0
+    remap: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.retrain_init not in ("scratch", "supernet"):
+            raise ValueError(f"OptEmbedStages.retrain_init must be 'scratch' or 'supernet', got {self.retrain_init!r}")
+        for name in ("supernet_epochs", "retrain_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OptEmbedStages.{name} must be >= 1, got {getattr(self, name)}")
+
+    def supernet_config(self) -> OptEmbedSupernetConfig:
+        return OptEmbedSupernetConfig(threshold_init=self.threshold_init, threshold_reg=self.threshold_reg,
+                                      norm=self.norm, min_dim=self.min_dim)
+
+    def search_config(self, seed: int) -> SearchConfig:
+        return SearchConfig(population=self.population, generations=self.generations, parents=self.parents,
+                            mutation_prob=self.mutation_prob, seed=seed)
+
+
+def _supernet_stage(context: StageContext) -> StageOutput:
+    """Stage 1: the supernet (fails before training when not even one row per field fits the budget)."""
+    o: OptEmbedStages = context.options
+    if context.budget_bytes is not None:
+        least = sum(field_cost(f, 1, o.min_dim, o.oov_buckets, o.remap)[1] for f in context.features)
+        if least > context.budget_bytes:
+            raise BudgetError(f"optembed: one row per feature at dim {o.min_dim} needs {least:,} bytes, over the "
+                              f"budget of {context.budget_bytes:,}; raise embedding.budget")
+    return StageOutput(embedding=OptEmbedSupernet(context.features, o.supernet_config(), **context.build_kwargs))
+
+
+def _search_stage(context: StageContext) -> StageOutput:
+    """Stage 2: evolutionary search on the trained supernet, its state checkpointed after every candidate."""
+    o: OptEmbedStages = context.options
+    supernet, model, features = context.embedding, context.model, context.features
+    supernet.set_eval()
+    metrics = context.evaluate(model, "valid")
+    margins = supernet.row_margins()
+    record: dict[str, Any] = {
+        "supernet_valid_auc": metrics["auc"], "supernet_valid_logloss": metrics["logloss"],
+        "supernet_rows_kept": {k: int((m > 0).sum()) for k, m in margins.items()},
+        "thresholds": [float(t) for t in supernet.thresholds.detach()],
+    }
+    fits: dict[tuple[int, ...], RowFit | None] = {}
+    prepared = SortedMargins(margins)
+
+    def fit(dims: list[int]) -> RowFit | None:
+        key = tuple(dims)
+        if key not in fits:
+            fits[key] = fit_rows(features, prepared, dims, context.budget_bytes, oov_buckets=o.oov_buckets,
+                                 remap=o.remap)
+        return fits[key]
+
+    def fitness(dims: list[int]) -> float:
+        rows = fit(dims)
+        keep = []
+        for f in features:
+            mask = torch.zeros(f.num_embeddings, dtype=torch.bool)
+            mask[torch.from_numpy(rows.kept_ids[f.name])] = True
+            keep.append(mask)
+        supernet.set_eval(dims, keep)
+        try:
+            return context.evaluate(model, "valid")["auc"]
+        except StageFailed:  # constant predictions: the candidate lost everything that matters
+            return 0.0
+        finally:
+            supernet.set_eval()
+
+    state = SearchState.from_dict(context.progress) if context.progress is not None else None
+    if state is None or not state.done:
+        state = evolutionary_search(fitness, lambda d: fit(d) is not None, [f.embedding_dim for f in features],
+                                    o.search_config(context.seed), min_dim=o.min_dim, state=state,
+                                    on_progress=lambda s: context.save_progress(s.to_dict()))
+    dims, best = state.best
+    rows = fit(dims)
+    config = compact_config(features, rows, dims, oov_buckets=o.oov_buckets, remap=o.remap)
+    record.update(dims=dict(zip([f.name for f in features], dims)), num_kept=rows.num_kept, search_valid_auc=best,
+                  threshold_cut=rows.cut, history=state.history, candidates_evaluated=len(state.fitness))
+    return StageOutput(record=record, carry=(rows, config))
+
+
+def _retrain_stage(context: StageContext) -> StageOutput:
+    """Stage 3: the compact table of the best candidate, from scratch or from the supernet."""
+    o: OptEmbedStages = context.options
+    rows, config = context.carried["search"]
+    if o.retrain_init == "supernet":
+        compact = compact_from_supernet(context.embedding, config, rows.kept_ids, **context.build_kwargs)
+    else:
+        compact = OptEmbedEmbeddingBagCollection(context.features, config, **context.build_kwargs)
+        compact.set_kept_ids(rows.kept_ids)
+    inference = compact.memory().inference_bytes
+    if inference != rows.total_bytes:
+        raise AssertionError(f"compact table has {inference} bytes, the search planned {rows.total_bytes}")
+    return StageOutput(embedding=compact, keep_dense=o.retrain_init == "supernet")
+
+
+def _stages(o: OptEmbedStages) -> tuple[Stage, ...]:
+    return (Stage("supernet", _supernet_stage, epochs=o.supernet_epochs, max_steps=o.supernet_max_steps),
+            Stage("search", _search_stage, train=False),
+            Stage("retrain", _retrain_stage, epochs=o.retrain_epochs, max_steps=o.retrain_max_steps))
+
+
+#: supernet -> budget-constrained evolutionary search -> retrain, named after the method it produces
+PIPELINE = Pipeline(OptEmbedConfig.method, OptEmbedConfig.method, OptEmbedStages, _stages)

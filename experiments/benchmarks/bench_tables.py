@@ -1,4 +1,4 @@
-"""Markdown tables of a benchmark: a sweep's results store, OptEmbed runner results beside it, and the
+"""Markdown tables of a benchmark: a sweep's results store, OptEmbed pipeline results beside it, and the
 interleaved speed measurements of :mod:`experiments.benchmarks.bench_methods_speed` (not a test).
 
 One row per (method, budget): inference bytes (fraction of the full tables), test AUC and logloss as
@@ -7,7 +7,7 @@ mean ± sample std over seeds, the seeds, the in-run train samples/s relative to
 interleaved step speed relative to full. Failed cells (infeasible budgets) are listed with their reason.
 
     python -m experiments.benchmarks.bench_tables runs/sweeps/bench_methods_ii/results.sqlite \\
-        --optembed 'runs/optembed/s*_*/optembed_result.json' --speed runs/speed/bench_ii.json
+        --optembed 'runs/optembed/s*_*/stages_result.json' --speed runs/speed/bench_ii.json
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def bench_table(store: str, optembed: str | None = None, speed: str | None = Non
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("store")
-    parser.add_argument("--optembed", help="glob of optembed_result.json files to add")
+    parser.add_argument("--optembed", help="glob of the optembed pipeline's stages_result.json files to add")
     parser.add_argument("--speed", help="JSON rows written by experiments.benchmarks.bench_methods_speed --out")
     args = parser.parse_args(argv)
     table, failed = bench_table(args.store, args.optembed, args.speed)

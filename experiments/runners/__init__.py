@@ -1,4 +1,3 @@
-"""Multi-stage pipelines built on the one training loop: OptEmbed's supernet -> search -> retrain
-(``optembed``), train -> SVD compress -> fine-tune (``low_rank_svd``), and the registry through which a
-sweep cell runs them (``sweep_runners``).
+"""How a sweep cell runs a multi-stage pipeline that a method declares (``sweep_runners``); the stages
+themselves run through :mod:`experiments.training.stages`, on the one training loop.
 """

@@ -301,8 +301,7 @@ def cell_key(config: RunConfig, runner: str | None = None, runner_options: Mappi
     runner and its options for a runner cell, so it never shares a key with the single-stage cell)."""
     data = config.to_dict()
     if runner is not None:
-        options = {k: v for k, v in (runner_options or {}).items() if k != "checkpoint_every"}
-        data["runner"] = {"name": runner, "options": options}
+        data["runner"] = {"name": runner, "options": dict(runner_options or {})}
     for path in _KEY_IGNORES:
         node = data
         for part in path[:-1]:

@@ -36,6 +36,7 @@ import data_prep
 import embtable
 from embtable.atomic import atomic_write_json
 from embtable.fused import FusedTableOptimizer, fused_storages
+from embtable.stages import StageFailed
 from experiments.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -63,6 +64,7 @@ __all__ = [
     "run",
     "deterministic",
     "versions",
+    "comparable_config",
     "adam_bytes",
     "dataset_path",
 ]
@@ -80,12 +82,8 @@ _RESUME_IGNORES = {
 }
 
 
-class RunFailed(Exception):
+class RunFailed(StageFailed):
     """Training or evaluation produced nothing usable (NaN, divergence, constant predictions)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -516,7 +514,8 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "torchrec": torchrec.__version__, "embtable": embtable.__version__}
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (plain data) without the fields a checkpoint may resume under other values of."""
     out = json.loads(json.dumps(config))
     for path in _RESUME_IGNORES:
         node = out
@@ -610,7 +609,7 @@ def run(
         resumed_from = None
         saved = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
         if saved is not None:
-            if _comparable(saved["config"]) != _comparable(config_dict):
+            if comparable_config(saved["config"]) != comparable_config(config_dict):
                 raise ValueError(
                     f"{ckpt_path} is a checkpoint of a different config; pass resume=False to overwrite it "
                     "or use another out_dir"
