@@ -25,7 +25,8 @@ def _kjt(batch=16, seed=0, weighted=False):
 
 @torch.no_grad()
 def _set_s(m, name, s):
-    m.thresholds[name].fill_(s / m.config.threshold_lr_scale)  # the parameter is s / threshold_lr_scale
+    group, row, _, _ = m._slots[name]  # the feature's row of its dim's [features, dim] thresholds
+    m.thresholds[group.key][row].fill_(s / m.config.threshold_lr_scale)  # the parameter is s / threshold_lr_scale
 
 
 def _prune(m):
@@ -70,7 +71,7 @@ def test_lookup_decodes_exactly_across_buckets():
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for f in features:
-            m.tables[f.name].weight.mul_(torch.rand(f.num_embeddings, f.embedding_dim, generator=g) < 0.3)
+            m.table_weight(f.name).mul_(torch.rand(f.num_embeddings, f.embedding_dim, generator=g) < 0.3)
     m.eval()
     assert int(m.sparse_bucket_ptr[-1]) == m.nnz() <= m.config.target_nnz and m.layout.buckets == 2
     for i, f in enumerate(features):
@@ -95,7 +96,7 @@ def test_target_reached_freezes_the_mask_and_the_sparse_buffers_serve_the_masked
     assert not any(s.requires_grad for s in m.thresholds.values())
     # no output jump at the freeze ("continue" keeps the pruned values)
     torch.testing.assert_close(m(kjt).values(), before)
-    kept = sum(int(m.masks.get_buffer(n).sum()) for n in ("a", "b"))
+    kept = sum(int(m.mask(n).sum()) for n in ("a", "b"))
     assert kept == m.nnz() == int(m.sparse_bucket_ptr[-1]) <= m.config.target_nnz
     # rows keep training under the mask: pruned weights stay zero
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
@@ -113,13 +114,13 @@ def test_target_reached_freezes_the_mask_and_the_sparse_buffers_serve_the_masked
 
 def test_rewind_resets_kept_weights_to_their_initial_values():
     m = _build(retrain="rewind", prune_steps=0)
-    init = m.tables["a"].weight.detach().clone()
+    init = m.table_weight("a").detach().clone()
     with torch.no_grad():
-        m.tables["a"].weight.add_(0.01)
+        m.table_weight("a").add_(0.01)
     m.train_step_end(0)  # prune_steps=0: the first check prunes to the target
     assert bool(m.frozen)
-    mask = m.masks.get_buffer("a")
-    assert torch.equal(m.tables["a"].weight, init * mask)
+    mask = m.mask("a")
+    assert torch.equal(m.table_weight("a"), init * mask)
 
 
 def test_eval_fills_the_sparse_buffers_keeping_the_largest_weights_before_the_target():
