@@ -168,3 +168,44 @@ def test_offset_follows_the_schedule_and_the_learned_thresholds_choose_what_is_p
     moved = (torch.cat([m.threshold(n) for n in ("a", "b")]).detach() - s0).abs()
     assert moved.max() > 0.3 and moved.max() - moved.min() > 0.1, moved
     assert not any(s.requires_grad for s in m.thresholds.values())
+
+
+def test_features_of_one_dim_train_as_one_flat_table_and_match_a_per_feature_forward():
+    # dims interleaved (8, 4, 8): two flat tables, the pooled columns back in feature order
+    features = [FeatureSpec("a", 30, 8), FeatureSpec("b", 9, 4), FeatureSpec("c", 20, 8)]
+    m = embtable.build(features, PEPConfig(check_every=1), budget="1/3", is_weighted=True, seed=0)
+    assert {k: tuple(t.weight.shape) for k, t in m.tables.items()} == {"dim8": (50, 8), "dim4": (9, 4)}
+    assert {k: tuple(p.shape) for k, p in m.thresholds.items()} == {"dim8": (2, 8), "dim4": (1, 4)}
+    with torch.no_grad():
+        for i, f in enumerate(features):
+            g, row, _, _ = m._slots[f.name]
+            m.thresholds[g.key][row].copy_((torch.linspace(-3.0, -2.0, f.embedding_dim) + 0.5 * i) / 30)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (3 * 8,), generator=g)
+    counts = lengths.view(3, -1).sum(1).tolist()
+    values = torch.cat([torch.randint(0, f.num_embeddings, (c,), generator=g) for f, c in zip(features, counts)])
+    weights = torch.rand(values.numel(), generator=g)
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths, weights=weights)
+    ref = []
+    for f, ids, w, lens in zip(features, values.split(counts), weights.split(counts), lengths.view(3, -1)):
+        rows = m.effective_weight(f.name)[ids]
+        ref.append(torch.nn.functional.embedding_bag(torch.arange(len(ids)), rows, torch.cumsum(lens, 0) - lens,
+                                                     mode="sum", per_sample_weights=w))
+    out = m(kjt).values()
+    torch.testing.assert_close(out, torch.cat(ref, dim=1), rtol=1e-6, atol=1e-7)
+    out.sum().backward()  # the thresholds of every feature learn from their own ids' rows only
+    assert all(p.grad.abs().sum(1).gt(0).all() for p in m.thresholds.values())
+    assert m.tables["dim8"].weight.grad.shape == (50, 8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 37_000, 99_999, 100_000])
+def test_bracketed_selection_equals_kthvalue(k):
+    from embtable.methods.pep import _kth_smallest_pair
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(100_000, generator=g).round(decimals=2)  # many ties
+    x[torch.randint(0, x.numel(), (500,), generator=g)] = -float("inf")  # pruned-to-zero weights: logit(0)
+    low, high = _kth_smallest_pair(x, k)
+    assert low == torch.kthvalue(x, k).values and high == torch.kthvalue(x, min(k + 1, x.numel())).values
+    ordered = torch.sort(x).values  # the sample brackets: a pattern sorted by position selects the same
+    assert _kth_smallest_pair(ordered, k)[0] == ordered[k - 1]

@@ -270,16 +270,17 @@ def _shrink(v: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return torch.sign(v) * torch.relu(v.abs() - cut)
 
 
-_SAMPLE = 2**16  # values sorted directly, and the sample a larger selection brackets its ranks with
+_SAMPLE = 2**14  # values sorted directly, and the sample a larger selection brackets its ranks with
 
 
 def _kth_smallest_pair(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k``-th and ``(k+1)``-th smallest of the 1-D ``x`` (1-based; the ``(k+1)``-th is the ``k``-th when
     ``k = x.numel()``), the values two ``torch.kthvalue`` calls give, in a few passes over ``x``.
 
-    A strided sample of ``_SAMPLE`` values brackets the two ranks (8 standard deviations of a sample quantile on
-    each side); the values inside the bracket (~2% of ``x``) are selected from recursively. A bracket that
-    misses the ranks (counted exactly) falls back to ``torch.kthvalue``.
+    A strided sample of ``_SAMPLE`` values brackets the two ranks (4 standard deviations of a sample quantile on
+    each side); the values inside the bracket (~3% of ``x``) are selected from recursively. A bracket that
+    misses the ranks (counted exactly) falls back to ``torch.kthvalue``. (``torch.kthvalue`` alone takes ~40x
+    the time of a pass over the values on CPU.)
     """
     n = x.numel()
     k2 = min(k + 1, n)
@@ -288,10 +289,10 @@ def _kth_smallest_pair(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         return ordered[k - 1], ordered[k2 - 1]
     sample = torch.sort(x[:: n // _SAMPLE]).values
     m = sample.numel()
-    margin = 4 * math.isqrt(m) + 8
+    margin = 2 * math.isqrt(m) + 8
     first, last = (k - 1) * m // n - margin, (k2 - 1) * m // n + margin
-    lo = sample[first] if first >= 0 else torch.tensor(-math.inf, device=x.device)
-    hi = sample[last] if last < m else torch.tensor(math.inf, device=x.device)
+    lo = float(sample[first]) if first >= 0 else -math.inf
+    hi = float(sample[last]) if last < m else math.inf
     below = int(torch.count_nonzero(x < lo))
     band = x[(x >= lo) & (x <= hi)]
     if below < k and below + band.numel() >= k2 and band.numel() < n:
@@ -460,7 +461,12 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
     @torch.no_grad()
     def nnz(self) -> int:
         """Non-zero effective weights over all features."""
-        return sum(int(torch.count_nonzero(self._group_effective(g))) for g in self.groups)
+        if bool(self.frozen):
+            return sum(int(torch.count_nonzero(self.tables[g.key].weight * self.masks.get_buffer(g.key)))
+                       for g in self.groups)
+        # the soft threshold keeps v iff not |v| <= sigmoid(s + c) (NaN kept, as it is by sign · relu)
+        return self.layout.entries - sum(
+            int(torch.count_nonzero(self.tables[g.key].weight.abs() <= self._row_cuts(g))) for g in self.groups)
 
     @property
     def target_sparsity(self) -> float:
