@@ -60,9 +60,19 @@ the dense tables, the thresholds, the offset, the masks (and the rewind copy) ar
 module is switched to ``eval()``, and by :meth:`~PEPEmbeddingBagCollection.inference_module`, which returns
 the serving module (these buffers only, same forward contract).
 
-Forward in training mode: dense rows are looked up, thresholded (or masked once frozen, selected with
-``torch.where`` on the ``frozen`` buffer, no Python branch) and pooled in fp32. In eval mode the forward
-decodes the sparse buffers, so evaluation measures exactly what is served at the budget.
+Forward in training mode: the features of one embedding dim train as ONE flat table (their rows concatenated
+in feature order; ``u`` is one ``[features, d]`` parameter, the mask one ``[rows, d]`` buffer)::
+
+    tables["dim16"]:  | feature 0's rows | feature 1's rows | ... |     id i of feature f -> row r_f + i
+
+A batch is, per dim, one lookup of all its ids, the soft threshold (or the mask once frozen, selected with
+``torch.where`` on the ``frozen`` buffer, no Python branch) of the looked-up rows only (each with its
+feature's ``sigmoid(s_f + c)``: the same values and gradients as thresholding the whole table), and one
+``embedding_bag`` over all the bags, in fp32. The table gets sparse gradients (the trainer's
+``sparse_parameters`` / row-wise Adagrad path; no fused kernel: the rows are transformed before pooling). The
+offset's check selects its rank with a sampled bracket (:func:`_kth_smallest_pair`, exact) instead of two
+``kthvalue`` over all weights. In eval mode the forward decodes the sparse buffers, so evaluation measures
+exactly what is served at the budget.
 
 Sharding: not sharded by DMP (the training tables are plain ``nn.Embedding`` modules transformed per id before
 pooling, and the serving storage is module buffers); :func:`embtable.sharding.shard` refuses it.
