@@ -281,6 +281,7 @@ def _shrink(v: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
 
 
 _SAMPLE = 2**14  # values sorted directly, and the sample a larger selection brackets its ranks with
+_CHUNK = 2**18  # weights per piece of a pass over all tables (1 MiB of fp32: its temporaries stay in cache)
 
 
 def _kth_smallest_pair(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,8 +304,11 @@ def _kth_smallest_pair(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     first, last = (k - 1) * m // n - margin, (k2 - 1) * m // n + margin
     lo = float(sample[first]) if first >= 0 else -math.inf
     hi = float(sample[last]) if last < m else math.inf
-    below = int(torch.count_nonzero(x < lo))
-    band = x[(x >= lo) & (x <= hi)]
+    below, band = torch.zeros((), dtype=torch.int64, device=x.device), []
+    for piece in x.split(_CHUNK):  # pieces that stay in cache (a pass over the whole would allocate E-sized masks)
+        below += torch.count_nonzero(piece < lo)
+        band.append(piece[(piece >= lo) & (piece <= hi)])
+    below, band = int(below), torch.cat(band)
     if below < k and below + band.numel() >= k2 and band.numel() < n:
         return _kth_smallest_pair(band, k - below)
     return torch.kthvalue(x, k).values, torch.kthvalue(x, k2).values
@@ -475,8 +479,21 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
             return sum(int(torch.count_nonzero(self.tables[g.key].weight * self.masks.get_buffer(g.key)))
                        for g in self.groups)
         # the soft threshold keeps v iff not |v| <= sigmoid(s + c) (NaN kept, as it is by sign · relu)
-        return self.layout.entries - sum(
-            int(torch.count_nonzero(self.tables[g.key].weight.abs() <= self._row_cuts(g))) for g in self.groups)
+        cut = {g.key: torch.sigmoid(self.thresholds[g.key] * self.config.threshold_lr_scale + self.threshold_offset)
+               for g in self.groups}
+        pruned = torch.zeros((), dtype=torch.int64, device=self.device)
+        for g, j, start, stop in self._row_pieces():
+            pruned += torch.count_nonzero(self.tables[g.key].weight[start:stop].abs() <= cut[g.key][j])
+        return self.layout.entries - int(pruned)
+
+    def _row_pieces(self):
+        """``(group, feature's threshold row, first row, end row)`` over every feature's rows, ~``_CHUNK`` weights
+        a piece, in group order: the passes over all weights run piece by piece."""
+        for g in self.groups:
+            step = max(1, _CHUNK // g.dim)
+            for j, (start, rows) in enumerate(zip(g.row_starts, g.rows_per_feature)):
+                for first in range(start, start + rows, step):
+                    yield g, j, first, min(first + step, start + rows)
 
     @property
     def target_sparsity(self) -> float:
@@ -494,14 +511,14 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         ``logit(|v|) - s > c``; ``c`` is midway between the ``(E - keep)``-th and the next smallest of these."""
         if math.isinf(self.config.threshold_init) or keep >= self.layout.entries:
             return
-        critical = []
-        for g in self.groups:
-            values = self.tables[g.key].weight.abs().clamp_(max=1.0).logit_()  # [rows, d]
-            s = self.thresholds[g.key] * self.config.threshold_lr_scale
-            for j, (start, rows) in enumerate(zip(g.row_starts, g.rows_per_feature)):
-                values[start:start + rows].sub_(s[j])
-            critical.append(values.flatten())
-        critical = critical[0] if len(critical) == 1 else torch.cat(critical)
+        critical = torch.empty(self.layout.entries, device=self.device)  # in group order
+        s = {g.key: self.thresholds[g.key] * self.config.threshold_lr_scale for g in self.groups}
+        done = 0
+        for g, j, start, stop in self._row_pieces():
+            w = self.tables[g.key].weight[start:stop]
+            out = critical[done:done + w.numel()].view_as(w)
+            torch.abs(w, out=out).clamp_(max=1.0).logit_().sub_(s[g.key][j])
+            done += w.numel()
         k = self.layout.entries - keep
         low, high = _kth_smallest_pair(critical, k)
         if not keep:
