@@ -235,9 +235,22 @@ def _pep_degenerate(features, ebc, build_kwargs):
     module = embtable.build(features, config, **build_kwargs)
     with torch.no_grad():
         for n, w in _weights(ebc).items():
-            module.tables[n].weight.copy_(w)
-    pairs = [(module.tables[n].weight, w) for n, w in _weights(ebc).items()]
+            module.table_weight(n).copy_(w)
+    pairs = [(_PEPRows(module, n), w) for n, w in _weights(ebc).items()]
     return module, pairs
+
+
+class _PEPRows:
+    """``.grad``: a PEP feature's rows of its dim's flat training table's gradient, as an ``[n, d]`` table's."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    @property
+    def grad(self):
+        group, _, start, rows = self.module._slots[self.name]
+        grad = self.module.tables[group.key].weight.grad
+        return (grad.to_dense() if grad.is_sparse else grad)[start:start + rows]
 
 
 class _TTCore1Rows:

@@ -25,7 +25,8 @@ def _kjt(batch=16, seed=0, weighted=False):
 
 @torch.no_grad()
 def _set_s(m, name, s):
-    m.thresholds[name].fill_(s / m.config.threshold_lr_scale)  # the parameter is s / threshold_lr_scale
+    group, row, _, _ = m._slots[name]  # the feature's row of its dim's [features, dim] thresholds
+    m.thresholds[group.key][row].fill_(s / m.config.threshold_lr_scale)  # the parameter is s / threshold_lr_scale
 
 
 def _prune(m):
@@ -70,7 +71,7 @@ def test_lookup_decodes_exactly_across_buckets():
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for f in features:
-            m.tables[f.name].weight.mul_(torch.rand(f.num_embeddings, f.embedding_dim, generator=g) < 0.3)
+            m.table_weight(f.name).mul_(torch.rand(f.num_embeddings, f.embedding_dim, generator=g) < 0.3)
     m.eval()
     assert int(m.sparse_bucket_ptr[-1]) == m.nnz() <= m.config.target_nnz and m.layout.buckets == 2
     for i, f in enumerate(features):
@@ -95,7 +96,7 @@ def test_target_reached_freezes_the_mask_and_the_sparse_buffers_serve_the_masked
     assert not any(s.requires_grad for s in m.thresholds.values())
     # no output jump at the freeze ("continue" keeps the pruned values)
     torch.testing.assert_close(m(kjt).values(), before)
-    kept = sum(int(m.masks.get_buffer(n).sum()) for n in ("a", "b"))
+    kept = sum(int(m.mask(n).sum()) for n in ("a", "b"))
     assert kept == m.nnz() == int(m.sparse_bucket_ptr[-1]) <= m.config.target_nnz
     # rows keep training under the mask: pruned weights stay zero
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
@@ -113,13 +114,13 @@ def test_target_reached_freezes_the_mask_and_the_sparse_buffers_serve_the_masked
 
 def test_rewind_resets_kept_weights_to_their_initial_values():
     m = _build(retrain="rewind", prune_steps=0)
-    init = m.tables["a"].weight.detach().clone()
+    init = m.table_weight("a").detach().clone()
     with torch.no_grad():
-        m.tables["a"].weight.add_(0.01)
+        m.table_weight("a").add_(0.01)
     m.train_step_end(0)  # prune_steps=0: the first check prunes to the target
     assert bool(m.frozen)
-    mask = m.masks.get_buffer("a")
-    assert torch.equal(m.tables["a"].weight, init * mask)
+    mask = m.mask("a")
+    assert torch.equal(m.table_weight("a"), init * mask)
 
 
 def test_eval_fills_the_sparse_buffers_keeping_the_largest_weights_before_the_target():
@@ -167,3 +168,44 @@ def test_offset_follows_the_schedule_and_the_learned_thresholds_choose_what_is_p
     moved = (torch.cat([m.threshold(n) for n in ("a", "b")]).detach() - s0).abs()
     assert moved.max() > 0.3 and moved.max() - moved.min() > 0.1, moved
     assert not any(s.requires_grad for s in m.thresholds.values())
+
+
+def test_features_of_one_dim_train_as_one_flat_table_and_match_a_per_feature_forward():
+    # dims interleaved (8, 4, 8): two flat tables, the pooled columns back in feature order
+    features = [FeatureSpec("a", 30, 8), FeatureSpec("b", 9, 4), FeatureSpec("c", 20, 8)]
+    m = embtable.build(features, PEPConfig(check_every=1), budget="1/3", is_weighted=True, seed=0)
+    assert {k: tuple(t.weight.shape) for k, t in m.tables.items()} == {"dim8": (50, 8), "dim4": (9, 4)}
+    assert {k: tuple(p.shape) for k, p in m.thresholds.items()} == {"dim8": (2, 8), "dim4": (1, 4)}
+    with torch.no_grad():
+        for i, f in enumerate(features):
+            g, row, _, _ = m._slots[f.name]
+            m.thresholds[g.key][row].copy_((torch.linspace(-3.0, -2.0, f.embedding_dim) + 0.5 * i) / 30)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (3 * 8,), generator=g)
+    counts = lengths.view(3, -1).sum(1).tolist()
+    values = torch.cat([torch.randint(0, f.num_embeddings, (c,), generator=g) for f, c in zip(features, counts)])
+    weights = torch.rand(values.numel(), generator=g)
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths, weights=weights)
+    ref = []
+    for f, ids, w, lens in zip(features, values.split(counts), weights.split(counts), lengths.view(3, -1)):
+        rows = m.effective_weight(f.name)[ids]
+        ref.append(torch.nn.functional.embedding_bag(torch.arange(len(ids)), rows, torch.cumsum(lens, 0) - lens,
+                                                     mode="sum", per_sample_weights=w))
+    out = m(kjt).values()
+    torch.testing.assert_close(out, torch.cat(ref, dim=1), rtol=1e-6, atol=1e-7)
+    out.sum().backward()  # the thresholds of every feature learn from their own ids' rows only
+    assert all(p.grad.abs().sum(1).gt(0).all() for p in m.thresholds.values())
+    assert m.tables["dim8"].weight.grad.shape == (50, 8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 111_000, 299_999, 300_000])
+def test_bracketed_selection_equals_kthvalue(k):
+    from embtable.methods.pep import _kth_smallest_pair
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(300_000, generator=g).round(decimals=2)  # many ties; two pieces of the passes
+    x[torch.randint(0, x.numel(), (500,), generator=g)] = -float("inf")  # pruned-to-zero weights: logit(0)
+    low, high = _kth_smallest_pair(x, k)
+    assert low == torch.kthvalue(x, k).values and high == torch.kthvalue(x, min(k + 1, x.numel())).values
+    ordered = torch.sort(x).values  # the sample brackets: a pattern sorted by position selects the same
+    assert _kth_smallest_pair(ordered, k)[0] == ordered[k - 1]

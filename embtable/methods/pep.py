@@ -60,9 +60,19 @@ the dense tables, the thresholds, the offset, the masks (and the rewind copy) ar
 module is switched to ``eval()``, and by :meth:`~PEPEmbeddingBagCollection.inference_module`, which returns
 the serving module (these buffers only, same forward contract).
 
-Forward in training mode: dense rows are looked up, thresholded (or masked once frozen, selected with
-``torch.where`` on the ``frozen`` buffer, no Python branch) and pooled in fp32. In eval mode the forward
-decodes the sparse buffers, so evaluation measures exactly what is served at the budget.
+Forward in training mode: the features of one embedding dim train as ONE flat table (their rows concatenated
+in feature order; ``u`` is one ``[features, d]`` parameter, the mask one ``[rows, d]`` buffer)::
+
+    tables["dim16"]:  | feature 0's rows | feature 1's rows | ... |     id i of feature f -> row r_f + i
+
+A batch is, per dim, one lookup of all its ids, the soft threshold (or the mask once frozen, selected with
+``torch.where`` on the ``frozen`` buffer, no Python branch) of the looked-up rows only (each with its
+feature's ``sigmoid(s_f + c)``: the same values and gradients as thresholding the whole table), and one
+``embedding_bag`` over all the bags, in fp32. The table gets sparse gradients (the trainer's
+``sparse_parameters`` / row-wise Adagrad path; no fused kernel: the rows are transformed before pooling). The
+offset's check selects its rank with a sampled bracket (:func:`_kth_smallest_pair`, exact) instead of two
+``kthvalue`` over all weights. In eval mode the forward decodes the sparse buffers, so evaluation measures
+exactly what is served at the budget.
 
 Sharding: not sharded by DMP (the training tables are plain ``nn.Embedding`` modules transformed per id before
 pooling, and the serving storage is module buffers); :func:`embtable.sharding.shard` refuses it.
@@ -238,15 +248,87 @@ class _SparseStorage:
         self.sparse_bucket_ptr[1:] = torch.cumsum(counts, 0).to(self.sparse_bucket_ptr.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _DimGroup:
+    """The features of one embedding dim: their rows, concatenated in feature order, form one training table."""
+
+    key: str  # "dim16": the key of the group's table, thresholds, mask (and rewind copy)
+    dim: int
+    features: tuple[int, ...]  # feature indices, in feature order
+    row_starts: tuple[int, ...]  # each feature's first row in the group's table
+    rows_per_feature: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_feature)
+
+
+def _dim_groups(features: Sequence[FeatureSpec]) -> list[_DimGroup]:
+    by_dim: dict[int, list[int]] = {}
+    for i, f in enumerate(features):
+        by_dim.setdefault(f.embedding_dim, []).append(i)
+    groups = []
+    for dim, members in by_dim.items():
+        rows = [features[i].num_embeddings for i in members]
+        starts = [sum(rows[:j]) for j in range(len(rows))]
+        groups.append(_DimGroup(f"dim{dim}", dim, tuple(members), tuple(starts), tuple(rows)))
+    return groups
+
+
+def _shrink(v: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """``sign(v) · relu(|v| - cut)``: the soft threshold at ``cut = sigmoid(s)``."""
+    return torch.sign(v) * torch.relu(v.abs() - cut)
+
+
+_SAMPLE = 2**14  # values sorted directly, and the sample a larger selection brackets its ranks with
+_CHUNK = 2**18  # weights per piece of a pass over all tables (1 MiB of fp32: its temporaries stay in cache)
+
+
+def _kth_smallest_pair(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k``-th and ``(k+1)``-th smallest of the 1-D ``x`` (1-based; the ``(k+1)``-th is the ``k``-th when
+    ``k = x.numel()``), the values two ``torch.kthvalue`` calls give, in a few passes over ``x``.
+
+    A strided sample of ``_SAMPLE`` values brackets the two ranks (4 standard deviations of a sample quantile on
+    each side); the values inside the bracket (~3% of ``x``) are selected from recursively. A bracket that
+    misses the ranks (counted exactly) falls back to ``torch.kthvalue``. (``torch.kthvalue`` alone takes ~40x
+    the time of a pass over the values on CPU.)
+    """
+    n = x.numel()
+    k2 = min(k + 1, n)
+    if n <= _SAMPLE:
+        ordered = torch.sort(x).values
+        return ordered[k - 1], ordered[k2 - 1]
+    sample = torch.sort(x[:: n // _SAMPLE]).values
+    m = sample.numel()
+    margin = 2 * math.isqrt(m) + 8
+    first, last = (k - 1) * m // n - margin, (k2 - 1) * m // n + margin
+    lo = float(sample[first]) if first >= 0 else -math.inf
+    hi = float(sample[last]) if last < m else math.inf
+    below, band = torch.zeros((), dtype=torch.int64, device=x.device), []
+    for piece in x.split(_CHUNK):  # pieces that stay in cache (a pass over the whole would allocate E-sized masks)
+        below += torch.count_nonzero(piece < lo)
+        band.append(piece[(piece >= lo) & (piece <= hi)])
+    below, band = int(below), torch.cat(band)
+    if below < k and below + band.numel() >= k2 and band.numel() < n:
+        return _kth_smallest_pair(band, k - below)
+    return torch.kthvalue(x, k).values, torch.kthvalue(x, k2).values
+
+
 @register_method(PEPConfig)
 class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
     """PEP's training module: dense tables under learned soft thresholds; sparse serving buffers at the target.
+
+    The features of one embedding dim train as one flat table (their rows concatenated in feature order, see
+    :meth:`table_weight`), with one ``[features, dim]`` threshold parameter and one mask: a batch is one
+    lookup, one soft threshold of the looked-up rows and one pooling per dim.
 
     >>> import embtable
     >>> feats = [embtable.FeatureSpec("user", 10_000, 16), embtable.FeatureSpec("country", 200, 16)]
     >>> m = embtable.build(feats, PEPConfig(check_every=1, prune_steps=4), budget="1/4", seed=0)
     >>> m.config.target_nnz, embtable.memory_report(m).inference_bytes   # (3 + 1)·4 + nnz·6
     (27197, 163198)
+    >>> m.tables["dim16"].weight.shape   # both features' rows in one training table
+    torch.Size([10200, 16])
     >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user", "country"], torch.tensor([123, 7, 3]),
     ...                                           torch.tensor([2, 0, 1, 0]))
     >>> m(kjt).values().shape
@@ -272,60 +354,146 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
             "pep trains plain nn.Embedding tables through per-id soft thresholds and serves bucketed sparse "
             "buffers; DMP cannot shard it: train it on one process"
         )
-        # training-only tensors: the dense tables, thresholds, the offset, masks (and the rewind copy)
+        # training-only tensors, one each per embedding dim: the dense table, the thresholds u [features, dim]
+        # (s = threshold_lr_scale * u), the mask (and the rewind copy); the offset c and the frozen flag
+        self.groups = _dim_groups(self.features)
+        self._slots = {}  # feature name -> (group, row within the group's thresholds, first row, rows)
         self.tables = nn.ModuleDict()
-        self.thresholds = nn.ParameterDict()  # u, with s = threshold_lr_scale * u
+        self.thresholds = nn.ParameterDict()
         self.masks = nn.Module()
         self.initial = nn.Module()
-        for f in self.features:
-            table = nn.Embedding(f.num_embeddings, f.embedding_dim, device=self.device)
-            bound = (1.0 / f.num_embeddings) ** 0.5
-            nn.init.uniform_(table.weight, -bound, bound)  # as TorchRec's tables
+        # per feature (index), where its ids go: row offset in its group's table, its group, its threshold row
+        self.lookup = nn.Module()
+        row_start, group_of, local_of = [0] * len(self.features), [0] * len(self.features), [0] * len(self.features)
+        for gi, g in enumerate(self.groups):
+            weight = torch.empty(g.rows, g.dim, device=self.device)
+            for j, (i, start, rows) in enumerate(zip(g.features, g.row_starts, g.rows_per_feature)):
+                bound = (1.0 / rows) ** 0.5
+                nn.init.uniform_(weight[start:start + rows], -bound, bound)  # as TorchRec's tables
+                self._slots[self.features[i].name] = (g, j, start, rows)
+                row_start[i], group_of[i], local_of[i] = start, gi, j
+            table = nn.Embedding(g.rows, g.dim, _weight=weight, device=self.device)
             table.training_only_tensors = ("weight",)
-            self.tables[f.name] = table
-            self.thresholds[f.name] = nn.Parameter(torch.full(
-                (f.embedding_dim,), float(config.threshold_init) / config.threshold_lr_scale, device=self.device
+            self.tables[g.key] = table
+            self.thresholds[g.key] = nn.Parameter(torch.full(
+                (len(g.features), g.dim), float(config.threshold_init) / config.threshold_lr_scale, device=self.device
             ))
-            self.masks.register_buffer(f.name, torch.zeros(f.num_embeddings, f.embedding_dim, dtype=torch.bool,
-                                                           device=self.device))
+            self.masks.register_buffer(g.key, torch.zeros(g.rows, g.dim, dtype=torch.bool, device=self.device))
             if config.retrain == "rewind":
-                self.initial.register_buffer(f.name, table.weight.detach().clone())
-        self.thresholds.training_only_tensors = tuple(self.feature_names)
-        self.masks.training_only_tensors = tuple(self.feature_names)
-        self.initial.training_only_tensors = tuple(self.feature_names) if config.retrain == "rewind" else ()
+                self.initial.register_buffer(g.key, weight.detach().clone())
+            self.lookup.register_buffer(f"features_{g.key}", torch.tensor(g.features, device=self.device),
+                                        persistent=False)
+        for name, values in (("row_start", row_start), ("group", group_of), ("local", local_of)):
+            self.lookup.register_buffer(name, torch.tensor(values, device=self.device), persistent=False)
+        keys = tuple(g.key for g in self.groups)
+        # the columns of the groups' pooled outputs, concatenated, that give feature order (none if already in it)
+        first, start = {}, 0
+        for g in self.groups:
+            for i in g.features:
+                first[i], start = start, start + g.dim
+        columns = [first[i] + j for i, f in enumerate(self.features) for j in range(f.embedding_dim)]
+        self._reorder = columns != sorted(columns)
+        if self._reorder:
+            self.lookup.register_buffer("columns", torch.tensor(columns, device=self.device), persistent=False)
+        self.thresholds.training_only_tensors = keys
+        self.masks.training_only_tensors = keys
+        self.initial.training_only_tensors = keys if config.retrain == "rewind" else ()
+        self.lookup.training_only_tensors = tuple(name for name, _ in self.lookup.named_buffers())
         self.register_training_buffer("frozen", torch.zeros((), dtype=torch.bool, device=self.device))
         self.register_training_buffer("threshold_offset", torch.zeros((), device=self.device))  # c
 
+    def table_weight(self, name: str) -> torch.Tensor:
+        """Feature ``name``'s dense rows ``[n, d]``: a view of its rows in its dim's training table."""
+        g, _, start, rows = self._slots[name]
+        return self.tables[g.key].weight[start:start + rows]
+
+    def mask(self, name: str) -> torch.Tensor:
+        """Feature ``name``'s frozen mask ``[n, d]`` (all False before the freeze): a view of its dim's mask."""
+        g, _, start, rows = self._slots[name]
+        return self.masks.get_buffer(g.key)[start:start + rows]
+
     def threshold(self, name: str) -> torch.Tensor:
         """Feature ``name``'s learned thresholds ``s`` ``[d]`` (``sigmoid(s + c)`` is cut from every ``|weight|``)."""
-        return self.thresholds[name] * self.config.threshold_lr_scale
+        g, j, _, _ = self._slots[name]
+        return self.thresholds[g.key][j] * self.config.threshold_lr_scale
 
     def _cut(self, name: str) -> torch.Tensor:
         return self.threshold(name) + self.threshold_offset
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """Feature ``name``'s weights as the forward uses them (thresholded, or masked once frozen)."""
-        w = self.tables[name].weight
-        return torch.where(self.frozen, w * self.masks.get_buffer(name), _soft_threshold(w, self._cut(name)))
+        w = self.table_weight(name)
+        return torch.where(self.frozen, w * self.mask(name), _soft_threshold(w, self._cut(name)))
 
-    def _rows(self, i: int, ids: torch.Tensor) -> torch.Tensor:
-        f = self.features[i]
-        v = self.tables[f.name](ids)  # [N, d]
-        masked = v * self.masks.get_buffer(f.name)[ids]
-        return torch.where(self.frozen, masked, _soft_threshold(v, self._cut(f.name)))
+    def _row_cuts(self, g: _DimGroup) -> torch.Tensor:
+        """``sigmoid(s + c)`` of every row of group ``g``'s table ``[rows, d]``."""
+        cut = torch.sigmoid(self.thresholds[g.key] * self.config.threshold_lr_scale + self.threshold_offset)
+        counts = torch.tensor(g.rows_per_feature, device=cut.device)
+        return torch.repeat_interleave(cut, counts, dim=0, output_size=g.rows)
+
+    def _group_effective(self, g: _DimGroup) -> torch.Tensor:
+        """Group ``g``'s whole table as the forward uses it ``[rows, d]``."""
+        w = self.tables[g.key].weight
+        return torch.where(self.frozen, w * self.masks.get_buffer(g.key), _shrink(w, self._row_cuts(g)))
+
+    def _group_pooled(self, gi: int, ids: torch.Tensor, feature: torch.Tensor, weights: torch.Tensor | None,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """Pool group ``gi``'s ids (``feature``: each id's feature index; ``lengths``: its bags, feature-major)."""
+        g = self.groups[gi]
+        rows = ids + self.lookup.row_start[feature]  # [N] rows of the group's table
+        v = self.tables[g.key](rows)  # [N, d]
+        cut = torch.sigmoid(self.thresholds[g.key] * self.config.threshold_lr_scale + self.threshold_offset)
+        thresholded = _shrink(v, cut[self.lookup.local[feature]])
+        masked = v * self.masks.get_buffer(g.key)[rows]
+        effective = torch.where(self.frozen, masked, thresholded)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        index = torch.arange(effective.shape[0], device=effective.device)
+        mode = "mean" if self.pooling.value == "mean" else "sum"
+        bags = F.embedding_bag(index, effective, offsets, mode=mode, per_sample_weights=weights)  # [F_g * B, d]
+        batch = lengths.numel() // len(g.features)
+        return bags.view(len(g.features), batch, g.dim).transpose(0, 1).reshape(batch, len(g.features) * g.dim)
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        ids_per_feature, weights, lengths = _per_feature(kjt, len(self.features))
         if not self.training:  # evaluate what a server holds: the sparse rows (filled by eval())
-            return _sparse_pooled(self, ids_per_feature, weights, lengths)
-        mean = self.pooling.value == "mean"
-        out = [_pool(self._rows(i, ids), lengths[i], weights[i], mean) for i, ids in enumerate(ids_per_feature)]
-        return torch.cat(out, dim=1)  # [B, sum d]
+            return _sparse_pooled(self, *_per_feature(kjt, len(self.features)))
+        ids, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
+        num_features = len(self.features)
+        batch = lengths.numel() // num_features
+        bag_feature = torch.arange(num_features, device=ids.device).repeat_interleave(batch)
+        feature = torch.repeat_interleave(bag_feature, lengths, output_size=ids.numel())  # [N] each id's feature
+        if len(self.groups) == 1:
+            return self._group_pooled(0, ids, feature, weights, lengths)  # [B, sum d]
+        out = []
+        for gi in range(len(self.groups)):  # one pass per embedding dim
+            keep = self.lookup.group[feature] == gi
+            members = self.lookup.get_buffer(f"features_{self.groups[gi].key}")
+            out.append(self._group_pooled(gi, ids[keep], feature[keep], weights[keep] if weights is not None else None,
+                                          lengths.view(num_features, batch)[members].flatten()))
+        out = torch.cat(out, dim=1)  # [B, sum d], the groups' columns
+        return out[:, self.lookup.columns] if self._reorder else out
 
     @torch.no_grad()
     def nnz(self) -> int:
         """Non-zero effective weights over all features."""
-        return sum(int(torch.count_nonzero(self.effective_weight(f.name))) for f in self.features)
+        if bool(self.frozen):
+            return sum(int(torch.count_nonzero(self.tables[g.key].weight * self.masks.get_buffer(g.key)))
+                       for g in self.groups)
+        # the soft threshold keeps v iff not |v| <= sigmoid(s + c) (NaN kept, as it is by sign · relu)
+        cut = {g.key: torch.sigmoid(self.thresholds[g.key] * self.config.threshold_lr_scale + self.threshold_offset)
+               for g in self.groups}
+        pruned = torch.zeros((), dtype=torch.int64, device=self.device)
+        for g, j, start, stop in self._row_pieces():
+            pruned += torch.count_nonzero(self.tables[g.key].weight[start:stop].abs() <= cut[g.key][j])
+        return self.layout.entries - int(pruned)
+
+    def _row_pieces(self):
+        """``(group, feature's threshold row, first row, end row)`` over every feature's rows, ~``_CHUNK`` weights
+        a piece, in group order: the passes over all weights run piece by piece."""
+        for g in self.groups:
+            step = max(1, _CHUNK // g.dim)
+            for j, (start, rows) in enumerate(zip(g.row_starts, g.rows_per_feature)):
+                for first in range(start, start + rows, step):
+                    yield g, j, first, min(first + step, start + rows)
 
     @property
     def target_sparsity(self) -> float:
@@ -343,13 +511,18 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         ``logit(|v|) - s > c``; ``c`` is midway between the ``(E - keep)``-th and the next smallest of these."""
         if math.isinf(self.config.threshold_init) or keep >= self.layout.entries:
             return
-        critical = torch.cat([
-            (torch.logit(self.tables[f.name].weight.abs().clamp(max=1.0)) - self.threshold(f.name)).flatten()
-            for f in self.features
-        ])
+        critical = torch.empty(self.layout.entries, device=self.device)  # in group order
+        s = {g.key: self.thresholds[g.key] * self.config.threshold_lr_scale for g in self.groups}
+        done = 0
+        for g, j, start, stop in self._row_pieces():
+            w = self.tables[g.key].weight[start:stop]
+            out = critical[done:done + w.numel()].view_as(w)
+            torch.abs(w, out=out).clamp_(max=1.0).logit_().sub_(s[g.key][j])
+            done += w.numel()
         k = self.layout.entries - keep
-        low = torch.kthvalue(critical, k).values
-        high = torch.kthvalue(critical, k + 1).values if keep else low
+        low, high = _kth_smallest_pair(critical, k)
+        if not keep:
+            high = low
         c = torch.where(torch.isfinite(low) & torch.isfinite(high), (low + high) / 2, low)
         self.threshold_offset.copy_(c.clamp(-60.0, 60.0))  # sigmoid saturates beyond; no inf in s + c
 
@@ -362,20 +535,20 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         self._set_offset(self.scheduled_nnz(step))
         if self.nnz() > self.layout.capacity and step + 1 < self.config.prune_steps:
             return
-        pruned = {f.name: _soft_threshold(self.tables[f.name].weight, self._cut(f.name)) for f in self.features}
-        kept = sum(int(torch.count_nonzero(w)) for w in pruned.values())
+        pruned = [_shrink(self.tables[g.key].weight, self._row_cuts(g)) for g in self.groups]
+        kept = sum(int(torch.count_nonzero(w)) for w in pruned)
         if kept > self.layout.capacity:  # rounding or ties left a few over: drop the smallest |Ŵ|
-            magnitude = torch.cat([w.abs().flatten() for w in pruned.values()])
-            cut = torch.kthvalue(magnitude, self.layout.entries - self.layout.capacity).values
-            pruned = {n: w * (w.abs() > cut) for n, w in pruned.items()}
-        for f in self.features:
-            weight, mask = self.tables[f.name].weight, pruned[f.name] != 0
-            self.masks.get_buffer(f.name).copy_(mask)
+            magnitude = torch.cat([w.abs().flatten() for w in pruned])
+            cut, _ = _kth_smallest_pair(magnitude, self.layout.entries - self.layout.capacity)
+            pruned = [w * (w.abs() > cut) for w in pruned]
+        for g, w in zip(self.groups, pruned):
+            weight, mask = self.tables[g.key].weight, w != 0
+            self.masks.get_buffer(g.key).copy_(mask)
             if self.config.retrain == "rewind":
-                weight.copy_(self.initial.get_buffer(f.name) * mask)
+                weight.copy_(self.initial.get_buffer(g.key) * mask)
             else:
-                weight.copy_(pruned[f.name])
-            self.thresholds[f.name].requires_grad_(False)
+                weight.copy_(w)
+            self.thresholds[g.key].requires_grad_(False)
         self.frozen.fill_(True)
         self.sync_sparse()
 
@@ -384,9 +557,11 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         """Fill the sparse buffers from the current effective weights (the ``nnz_cap`` largest if there are more)."""
         if self.device.type == "meta":
             return
+        effective = {g.key: self._group_effective(g) for g in self.groups}
         flat, vals = [], []
         for i, f in enumerate(self.features):
-            w = self.effective_weight(f.name).flatten()
+            g, _, start, rows = self._slots[f.name]
+            w = effective[g.key][start:start + rows].flatten()
             (k,) = torch.nonzero(w, as_tuple=True)  # ascending
             flat.append(k + self.entry_offsets[i])
             vals.append(w[k])
@@ -411,10 +586,12 @@ class PEPEmbeddingBagCollection(_SparseStorage, EmbeddingModule):
         serve.load_state_dict({k: getattr(self, k) for k in SPARSE_BUFFERS})
         return serve.eval()
 
+    @torch.no_grad()
     def init_from_weights(self, name: str, weight: torch.Tensor) -> str:
-        self.tables[name].weight.copy_(weight)
+        self.table_weight(name).copy_(weight)
         if self.config.retrain == "rewind":
-            self.initial.get_buffer(name).copy_(weight)
+            g, _, start, rows = self._slots[name]
+            self.initial.get_buffer(g.key)[start:start + rows].copy_(weight)
         return "dense table copied; pruning starts from it"
 
     @classmethod
