@@ -217,7 +217,7 @@ def _convert(fmt_name: str, paths: list, out_dir, *, layout: str, protocol: str,
     if sum(job.sizes) <= chunk_bytes:  # one chunk: starting worker processes would cost more than it saves
         workers = 1
     try:
-        with Workers(workers, initializer=_tune_malloc) as pool:
+        with Workers(workers, initializer=_tune_malloc, preload=[__name__]) as pool:
             pool.start(_warm_up)  # the workers import their modules while this process plans
             plan = _plan(job, fmt, work, progress, pool)
             _convert_planned(pool, job, fmt, files, plan, work, out, strict, chunk_bytes, min_count, progress,
