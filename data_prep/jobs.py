@@ -33,11 +33,16 @@ class Workers:
         self._pool: cf.ProcessPoolExecutor | None = None
         self._warming: list[cf.Future] = []
         self._closing: threading.Thread | None = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
         if self._closing is not None:
             self._closing.join()
             self._closing = None
@@ -47,16 +52,36 @@ class Workers:
 
     def release(self) -> None:
         """Let the worker processes exit in the background (no more :meth:`run`); the context exit waits."""
+        self._wait_started()
         if self._pool is not None and self._closing is None:
             self._closing = threading.Thread(target=self._pool.shutdown, name="workers-shutdown")
             self._closing.start()
             self._pool = None
 
     def start(self, warm_up: Callable) -> None:
-        """Start the worker processes now (each runs ``warm_up(i)``), so their start-up overlaps other work."""
-        if self.workers > 1 and self._pool is None:
-            self._start_pool()
-            self._warming = [self._pool.submit(warm_up, i) for i in range(self.workers)]
+        """Start the worker processes now (each runs ``warm_up(i)``), so their start-up overlaps other work.
+
+        Returns at once: the pool is started by a thread (a fork server's first fork waits for its
+        imports), and :meth:`ready` says when the workers are up.
+        """
+        if self.workers > 1 and self._pool is None and self._starting is None:
+            def start() -> None:
+                try:
+                    self._start_pool()
+                    self._warming = [self._pool.submit(warm_up, i) for i in range(self.workers)]
+                except BaseException as err:  # raised by the next run()
+                    self._start_error = err
+
+            self._starting = threading.Thread(target=start, name="workers-start", daemon=True)
+            self._starting.start()
+
+    def _wait_started(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._start_error is not None:
+            err, self._start_error = self._start_error, None
+            raise err
 
     def _start_pool(self) -> None:
         ctx = multiprocessing.get_context(_start_method())
@@ -68,7 +93,11 @@ class Workers:
 
     def ready(self) -> bool:
         """True once the started workers have run their warm-up (always True without worker processes)."""
-        return self.workers <= 1 or all(f.done() for f in self._warming)
+        if self.workers <= 1:
+            return True
+        if self._starting is not None and self._starting.is_alive():
+            return False
+        return all(f.done() for f in self._warming)
 
     def run(self, fn: Callable, jobs: Iterable, bar=None, parallel: bool = True) -> None:
         """Run ``fn(job)`` for every job, ``bar.update(result)`` after each, results taken in job order.
@@ -84,6 +113,7 @@ class Workers:
                 if bar is not None:
                     bar.update(r)
             return
+        self._wait_started()
         if self._pool is None:
             self._start_pool()
         window: collections.deque = collections.deque()
