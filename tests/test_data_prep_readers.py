@@ -294,3 +294,23 @@ def test_workers_lend_a_hand_while_starting_and_keep_job_order():
         # (in a worker) must be the one reported, not the later one of job 3 (run here)
         with pytest.raises(ValueError, match="early"):
             pool.run(int, ["1", "early", "3", "late", "5"], Bar())
+
+
+def test_plan_line_counts_of_mapped_ranges(tmp_path):
+    """The plan counts each byte range's lines on a memory map (any offset, a last line without newline)."""
+    import mmap
+
+    from data_prep.convert import _count_job
+    from data_prep.meta import DataPrepError
+    from data_prep.textparse import count_lines
+
+    rng = np.random.default_rng(0)
+    data = bytes(rng.choice(np.frombuffer(b"ab\n", np.uint8), size=3 * mmap.ALLOCATIONGRANULARITY + 123))
+    path = tmp_path / "t.txt"
+    path.write_bytes(data)
+    g = mmap.ALLOCATIONGRANULARITY
+    for offset, nbytes in [(0, len(data)), (1, 10), (g - 1, 2), (g, g), (g + 7, len(data) - g - 7), (len(data) - 1, 1),
+                           (5, 0)]:
+        assert _count_job((str(path), offset, nbytes), piece=1000) == (count_lines(data[offset:offset + nbytes]), nbytes)
+    with pytest.raises(DataPrepError, match="changed while it was converted"):
+        _count_job((str(path), 10, len(data)))
