@@ -29,6 +29,7 @@ Dense features (Criteo): missing -> 0, negatives -> 0, ``log(x + 1)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +38,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -495,6 +496,31 @@ def _byte_ranges(path: str, start: int, chunk_bytes: int) -> list[tuple[int, int
     return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+@contextlib.contextmanager
+def _mapped(path: str, offset: int, nbytes: int) -> Iterator[np.ndarray]:
+    """Bytes ``[offset, offset + nbytes)`` of a plain file as a read-only uint8 array on a memory map.
+
+    Nothing is copied (a read would copy the chunk once more); the map closes when the last view of it
+    goes. A file shorter than planned is a :class:`DataPrepError`.
+    """
+    if nbytes == 0:
+        yield np.zeros(0, dtype=np.uint8)
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < offset + nbytes:
+            raise DataPrepError(f"{path} changed while it was converted: it is shorter than when the conversion "
+                                "started; convert it again")
+        mm = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
+    try:
+        yield np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view is still alive (an exception's traceback): closed when it goes
+            pass
+
+
 def _count_job(job: tuple[str, int, int], piece: int = 1 << 20) -> tuple[int, int]:
     """Worker job: lines in a byte range of a plain file (and its size, for the progress bar).
 
@@ -502,19 +528,11 @@ def _count_job(job: tuple[str, int, int], piece: int = 1 << 20) -> tuple[int, in
     at a time: about 4x faster than ``bytes.count`` on a copy.
     """
     path, offset, nbytes = job
-    if nbytes == 0:
-        return 0, 0
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < offset + nbytes:
-            raise DataPrepError(f"{path} changed while it was converted: it is shorter than when the conversion "
-                                "started; convert it again")
-        with mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start) as mm:
-            arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
-            lines = sum(int(np.count_nonzero(arr[i: i + piece] == 10)) for i in range(0, nbytes, piece))
-            last = arr[-1]
-            del arr  # (the map cannot close while a view of it exists)
-    return lines + int(last != 10), nbytes
+    with _mapped(path, offset, nbytes) as arr:
+        lines = sum(int(np.count_nonzero(arr[i: i + piece] == 10)) for i in range(0, nbytes, piece))
+        last_ends = nbytes == 0 or arr[-1] == 10
+        del arr
+    return lines + int(not last_ends), nbytes
 
 
 def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: dict) -> np.ndarray:
@@ -534,12 +552,14 @@ def _pass1(job: dict) -> int:
     """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns (chunk, bytes)."""
     fmt = job["fmt"]
     out = pathlib.Path(job["out"])
-    data = job["data"]
-    if data is None:
-        with open(job["file"], "rb") as f:
-            f.seek(job["offset"])
-            data = f.read(job["nbytes"])
-    parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"], n_lines=job["n_lines"])
+    if job["data"] is None:  # a plain file: parsed where it lies (mapped)
+        with _mapped(job["file"], job["offset"], job["nbytes"]) as data:
+            parsed = parse_chunk(data, job["first_line"], fmt, file=job["file"], strict=job["strict"],
+                                 n_lines=job["n_lines"])
+            del data
+    else:
+        parsed = parse_chunk(job["data"], job["first_line"], fmt, file=job["file"], strict=job["strict"],
+                             n_lines=job["n_lines"])
     first_data_line = 2 if fmt.header else 1
     codes = _split_codes(parsed.lines, job["file_idx"], first_data_line, job["split"])
     chunk = job["chunk"]

@@ -154,3 +154,24 @@ def test_criteo_fast_path_matches_exact_parser(monkeypatch):
     for bad in [good.replace("0a0b0c0d", "0A0B0C0D", 1), "", good + "\r", good + "\tx",
                 good.replace("\t", "\t1.5", 1), good.replace("\t", "\t1234567890123456789", 1)]:
         assert fast_path(f"{good}\n{bad}\n{good}\n".encode(), 1) is None, repr(bad[:20])
+
+
+def test_chunk_given_as_array_parses_like_its_bytes():
+    """A mapped file range (uint8 array) gives the bytes' result: read in place, or copied when it must be
+    normalised (CR, decimals); the strict error names the same line."""
+    from data_prep import MalformedRowError
+
+    good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
+    other = _row("0", ["", "-3", "260"] + ["4"] * 10, [""] + ["ffffffff"] * 25)
+    chunks = [f"{good}\n{other}\n{good}\n", f"{good}\r\n{other}\r\n", f"{good}\n{other.replace('260', '260.0')}\n",
+              f"{good}\n\n{good}\tx\n{other}", f"{good}\n{good.replace('0a0b0c0d', 'zz', 1)}\n"]
+    for text in chunks:
+        data = text.encode()
+        n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        a = parse_chunk(np.frombuffer(data, np.uint8), 5, CRITEO, n_lines=n_lines)
+        b = parse_chunk(data, 5, CRITEO, n_lines=n_lines)
+        for name in ("labels", "dense", "keys", "lines", "bad_lines", "bad_kinds"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (name, text[:30])
+    data = chunks[-1].encode()
+    with pytest.raises(MalformedRowError, match=r"f\.txt:6: malformed row \(non_hex_category\)"):
+        parse_chunk(np.frombuffer(data, np.uint8), 5, CRITEO, file="f.txt", strict=True, n_lines=2)
