@@ -548,6 +548,10 @@ def _split_codes(lines: np.ndarray, file_idx: int, first_data_line: int, split: 
     return dlrm_split(split["line_offset"][file_idx] + pos_in_file, total, split["days"])
 
 
+#: Features with at most this many distinct keys in a chunk store their raw indices as uint16.
+_NARROW_MAX = 1 << 16
+
+
 def _pass1(job: dict) -> int:
     """Parse one chunk; write its raw rows (keys, not ids yet) and its record. Returns (chunk, bytes)."""
     fmt = job["fmt"]
@@ -573,11 +577,18 @@ def _pass1(job: dict) -> int:
     train = codes == SPLIT_CODES["train"]
     all_train = bool(train.all())
     columns = parsed.columns()
-    n, num_features = len(parsed.labels), len(columns)
-    index = np.empty((num_features, n), dtype=np.int32)
+    n = len(parsed.labels)
+    # the indices are stored as uint16 where a feature has at most 2^16 distinct keys in the chunk (most
+    # do): the raw rows are written here and read back by pass 3, and half the bytes is less of both
+    narrow = np.array([len(uniq) <= _NARROW_MAX for _, uniq in columns], dtype=bool)
+    index16 = np.empty((int(narrow.sum()), n), dtype=np.uint16)
+    index32 = np.empty((len(columns) - len(index16), n), dtype=np.int32)
     uniques, cnt_keys, cnt_vals = [], [], []
     for f, (idx, uniq) in enumerate(columns):
-        index[f] = idx
+        if narrow[f]:
+            index16[int(narrow[:f].sum())] = idx
+        else:
+            index32[int((~narrow[:f]).sum())] = idx
         uniques.append(uniq)
         cnt = np.bincount(idx if all_train else idx[train], minlength=len(uniq))
         seen = cnt > 0
@@ -589,7 +600,8 @@ def _pass1(job: dict) -> int:
     rec["cnt_keys"] = np.concatenate(cnt_keys) if cnt_keys else np.zeros(0, np.int64)
     rec["cnt_vals"] = np.concatenate(cnt_vals) if cnt_vals else np.zeros(0, np.int64)
     write_record(out / "_work" / f"raw-{chunk:05d}.rec", labels=parsed.labels, dense=parsed.dense,
-                 index=index, uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
+                 narrow=narrow, index16=index16, index32=index32,
+                 uniques=np.concatenate(uniques) if uniques else np.zeros(0, np.int64),
                  unique_sizes=np.array([len(u) for u in uniques], dtype=np.int64), split=codes)
     write_record(out / "_work" / f"p1-{chunk:05d}.rec", **rec)
     return chunk, job["nbytes"]
@@ -617,10 +629,15 @@ def _pass2(job: dict) -> int:
     vocab = _load_vocab(out / "_work" / "vocab.rec", len(fmt.feature_names))
     raw_file = out / "_work" / f"raw-{chunk:05d}.rec"
     raw = read_record(raw_file)
-    index, bounds = raw["index"], np.concatenate([[0], np.cumsum(raw["unique_sizes"])])
-    ids = np.empty(index.shape, dtype=np.int64).T  # [n, F], each feature's column contiguous
-    for f in range(index.shape[0]):
-        ids[:, f] = lookup_ids(vocab[f], raw["uniques"][bounds[f]: bounds[f + 1]])[index[f]]
+    bounds = np.concatenate([[0], np.cumsum(raw["unique_sizes"])])
+    if "index" in raw:  # a record of an interrupted run by an earlier version: one int32 array
+        index = list(raw["index"])
+    else:
+        narrow, wide = iter(raw["index16"]), iter(raw["index32"])
+        index = [next(narrow) if is_narrow else next(wide) for is_narrow in raw["narrow"]]
+    ids = np.empty((len(index), len(raw["labels"])), dtype=np.int64).T  # [n, F], each feature's column contiguous
+    for f, idx in enumerate(index):
+        ids[:, f] = lookup_ids(vocab[f], raw["uniques"][bounds[f]: bounds[f + 1]])[idx]
     entries = write_split_shards(out, chunk, raw["split"], raw["labels"], raw["dense"], ids,
                                  fmt.dense, fmt.feature_names, [len(v["counts"]) for v in vocab])
     write_record(out / "_work" / f"p2-{chunk:05d}.rec", **entries_to_arrays(entries))
