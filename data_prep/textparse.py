@@ -706,7 +706,7 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
     the caller re-parses the chunk with the exact parser, which finds and classifies the lines.
     """
     if len(data) >= 1 << 31 or (isinstance(data, bytes) and data.find(b"\r") >= 0):  # (int32 offsets of one
-        return None  # binary column; an array's CRs were looked for by the caller)
+        return None  # binary column; CRs in an array: see parse_chunk)
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
@@ -767,8 +767,8 @@ def parse_chunk(data: bytes | np.ndarray, first_line: int, fmt: TextFormat, *, f
                 strict: bool = False, n_lines: int | None = None) -> ParsedChunk:
     """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
 
-    ``data``: the chunk's bytes, or a uint8 array of them (a mapped file range): a Criteo chunk without
-    CR or ``.`` is then read where it lies, without a copy. ``n_lines``: the chunk's physical lines when
+    ``data``: the chunk's bytes, or a uint8 array of them (a mapped file range): a Criteo chunk is then
+    read where it lies, without a copy, unless it needs normalising. ``n_lines``: the chunk's physical lines when
     the caller has counted them already (saves a pass).
 
     Example:
@@ -777,16 +777,22 @@ def parse_chunk(data: bytes | np.ndarray, first_line: int, fmt: TextFormat, *, f
         >>> p.labels.tolist(), p.lines.tolist(), p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]
         ([1, 1], [1, 3], [2], ['blank_line'])
     """
-    tried_fast = False
     if isinstance(data, np.ndarray):
-        if fmt.name == "criteo" and n_lines is not None and not _holds_any(data, b"\r."):
-            fast = _criteo_fast(data, first_line, fmt, n_lines)  # (nothing to normalise)
+        # Read in place, not normalised: pyarrow.csv ends a line at CRLF as at LF (the fields are those of
+        # the normalised text), and any other CR or a decimal point makes the fast path decline; then the
+        # bytes are copied, normalised and parsed again.
+        tried = fmt.name == "criteo" and n_lines is not None
+        if tried:
+            fast = _criteo_fast(data, first_line, fmt, n_lines)
             if fast is not None:
                 return fast
-            tried_fast = True
         data = data.tobytes()
+        # the fast path said no: again only if normalising changes the text
+        try_fast = not tried or data.find(b"\r") >= 0 or data.find(b".") >= 0
+    else:
+        try_fast = True
     data = _normalise(data, fmt)
-    if fmt.name == "criteo" and not tried_fast:
+    if fmt.name == "criteo" and try_fast:
         fast = _criteo_fast(data, first_line, fmt, n_lines)
         if fast is not None:
             return fast
@@ -823,18 +829,6 @@ def parse_chunk(data: bytes | np.ndarray, first_line: int, fmt: TextFormat, *, f
     ok = ~bad_rows
     return ParsedChunk(labels=labels[ok], dense=dense[ok], keys_matrix=keys[ok], lines=rows_line[ok],
                        bad_lines=bad_lines[order], bad_kinds=bad_kinds[order].astype(np.int8))
-
-
-def _holds_any(arr: np.ndarray, chars: bytes, piece: int = 1 << 20) -> bool:
-    """Whether the uint8 array holds any of ``chars`` (numpy, a cache-sized piece at a time)."""
-    for i in range(0, len(arr), piece):
-        part = arr[i: i + piece]
-        hit = part == chars[0]
-        for c in chars[1:]:
-            hit |= part == c
-        if hit.any():
-            return True
-    return False
 
 
 def _flag_non_utf8(data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, code: np.ndarray) -> None:

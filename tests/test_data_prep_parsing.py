@@ -164,7 +164,8 @@ def test_chunk_given_as_array_parses_like_its_bytes():
     good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
     other = _row("0", ["", "-3", "260"] + ["4"] * 10, [""] + ["ffffffff"] * 25)
     chunks = [f"{good}\n{other}\n{good}\n", f"{good}\r\n{other}\r\n", f"{good}\n{other.replace('260', '260.0')}\n",
-              f"{good}\n\n{good}\tx\n{other}", f"{good}\n{good.replace('0a0b0c0d', 'zz', 1)}\n"]
+              f"{good}\n\n{good}\tx\n{other}", f"{good}\r\r\n{other}\n", f"{good[:30]}\r{good[30:]}\n{good}\r",
+              f"{good}\n{good.replace('0a0b0c0d', 'zz', 1)}\n"]
     for text in chunks:
         data = text.encode()
         n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
