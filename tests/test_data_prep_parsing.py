@@ -176,3 +176,19 @@ def test_chunk_given_as_array_parses_like_its_bytes():
     data = chunks[-1].encode()
     with pytest.raises(MalformedRowError, match=r"f\.txt:6: malformed row \(non_hex_category\)"):
         parse_chunk(np.frombuffer(data, np.uint8), 5, CRITEO, file="f.txt", strict=True, n_lines=2)
+
+
+def test_vocabulary_lookup_sorted_or_not_matches_a_dict(monkeypatch):
+    """``lookup_ids`` (keys sorted first when there are many) gives the ids a plain dict gives, 0 for OOV."""
+    import data_prep.vocab as vocab
+
+    rng = np.random.default_rng(1)
+    keys = np.unique(rng.integers(-5, 5000, 3000))
+    v = vocab.build_vocab(keys, rng.integers(1, 9, len(keys)), min_count=3)
+    want = dict(zip(v["sorted_keys"].tolist(), v["sorted_ids"].tolist()))
+    query = rng.integers(-10, 6000, 5000)
+    expected = [want.get(k, 0) for k in query.tolist()]
+    assert len(query) > vocab._SORT_KEYS_ABOVE and 0 < sum(e > 0 for e in expected) < len(query)
+    assert vocab.lookup_ids(v, query).tolist() == expected
+    monkeypatch.setattr(vocab, "_SORT_KEYS_ABOVE", 10**9)
+    assert vocab.lookup_ids(v, query).tolist() == expected
