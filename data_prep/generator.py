@@ -506,7 +506,7 @@ def generate_dataset(
     jobs = [(cfg.to_dict(), c, str(out)) for c in todo]
     # Spawning workers costs about a second each: only worth it for many chunks.
     with tqdm(total=todo_rows, unit="rows", unit_scale=True, desc="generate", disable=not progress) as bar:
-        run_ordered(_generate_chunk, jobs, workers if len(todo) >= 8 else 1, bar)
+        run_ordered(_generate_chunk, jobs, workers if len(todo) >= 8 else 1, bar, preload=[__name__])
     _finish_generated(cfg, out, fp)
     return out
 

@@ -705,8 +705,8 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
     value that is not an integer, a category that is not 8 lowercase hex digits -- returns None, and
     the caller re-parses the chunk with the exact parser, which finds and classifies the lines.
     """
-    if data.find(b"\r") >= 0 or len(data) >= 1 << 31:  # (int32 offsets of one binary column)
-        return None
+    if len(data) >= 1 << 31 or (isinstance(data, bytes) and data.find(b"\r") >= 0):  # (int32 offsets of one
+        return None  # binary column; CRs in an array: see parse_chunk)
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
@@ -763,11 +763,13 @@ def _criteo_fast(data: bytes, first_line: int, fmt: TextFormat = CRITEO,
                        bad_lines=none, bad_kinds=none.astype(np.int8))
 
 
-def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
+def parse_chunk(data: bytes | np.ndarray, first_line: int, fmt: TextFormat, *, file: str = "<chunk>",
                 strict: bool = False, n_lines: int | None = None) -> ParsedChunk:
     """Parse one newline-aligned chunk whose first line is line ``first_line`` (1-based) of ``file``.
 
-    ``n_lines``: the chunk's physical lines when the caller has counted them already (saves a pass).
+    ``data``: the chunk's bytes, or a uint8 array of them (a mapped file range): a Criteo chunk is then
+    read where it lies, without a copy, unless it needs normalising. ``n_lines``: the chunk's physical lines when
+    the caller has counted them already (saves a pass).
 
     Example:
         >>> row = "1\\t" + "5\\t" * 13 + "\\t".join(["0a0b0c0d"] * 26) + "\\n"
@@ -775,8 +777,22 @@ def parse_chunk(data: bytes, first_line: int, fmt: TextFormat, *, file: str = "<
         >>> p.labels.tolist(), p.lines.tolist(), p.bad_lines.tolist(), [MALFORMED_KINDS[k] for k in p.bad_kinds]
         ([1, 1], [1, 3], [2], ['blank_line'])
     """
+    if isinstance(data, np.ndarray):
+        # Read in place, not normalised: pyarrow.csv ends a line at CRLF as at LF (the fields are those of
+        # the normalised text), and any other CR or a decimal point makes the fast path decline; then the
+        # bytes are copied, normalised and parsed again.
+        tried = fmt.name == "criteo" and n_lines is not None
+        if tried:
+            fast = _criteo_fast(data, first_line, fmt, n_lines)
+            if fast is not None:
+                return fast
+        data = data.tobytes()
+        # the fast path said no: again only if normalising changes the text
+        try_fast = not tried or data.find(b"\r") >= 0 or data.find(b".") >= 0
+    else:
+        try_fast = True
     data = _normalise(data, fmt)
-    if fmt.name == "criteo":
+    if fmt.name == "criteo" and try_fast:
         fast = _criteo_fast(data, first_line, fmt, n_lines)
         if fast is not None:
             return fast

@@ -154,3 +154,41 @@ def test_criteo_fast_path_matches_exact_parser(monkeypatch):
     for bad in [good.replace("0a0b0c0d", "0A0B0C0D", 1), "", good + "\r", good + "\tx",
                 good.replace("\t", "\t1.5", 1), good.replace("\t", "\t1234567890123456789", 1)]:
         assert fast_path(f"{good}\n{bad}\n{good}\n".encode(), 1) is None, repr(bad[:20])
+
+
+def test_chunk_given_as_array_parses_like_its_bytes():
+    """A mapped file range (uint8 array) gives the bytes' result: read in place, or copied when it must be
+    normalised (CR, decimals); the strict error names the same line."""
+    from data_prep import MalformedRowError
+
+    good = _row("1", ["1"] * 13, ["0a0b0c0d"] * 26)
+    other = _row("0", ["", "-3", "260"] + ["4"] * 10, [""] + ["ffffffff"] * 25)
+    chunks = [f"{good}\n{other}\n{good}\n", f"{good}\r\n{other}\r\n", f"{good}\n{other.replace('260', '260.0')}\n",
+              f"{good}\n\n{good}\tx\n{other}", f"{good}\r\r\n{other}\n", f"{good[:30]}\r{good[30:]}\n{good}\r",
+              f"{good}\n{good.replace('0a0b0c0d', 'zz', 1)}\n"]
+    for text in chunks:
+        data = text.encode()
+        n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        a = parse_chunk(np.frombuffer(data, np.uint8), 5, CRITEO, n_lines=n_lines)
+        b = parse_chunk(data, 5, CRITEO, n_lines=n_lines)
+        for name in ("labels", "dense", "keys", "lines", "bad_lines", "bad_kinds"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (name, text[:30])
+    data = chunks[-1].encode()
+    with pytest.raises(MalformedRowError, match=r"f\.txt:6: malformed row \(non_hex_category\)"):
+        parse_chunk(np.frombuffer(data, np.uint8), 5, CRITEO, file="f.txt", strict=True, n_lines=2)
+
+
+def test_vocabulary_lookup_sorted_or_not_matches_a_dict(monkeypatch):
+    """``lookup_ids`` (keys sorted first when there are many) gives the ids a plain dict gives, 0 for OOV."""
+    import data_prep.vocab as vocab
+
+    rng = np.random.default_rng(1)
+    keys = np.unique(rng.integers(-5, 5000, 3000))
+    v = vocab.build_vocab(keys, rng.integers(1, 9, len(keys)), min_count=3)
+    want = dict(zip(v["sorted_keys"].tolist(), v["sorted_ids"].tolist()))
+    query = rng.integers(-10, 6000, 5000)
+    expected = [want.get(k, 0) for k in query.tolist()]
+    assert len(query) > vocab._SORT_KEYS_ABOVE and 0 < sum(e > 0 for e in expected) < len(query)
+    assert vocab.lookup_ids(v, query).tolist() == expected
+    monkeypatch.setattr(vocab, "_SORT_KEYS_ABOVE", 10**9)
+    assert vocab.lookup_ids(v, query).tolist() == expected

@@ -294,3 +294,59 @@ def test_workers_lend_a_hand_while_starting_and_keep_job_order():
         # (in a worker) must be the one reported, not the later one of job 3 (run here)
         with pytest.raises(ValueError, match="early"):
             pool.run(int, ["1", "early", "3", "late", "5"], Bar())
+
+
+def test_plan_line_counts_of_mapped_ranges(tmp_path):
+    """The plan counts each byte range's lines on a memory map (any offset, a last line without newline)."""
+    import mmap
+
+    from data_prep.convert import _count_job
+    from data_prep.meta import DataPrepError
+    from data_prep.textparse import count_lines
+
+    rng = np.random.default_rng(0)
+    data = bytes(rng.choice(np.frombuffer(b"ab\n", np.uint8), size=3 * mmap.ALLOCATIONGRANULARITY + 123))
+    path = tmp_path / "t.txt"
+    path.write_bytes(data)
+    g = mmap.ALLOCATIONGRANULARITY
+    for offset, nbytes in [(0, len(data)), (1, 10), (g - 1, 2), (g, g), (g + 7, len(data) - g - 7), (len(data) - 1, 1),
+                           (5, 0)]:
+        assert _count_job((str(path), offset, nbytes), piece=1000) == (count_lines(data[offset:offset + nbytes]), nbytes)
+    with pytest.raises(DataPrepError, match="changed while it was converted"):
+        _count_job((str(path), 10, len(data)))
+
+
+def test_resume_reads_raw_rows_of_an_earlier_version(tmp_path, monkeypatch):
+    """Raw rows written by an earlier version (one int32 index array) are still mapped to the same shards."""
+    import data_prep.convert as conv
+    from data_prep.shards import read_record, write_record
+
+    ref = convert_criteo(CRITEO_TXT, tmp_path / "ref", workers=1, chunk_bytes=10_000, progress=False)
+
+    def stop(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_pass2", stop)
+    out = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        convert_criteo(CRITEO_TXT, out, workers=1, chunk_bytes=10_000, progress=False)
+    monkeypatch.undo()
+    raws = sorted((out / "_work").glob("raw-*.rec"))
+    assert len(raws) > 1
+    for path in raws:  # the earlier layout: all features' indices in one int32 array
+        rec = read_record(path)
+        narrow, wide = iter(rec.pop("index16")), iter(rec.pop("index32"))
+        rec["index"] = np.stack([next(narrow) if n else next(wide) for n in rec.pop("narrow")]).astype(np.int32)
+        write_record(path, **rec)
+    resumed = convert_criteo(CRITEO_TXT, out, workers=1, chunk_bytes=10_000, progress=False)
+    assert load_meta(resumed).raw["manifest"] == load_meta(ref).raw["manifest"]
+
+
+def test_raw_indices_narrow_and_wide_give_same_shards(tmp_path, monkeypatch):
+    """Pass 1 stores a chunk's indices as uint16 or int32 per feature; the shards do not depend on it."""
+    import data_prep.convert as conv
+
+    ref = convert_criteo(CRITEO_TXT, tmp_path / "ref", workers=1, chunk_bytes=10_000, progress=False)
+    monkeypatch.setattr(conv, "_NARROW_MAX", 3)  # most features wide, a few (<= 3 distinct keys) narrow
+    out = convert_criteo(CRITEO_TXT, tmp_path / "mixed", workers=1, chunk_bytes=10_000, progress=False)
+    assert load_meta(out).raw["manifest"] == load_meta(ref).raw["manifest"]

@@ -40,6 +40,18 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _stop_fork_server() -> None:
+    """Stop this process's multiprocessing fork server (the conversion's workers are its children).
+
+    Only then is their CPU time (reaped by the server) counted in this process's ``RUSAGE_CHILDREN``.
+    """
+    import multiprocessing.forkserver as mpf
+
+    server = getattr(mpf, "_forkserver", None)
+    if server is not None and hasattr(server, "_stop"):
+        server._stop()
+
+
 def _pyarrow_read(path: pathlib.Path) -> tuple[float, int, float]:
     """Wall seconds, rows and CPU seconds of ``pyarrow.csv.read_csv`` (all threads) on ``path``."""
     import pyarrow.csv as pacsv
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         c, t = _cpu(), time.perf_counter()
         out = convert_criteo(tsv, work / "dataset", workers=a.workers, progress=False)
         conv = time.perf_counter() - t
+        _stop_fork_server()
         conv_cpu = _cpu() - c
         result["peak_rss_MB_after_conversion"] = {
             "self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
