@@ -100,6 +100,20 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tiny: Path, tmp_path: Pat
         run(config(tiny, max_steps=5, dense_lr=0.01), tmp_path, progress=False)
 
 
+def test_a_checkpoint_whose_state_layout_changed_says_so(tiny: Path, tmp_path: Path) -> None:
+    """Same config, but the method's state_dict keys changed since the checkpoint was written (a new version
+    of the method): a clear error naming the file, not torch's load_state_dict traceback."""
+    run(config(tiny, max_steps=10), tmp_path, progress=False)
+    path = tmp_path / ckpt.CHECKPOINT_NAME
+    saved = ckpt.load_checkpoint(path)
+    key = next(k for k in saved["model"] if k.startswith("embedding."))
+    saved["model"][key.replace("embedding.", "embedding.renamed_", 1)] = saved["model"].pop(key)
+    ckpt.save_checkpoint(path, saved)
+    with pytest.raises(ValueError, match="saved tables do not fit this version") as err:
+        run(config(tiny, max_steps=10), tmp_path, progress=False)
+    assert str(path) in str(err.value) and "resume=False" in str(err.value)
+
+
 def test_a_checkpoint_made_with_another_thread_count_resumes(tiny: Path, tmp_path: Path) -> None:
     # a sweep sets the threads from its number of jobs: a cell killed under --jobs 2 resumes under --jobs 1
     with pytest.raises(Interrupt):

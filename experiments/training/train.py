@@ -620,8 +620,16 @@ def run(
                     f"{ckpt_path} is at step {state.step}, past this config's {total_steps} steps; "
                     "pass resume=False to train afresh or use another out_dir"
                 )
-            model.load_state_dict(saved["model"])
-            optimizers.load_state_dict(saved["optimizers"])
+            try:
+                model.load_state_dict(saved["model"])
+                optimizers.load_state_dict(saved["optimizers"])
+            except (RuntimeError, KeyError, ValueError) as err:  # same config, another layout of the state
+                first = str(err).strip().splitlines()[0][:300]
+                raise ValueError(
+                    f"{ckpt_path} has the same config but its saved tables do not fit this version of the "
+                    f"model ({versions().get('embtable', '?')}): the method's state layout changed since it was "
+                    f"written ({first}); pass resume=False (sweeps: delete that file) to train afresh"
+                ) from err
             set_rng_state(saved["rng"])
             resumed_from = state.step
         record["resumed_from_step"] = resumed_from
