@@ -285,6 +285,16 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
     torch.Size([2, 32])
     >>> out.sum().backward()   # gradients of the looked-up rows are recorded
     >>> m.train_step_end(0)    # ... and applied here, rows written back as int8 (stochastic rounding)
+
+    fp16 rows are a TorchRec table at ``DataType.FP16``, which the trainer fuses into FBGEMM's fp16 kernel:
+
+    >>> h = embtable.build(feats, LowPrecisionConfig(precision="fp16"), budget="1/4", seed=0)
+    >>> embtable.memory_report(h).inference_bytes == (h.config.num_buckets["user"] + 200) * 16 * 2 + 2 * 48
+    True
+    >>> embtable.fuse_storage(h, "rowwise_adagrad", lr=0.1)
+    1
+    >>> h.storage.tbe.weights_precision.value, h(kjt).values().dtype
+    ('fp16', torch.float32)
     """
 
     def __init__(self, features: Sequence[FeatureSpec], config: LowPrecisionConfig, **kwargs) -> None:
