@@ -21,14 +21,19 @@ so tables over 2**31 rows stay exact). The parameters keep ``EmbeddingBagCollect
 
 What is not fused (it keeps sparse gradients and the Python optimizer): a method that sets
 ``fused_storage_unsupported`` (a reason: its storage is not plain tables, or it updates rows itself);
-``EmbeddingCollection`` (unpooled) storage; a collection with non-fp32 tables or a dim that is not a
-multiple of 4 (FBGEMM's requirement). For
+``EmbeddingCollection`` (unpooled) storage; a collection whose tables are not all fp32 or all fp16 (one
+``weights_precision`` per kernel; int8 rows have no CPU backward kernel in FBGEMM 1.8), or with a dim that is
+not a multiple of 4 (FBGEMM's requirement). fp16 tables (``EmbeddingBagConfig(data_type=DataType.FP16)``) run
+the kernel at ``weights_precision=SparseType.FP16``: rows are read as fp16, pooled in fp32 (the output is
+fp32), and the update is computed in fp32 and written back rounded to nearest (the CPU kernel ignores
+FBGEMM's ``stochastic_rounding``), as a Python optimizer on an fp16 parameter does. For
 DistributedModelParallel, shard the unfused module (:func:`embtable.sharding.shard` installs TorchRec's own
 fused optimizer on the shards); :func:`unfuse_storage` turns a fused module back into plain collections with
 the trained weights.
 
 Bytes: the weights are the same tensors at the same size; the optimizer state is the kernel's own
-(``sgd`` none, ``adagrad`` one float per weight, ``rowwise_adagrad`` one float per row), counted exactly by
+(``sgd`` none, ``adagrad`` one fp32 float per weight -- also for fp16 tables, ``rowwise_adagrad`` one fp32
+float per row), counted exactly by
 :func:`embtable.optimizer_state_bytes`. Results are bitwise reproducible at a fixed thread count.
 
 >>> import embtable, torch
@@ -61,6 +66,8 @@ __all__ = ["FUSED_OPTIMIZERS", "FusedEmbeddingBagStorage", "FusedTableOptimizer"
 FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 #: eps of the unfused optimizers the trainer uses (torch.optim.Adagrad: 1e-10, embtable.RowWiseAdagrad: 1e-8)
 _EPS = {"sgd": 1e-8, "adagrad": 1e-10, "rowwise_adagrad": 1e-8}
+#: table data types the CPU kernel trains, and its ``SparseType`` (weights_precision) for each
+_PRECISIONS = {DataType.FP32: "FP32", DataType.FP16: "FP16"}
 
 
 def _optim_type(optimizer: str):
@@ -92,8 +99,9 @@ class FusedEmbeddingBagStorage(EmbeddingBagCollectionInterface):
         poolings = {c.pooling for c in configs}
         if len(poolings) != 1 or next(iter(poolings)) not in (PoolingType.SUM, PoolingType.MEAN):
             raise ValueError(f"fused storage needs one sum or mean pooling for all tables, got {poolings}")
-        if any(c.data_type != DataType.FP32 for c in configs):
-            raise ValueError("fused storage supports fp32 tables only")
+        precisions = {c.data_type for c in configs}
+        if len(precisions) != 1 or next(iter(precisions)) not in _PRECISIONS:
+            raise ValueError(f"fused storage needs all tables fp32 or all fp16, got {sorted(p.value for p in precisions)}")
         device = ebc.embedding_bags[configs[0].name].weight.device
         cuda = device.type == "cuda"
         self.optimizer, self.lr = optimizer, float(lr)
@@ -113,7 +121,7 @@ class FusedEmbeddingBagStorage(EmbeddingBagCollectionInterface):
             learning_rate=self.lr,
             eps=_EPS[optimizer] if eps is None else eps,
             pooling_mode=PoolingMode.SUM if configs[0].pooling == PoolingType.SUM else PoolingMode.MEAN,
-            weights_precision=SparseType.FP32,
+            weights_precision=getattr(SparseType, _PRECISIONS[configs[0].data_type]),
             device=device,
         )
         self.embedding_bags = nn.ModuleDict()
@@ -182,9 +190,10 @@ def _refusal(module: nn.Module) -> str | None:
 
 
 def _fusable(configs: list[EmbeddingBagConfig]) -> bool:
-    # FBGEMM's kernels need fp32 rows here, one pooling per kernel and dims that are multiples of 4
-    return (all(c.data_type == DataType.FP32 and c.embedding_dim % 4 == 0 for c in configs)
-            and len({c.pooling for c in configs}) == 1)
+    # FBGEMM's kernels need one precision (fp32 or fp16) and one pooling per kernel, and dims that are multiples of 4
+    precisions = {c.data_type for c in configs}
+    return (all(c.embedding_dim % 4 == 0 for c in configs) and len({c.pooling for c in configs}) == 1
+            and len(precisions) == 1 and next(iter(precisions)) in _PRECISIONS)
 
 
 def fuse_storage(module: nn.Module, optimizer: str = "rowwise_adagrad", lr: float = 0.01,

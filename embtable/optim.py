@@ -12,7 +12,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
 
     State per ``[rows, dim]`` parameter: ``sum`` of shape ``[rows]`` (4 bytes a row), so the optimizer adds
     ``1/dim`` of the table instead of a full copy. Works with sparse gradients (only touched rows change)
-    and dense ones. 1-D parameters fall back to one accumulator per element.
+    and dense ones. 1-D parameters fall back to one accumulator per element. A low-precision (fp16)
+    parameter is updated in fp32 and written back rounded to nearest, as FBGEMM's fused fp16 kernel does.
 
     Update for a touched row ``i`` with gradient ``g_i``:
     ``sum_i += mean(g_i ** 2)``; ``w_i -= lr * g_i / (sqrt(sum_i) + eps)``.
@@ -46,18 +47,25 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse:
                     grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
+                    rows, values = grad.indices()[0], grad.values().float()
                     sq = values.pow(2).flatten(1).mean(1) if values.dim() > 1 else values.pow(2)
                     acc.index_add_(0, rows, sq)
                     scale = (acc[rows].sqrt() + eps).reciprocal().mul_(-lr)
                     if values.dim() > 1:
                         scale = scale.view(-1, *([1] * (values.dim() - 1)))
-                    p.index_add_(0, rows, values * scale)
+                    if p.dtype == torch.float32:
+                        p.index_add_(0, rows, values * scale)
+                    else:  # the coalesced rows are unique: one fp32 update, one rounding
+                        p[rows] = (p[rows].float() + values * scale).to(p.dtype)
                 else:
+                    grad = grad.float()
                     sq = grad.pow(2).flatten(1).mean(1) if grad.dim() > 1 else grad.pow(2)
                     acc.add_(sq)
                     denom = acc.sqrt().add_(eps)
                     if grad.dim() > 1:
                         denom = denom.view(-1, *([1] * (grad.dim() - 1)))
-                    p.addcdiv_(grad, denom, value=-lr)
+                    if p.dtype == torch.float32:
+                        p.addcdiv_(grad, denom, value=-lr)
+                    else:
+                        p.copy_(p.float().addcdiv_(grad, denom, value=-lr))
         return loss

@@ -164,7 +164,7 @@ def test_vectorised_lookup_equals_a_per_feature_reference(precision, step_size, 
     for i, f in enumerate(feats):
         n = int(lengths[3 * i:3 * i + 3].sum())
         ids = values[start:start + n]
-        rows = (m.tables[f.name](ids).float() if precision == "fp16" else m.rows[f.name].dequantize(ids))
+        rows = (m.storage.embedding_bags[f.name].weight[ids].float() if precision == "fp16" else m.rows[f.name].dequantize(ids))
         w = None if weights is None else weights[start:start + n]
         offsets = torch.cumsum(lengths[3 * i:3 * i + 3], 0) - lengths[3 * i:3 * i + 3]
         expected.append(torch.nn.functional.embedding_bag(torch.arange(n), rows, offsets, mode=pooling,

@@ -4,7 +4,7 @@ Each feature's ids are mapped by the hashing trick of :mod:`embtable.methods.has
 feature's rows fit: ``m = n``), and its ``m`` rows are stored at one of four precisions::
 
     id ──► hash / identity ──► row r ──► fp32 : weight[r]                          (TorchRec table, d·4 B)
-                                         fp16 : weight16[r].float()                (fp16 table, d·2 B)
+                                         fp16 : weight16[r].float()     (TorchRec table at fp16, d·2 B)
                                          int8 : step[r] · (codes[r, :] - 128)            (d B + 4 B)
                                                 or bias[r] + scale[r] · codes[r, :]     (d B + 8 B, "fit")
                                          int4 : the same with 4-bit codes, zero point 8  (⌈d/2⌉ B + 4 or 8 B)
@@ -24,15 +24,25 @@ Two per-row quantizers (config ``step_size``), codes in ``[0, 2**bits - 1]``, in
 - ``"fit"``: asymmetric, re-fitted at every write-back: ``bias = min(row)``,
   ``scale = (max(row) - min(row)) / (2**bits - 1)`` (fp32 buffers); no trainable parameter at all.
 
-Looked-up rows are dequantized to fp32 and pooled in fp32 (sum / mean / weighted sum).
+Looked-up rows are dequantized to fp32 and pooled in fp32 (sum / mean / weighted sum), at every precision.
 
 Training (after Zhang et al., VLDB 2024, "Experimental Analysis of Large-scale Learnable Vector Storage
 Compression", §quantization; stochastic rounding as in Gupta et al., ICML 2015, "Deep Learning with
 Limited Numerical Precision", and low-precision embedding training as in ALPT, Li et al., AAAI 2023):
 
-- ``fp16``: an fp16 ``nn.Embedding`` per feature (sparse gradients, updated by the trainer's optimizer,
-  which rounds to nearest); the compute path is fp32. FBGEMM's fused fp16 TBE is not used here: this module
-  is not sharded by DMP (see below).
+- ``fp16``: a TorchRec ``EmbeddingBagCollection`` (child ``storage``, one table per feature) whose
+  ``EmbeddingBagConfig`` s have ``data_type=DataType.FP16``: real TorchRec storage, so
+
+  * :func:`embtable.fuse_storage` (the trainer's default) trains it in FBGEMM's CPU TBE kernel at
+    ``weights_precision=SparseType.FP16`` with the fused optimizer (SGD, Adagrad, row-wise Adagrad) applied in
+    backward; the kernel reads the fp16 rows, pools in fp32 and writes each updated row back rounded to
+    nearest; its optimizer state is fp32 (row-wise Adagrad: ``m·4`` bytes), counted by
+    :func:`embtable.optimizer_state_bytes`;
+  * unfused, the plain collection's fp16 weights get sparse gradients from
+    :func:`embtable.sparse_parameters` and the trainer's Python optimizer (which rounds to nearest too);
+    the lookup gathers the fp16 rows and pools them in fp32 itself (the collection's own forward would pool
+    in fp16), so plain and fused give the same forward up to fp32 summation order;
+  * DMP shards it like any TorchRec table (its sharded kernel is the same fp16 TBE, fp32 output).
 - ``int8`` / ``int4``: the codes are buffers, not parameters. In training mode the forward records the
   dequantized rows it looked up (with their gradient); after the optimizer step the trainer calls
   :meth:`LowPrecisionEmbeddingBagCollection.train_step_end`, which sums the row gradients per touched row,
@@ -43,15 +53,16 @@ Limited Numerical Precision", and low-precision embedding training as in ALPT, L
 - ``fp32``: a plain TorchRec table (with ``m = n`` and ``hash_fn="modulo"``, exactly an
   ``EmbeddingBagCollection``: the degenerate setting).
 
-Memory (inference = training, plus row-wise Adagrad's ``m·4`` training-only state when chosen):
+Memory (inference = training, plus the optimizer state: int8/int4 row-wise Adagrad's ``m·4`` training-only
+buffer, or the trainer's optimizer state of the fp32/fp16 tables and learned steps):
 ``sum_f (m_f · row_bytes(d_f) + 48)`` with ``row_bytes = 4d | 2d | d + 4 | ⌈d/2⌉ + 4`` (learned step) or
 ``d + 8 | ⌈d/2⌉ + 8`` (fit: scale and bias) and 48 bytes of hash
 parameters per feature. The planner keeps every row at the chosen precision when that fits the budget and
 otherwise hashes (one row cap for all features, the largest that fits, as the hash method does).
 
-Sharding: DMP shards only the fp32 setting (TorchRec storage); int8/int4 codes are module buffers updated
-by the module itself, and the fp16 rows are a plain ``nn.Embedding``, so :func:`embtable.sharding.shard`
-refuses the other precisions with the reason in ``sharding_unsupported``.
+Sharding: DMP shards the fp32 and fp16 settings (TorchRec storage); int8/int4 codes are module buffers
+updated by the module itself, so :func:`embtable.sharding.shard` refuses them with the reason in
+``sharding_unsupported``.
 """
 
 from __future__ import annotations
@@ -62,6 +73,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..budget import FP32, FeaturePlan, largest_feasible, smallest_budget_error
@@ -74,6 +87,7 @@ from ..module import (
     device_constants,
     storage_collection,
     storage_values,
+    torchrec_pooling,
 )
 from .hash import HASH_PARAM_BYTES, HashIdMapper
 
@@ -271,6 +285,16 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
     torch.Size([2, 32])
     >>> out.sum().backward()   # gradients of the looked-up rows are recorded
     >>> m.train_step_end(0)    # ... and applied here, rows written back as int8 (stochastic rounding)
+
+    fp16 rows are a TorchRec table at ``DataType.FP16``, which the trainer fuses into FBGEMM's fp16 kernel:
+
+    >>> h = embtable.build(feats, LowPrecisionConfig(precision="fp16"), budget="1/4", seed=0)
+    >>> embtable.memory_report(h).inference_bytes == (h.config.num_buckets["user"] + 200) * 16 * 2 + 2 * 48
+    True
+    >>> embtable.fuse_storage(h, "rowwise_adagrad", lr=0.1)
+    1
+    >>> h.storage.tbe.weights_precision.value, h(kjt).values().dtype
+    ('fp16', torch.float32)
     """
 
     def __init__(self, features: Sequence[FeatureSpec], config: LowPrecisionConfig, **kwargs) -> None:
@@ -280,26 +304,25 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         self.mapper = HashIdMapper(self.features, buckets, config.hash_fn, config.seed, self.device)
         # per training forward and dim group: (feature indices, their storage rows, the looked-up rows)
         self._pending: list[tuple[list[int], list[torch.Tensor], torch.Tensor]] = []
+        tables = [(f.name, m, f.embedding_dim, [f.name]) for f, m in zip(self.features, buckets)]
         if self.precision == "fp32":
-            self.storage = storage_collection(
-                [(f.name, m, f.embedding_dim, [f.name]) for f, m in zip(self.features, buckets)],
-                self.pooling, self._is_weighted, self.device,
+            self.storage = storage_collection(tables, self.pooling, self._is_weighted, self.device)
+            return
+        if self.precision == "fp16":
+            # storage_collection's tables at fp16 (TorchRec initialises them uniform in +-sqrt(1 / rows))
+            self.storage = EmbeddingBagCollection(
+                tables=[EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim,
+                                           feature_names=names, pooling=torchrec_pooling(self.pooling),
+                                           data_type=DataType.FP16)
+                        for name, rows, dim, names in tables],
+                is_weighted=self._is_weighted, device=self.device,
             )
             return
         self.sharding_unsupported = (
             f"low_precision rows at {self.precision} are not TorchRec tables (int8/int4 codes are buffers the "
-            "module updates in train_step_end, fp16 rows a plain nn.Embedding); DMP cannot shard them: train "
-            "on one process, or use precision='fp32'"
+            "module updates in train_step_end); DMP cannot shard them: train on one process, or use "
+            "precision='fp16' or 'fp32'"
         )
-        if self.precision == "fp16":
-            self.tables = nn.ModuleDict()
-            for f, m in zip(self.features, buckets):
-                table = nn.Embedding(m, f.embedding_dim, device=self.device, dtype=torch.float16)
-                with torch.no_grad():
-                    bound = (1.0 / m) ** 0.5
-                    table.weight.copy_(torch.empty(m, f.embedding_dim, device=self.device).uniform_(-bound, bound))
-                self.tables[f.name] = table
-            return
         self.rows = nn.ModuleDict()
         for f, m in zip(self.features, buckets):
             q = QuantizedRows(m, f.embedding_dim, BITS[self.precision], config.step_size == "learned", self.device)
@@ -314,21 +337,23 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         kjt = self.mapper(kjt)
-        if self.precision == "fp32":
-            return storage_values(self.storage(kjt), self.feature_names)
+        if self.precision == "fp32" or (self.precision == "fp16" and self._fp16_bags() is None):
+            # fused (fp32 output) or sharded storage, or an exported one whose tables were replaced
+            return storage_values(self.storage(kjt), self.feature_names).float()
         values, weights = kjt.values(), kjt.weights_or_none()
         splits = kjt.length_per_key()
         ids_per_feature = torch.split(values, splits)
         lengths = kjt.lengths().view(len(self.features), -1)  # [F, B]
         batch = lengths.shape[1]
         record = self.training and torch.is_grad_enabled() and self.precision != "fp16"
+        bags = self._fp16_bags() if self.precision == "fp16" else None
         # vectorised over the features of one dim: a gather per feature (each has its own rows), then one
         # dequantization and one pooling per dim group (the same element-wise ops and per-bag sums, so the
         # same values as per feature)
         pooled: list[torch.Tensor | None] = [None] * len(self.features)
         for _dim, members, index in self._dim_groups(lengths.device):
             ids = [ids_per_feature[i] for i in members]
-            rows = self._lookup(members, ids)  # [N_g, dim]
+            rows = self._lookup(members, ids, bags)  # [N_g, dim]
             if record:
                 if rows.requires_grad:  # through a learned step: keep the rows' own gradient too
                     rows.retain_grad()
@@ -357,11 +382,21 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
 
         return device_constants(self, "dim_groups", device, build)
 
-    def _lookup(self, members: list[int], ids: list[torch.Tensor]) -> torch.Tensor:
+    def _fp16_bags(self) -> list[nn.EmbeddingBag] | None:
+        """The fp16 storage's tables in feature order while it is a plain collection of ``nn.EmbeddingBag`` s
+        (whose rows :meth:`pooled` gathers and pools in fp32 itself); None once fused, sharded or exported."""
+        if type(self.storage) is not EmbeddingBagCollection:
+            return None
+        bags = [self.storage.embedding_bags[name] for name in self.feature_names]
+        return bags if all(type(b) is nn.EmbeddingBag for b in bags) else None
+
+    def _lookup(self, members: list[int], ids: list[torch.Tensor],
+                bags: list[nn.EmbeddingBag] | None = None) -> torch.Tensor:
         """fp32 rows ``[sum N_i, d]`` of features ``members`` (one dim) at their storage rows ``ids``."""
+        if self.precision == "fp16":  # sparse gradients when the trainer asked the tables for them
+            return torch.cat([F.embedding(x, bags[i].weight, sparse=bags[i].sparse)
+                              for i, x in zip(members, ids)]).float()
         names = [self.features[i].name for i in members]
-        if self.precision == "fp16":
-            return torch.cat([self.tables[n](x) for n, x in zip(names, ids)]).float()
         qs = [self.rows[n] for n in names]
         q = qs[0]
         codes = q.unpack(torch.cat([t.codes[x] for t, x in zip(qs, ids)])).to(torch.float32)
@@ -449,10 +484,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingModule):
         m = self.mapper.hash_params[self.feature_names.index(name), 4].item()
         if m < weight.shape[0]:
             raise NotImplementedError("low_precision: a hashed table is not initialised from a trained one")
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "fp16"):
             self.storage.embedding_bags[name].weight.copy_(weight)
-        elif self.precision == "fp16":
-            self.tables[name].weight.copy_(weight)
         else:
             self.rows[name].init_rows_(torch.arange(weight.shape[0], device=weight.device), weight)
         return f"rows quantized to {self.precision} (round to nearest)"
