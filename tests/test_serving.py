@@ -1,8 +1,7 @@
 """Serving: no graph breaks under torch.compile, and torch.export programs that load without embtable.
 
-Tracing is slow on a CPU, so the work is shared: one model holds a tiny DLRM per method of a chunk of the
-methods (a "zoo"), it is traced once per check and chunk, and the per-method tests read their row of the
-result. Each chunk is its own xdist group, so the two workers of ``make test`` share the chunks.
+Tracing is slow on a CPU, so the work is shared: one model holds a tiny DLRM per method (a "zoo"), it is
+traced once per check, and the per-method tests read their row of the result.
 """
 
 from __future__ import annotations
@@ -78,20 +77,11 @@ def _breaks(result) -> list[str]:
             for b in result.break_reasons]
 
 
-# The methods are split into a few chunks, each traced and exported as one zoo by module fixtures
-# parametrized by chunk: each chunk is its own xdist group (conftest.py), so the two workers share them.
-CHUNKS = 4
-
-
-def chunk_of(method: str) -> int:
-    return METHODS.index(method) % CHUNKS
-
-
 @pytest.fixture(scope="module")
-def zoo_explained(request):
-    """One trace of a chunk's methods expected to compile as one graph (each listed break is checked on its own)."""
+def zoo_explained():
+    """One trace of every method expected to compile as one graph (each listed break is checked on its own)."""
     torch.set_num_threads(1)
-    zoo = [m for m in METHODS if m not in GRAPH_BREAKS and chunk_of(m) == request.param]
+    zoo = [m for m in METHODS if m not in GRAPH_BREAKS]
     result = explain(Zoo(zoo).eval(), *inputs(4))
     return zoo, result.graph_count, _breaks(result)
 
@@ -100,9 +90,9 @@ def zoo_explained(request):
 GRAPH_BREAKS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("method,zoo_explained", [
-    pytest.param(m, chunk_of(m), id=m, marks=pytest.mark.xfail(reason=GRAPH_BREAKS[m], strict=True)) if m in GRAPH_BREAKS
-    else pytest.param(m, chunk_of(m), id=m) for m in METHODS], indirect=["zoo_explained"])
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.xfail(reason=GRAPH_BREAKS[m], strict=True)) if m in GRAPH_BREAKS
+    else m for m in METHODS])
 def test_no_graph_breaks_in_dlrm(method, zoo_explained):
     zoo, graphs, breaks = zoo_explained
     if method in zoo and graphs == 1 and not breaks:
@@ -151,16 +141,6 @@ def test_traced_error_policy_is_a_runtime_assert():
 # every method at fp32; the quantised rows (one storage class for all methods) on FEW, to keep the test fast
 EXPORTS = {"fp32": TRACEABLE, "int8": FEW, "fp16": FEW, "int4": FEW}
 TOLERANCE = 1e-5  # the program against the eager inference form of the same dtype (same arithmetic)
-# what one ``served`` fixture exports (chunk -> dtype -> methods): fp32 by the chunks above, the quantised rows
-# in one more chunk
-SERVED = {**{k: {"fp32": [m for m in TRACEABLE if chunk_of(m) == k]} for k in range(CHUNKS)},
-          "quantised": {d: ms for d, ms in EXPORTS.items() if d != "fp32"}}
-
-
-def served_chunk(method: str, dtype: str):
-    """The ``served`` chunk exporting ``method`` at ``dtype`` (None: not exported)."""
-    return next((k for k, exports in SERVED.items() if method in exports.get(dtype, ())), None)
-
 
 LOADER = textwrap.dedent("""
     import sys
@@ -198,11 +178,8 @@ LOADER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def served(request, tmp_path_factory):
-    if request.param is None:  # a method and dtype no chunk exports (the test says why)
-        return None
+def served(tmp_path_factory):
     torch.set_num_threads(1)
-    exports = SERVED[request.param]
     folder = tmp_path_factory.mktemp("pt2")
     example = inputs(4)
     # batch 1, batch 7 with empty bags, batch 3 with no ids at all for some features
@@ -210,27 +187,26 @@ def served(request, tmp_path_factory):
     flat = [[d, k.values(), k.lengths()] for d, k in cases]
     torch.save(flat, folder / "inputs.pt")
     reference, reports = {}, {}
-    for dtype, methods in exports.items():
+    for dtype, methods in EXPORTS.items():
         zoo = Zoo(methods).eval()
         reports[dtype] = E.export(zoo, folder / f"{dtype}.pt2", dtype, format="pt2", example_inputs=example)
         eager = E.inference_model(zoo, dtype)
         with torch.no_grad():
             reference[dtype] = [(eager(d, k), zoo(d, k)) for d, k in cases]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    run = subprocess.run([sys.executable, "-I", "-c", LOADER, str(folder), *exports], capture_output=True,
+    run = subprocess.run([sys.executable, "-I", "-c", LOADER, str(folder), *EXPORTS], capture_output=True,
                          text=True, env=env, cwd=str(folder), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return reference, torch.load(folder / "outputs.pt"), reports, folder
 
 
-@pytest.mark.parametrize("method,dtype,served", [
-    pytest.param(m, d, served_chunk(m, d), id=f"{m}-{d}", marks=method_param(m).marks)
-    for m in METHODS for d in EXPORTS], indirect=["served"])
+@pytest.mark.parametrize("dtype", list(EXPORTS))
+@pytest.mark.parametrize("method", [method_param(m) for m in METHODS])
 def test_pt2_program_loads_without_embtable_and_matches(method, dtype, served):
     if method not in EXPORTS[dtype]:
         pytest.skip(f"{dtype} rows are the same storage for every method: checked on {FEW}")
     reference, outputs, reports, _ = served
-    row = SERVED[served_chunk(method, dtype)][dtype].index(method)
+    row = EXPORTS[dtype].index(method)
     for (eager, trained), program in zip(reference[dtype], outputs[dtype]):
         assert program is not None, "every method's program serves a batch of 1 (min_batch 1)"
         assert program.shape == eager.shape
@@ -241,12 +217,10 @@ def test_pt2_program_loads_without_embtable_and_matches(method, dtype, served):
     module = reports[dtype].modules[f"models.{row}.embedding"]
     assert module["method"] == method
     assert module["bytes"] <= module["bytes_fp32"]
-    assert reports[dtype].file_bytes > reports[dtype].table_bytes
 
 
-@pytest.mark.parametrize("served", ["quantised"], indirect=True)
 def test_pt2_metadata_and_errors(served, tmp_path):
-    _, _, _, folder = served
+    _, _, reports, folder = served
     extra = {E.PT2_METADATA: ""}
     torch.export.load(folder / "int8.pt2", extra_files=extra)
     meta = json.loads(extra[E.PT2_METADATA])
@@ -254,6 +228,7 @@ def test_pt2_metadata_and_errors(served, tmp_path):
     assert meta["format"] == E.PT2_FORMAT and meta["dtype"] == "int8"
     assert meta["inputs"] == ["arg0", "arg1.values", "arg1.lengths"]
     assert [m["method"] for m in meta["modules"]] == EXPORTS["int8"]
+    assert reports["fp32"].file_bytes > reports["fp32"].table_bytes
     with pytest.raises(ValueError, match="example_inputs"):
         E.export(dlrm("full"), tmp_path / "x.pt2", format="pt2")
     with pytest.raises(ValueError, match="batch of at least 2"):
