@@ -224,10 +224,15 @@ def test_docstring_examples_run(module: str) -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_threads_default_to_the_cores_are_recorded_and_reproducible(tiny: Path) -> None:
+def test_threads_default_to_the_cores_are_recorded_and_reproducible(tiny: Path, monkeypatch) -> None:
     from experiments.sweep.sweep import _share_threads
-    from experiments.training.train import available_cores
+    from experiments.training.train import available_cores, resolve_threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads(None) == available_cores()  # every core the process may use
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_threads(None) == 1 and resolve_threads(2) == 2  # the environment's choice; explicit wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
     first = run(config(tiny, max_steps=4), progress=False)  # num_threads: null in base.yaml
     assert first.num_threads == available_cores() and first.status == "ok"
     again = run(config(tiny, max_steps=4), progress=False)

@@ -391,12 +391,13 @@ def _dataset_meta(cells: Sequence[Cell], log: Callable[[str], None]) -> dict[str
 
 
 def _share_threads(config: dict[str, Any], jobs: int) -> dict[str, Any]:
-    """A cell left at ``train.num_threads: null`` gets its worker's share of the cores (at least one)."""
+    """A cell left at ``train.num_threads: null`` gets its worker's share of the default thread count (the
+    cores, or ``OMP_NUM_THREADS`` where set; at least one)."""
     if config.get("train", {}).get("num_threads") is not None:
         return config
-    from experiments.training.train import available_cores
+    from experiments.training.train import resolve_threads
 
-    return {**config, "train": {**config["train"], "num_threads": max(1, available_cores() // jobs)}}
+    return {**config, "train": {**config["train"], "num_threads": max(1, resolve_threads(None) // jobs)}}
 
 
 def run_sweep(

@@ -469,8 +469,18 @@ def available_cores() -> int:
 
 
 def resolve_threads(num_threads: int | None) -> int:
-    """``train.num_threads`` as run: ``None`` means every available core."""
-    return available_cores() if num_threads is None else int(num_threads)
+    """``train.num_threads`` as run: ``None`` means ``OMP_NUM_THREADS`` where the environment sets it (a
+    shared machine's or a scheduler's choice), else every available core.
+
+    >>> resolve_threads(3)
+    3
+    """
+    if num_threads is not None:
+        return int(num_threads)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return min(int(env), available_cores())
+    return available_cores()
 
 
 @contextlib.contextmanager
