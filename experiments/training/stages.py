@@ -24,12 +24,11 @@ one. The final embedding module is saved as ``compact.pt`` (its config and ``sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from experiments.training.train import (
     dataset_path,
     deterministic,
     evaluate,
+    keep_callers_rng,
     make_optimizers,
     train_epochs,
 )
@@ -143,16 +143,6 @@ def _check_identity(path: Path, saved: dict, identity: dict) -> None:
     if saved.get("identity") != identity["identity"]:
         raise ValueError(f"{path} belongs to another run (config, pipeline or options differ); use another "
                          "out_dir or delete it to start afresh")
-
-
-@contextlib.contextmanager
-def _keep_callers_rng() -> Iterator[None]:
-    """Leave the caller's torch, NumPy and Python generators as they were (stages seed / restore their own)."""
-    outer = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(outer)
 
 
 def _train_stage(stage: Stage, model: nn.Module, embedding: nn.Module, config: RunConfig, source: DataSource,
@@ -261,7 +251,7 @@ def run_stages(
         out.mkdir(parents=True, exist_ok=True)
     identity = _identity(config, pipe, opts)
     cfg = config.train
-    with deterministic(cfg.num_threads), _keep_callers_rng():
+    with deterministic(cfg.num_threads), keep_callers_rng():
         source = source if source is not None else dataset_source(config)
         budget = embtable.as_budget(config.embedding.budget)
         budget_bytes = budget.resolve(source.features) if budget is not None else None

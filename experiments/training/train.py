@@ -500,8 +500,8 @@ def deterministic(num_threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _own_rng() -> Iterator[None]:
-    """Leave the caller's torch, NumPy and Python generators as they were (a resume restores saved ones)."""
+def keep_callers_rng() -> Iterator[None]:
+    """Leave the caller's torch, NumPy and Python generators as they were (a run seeds or restores its own)."""
     outer = rng_state()
     try:
         yield
@@ -583,7 +583,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
 
-    with deterministic(train_cfg.num_threads), _own_rng():
+    with deterministic(train_cfg.num_threads), keep_callers_rng():
         path = dataset_path(config.data)
         meta = data_prep.load_meta(path)
         features = meta.feature_specs(config.model.embedding_dim)
